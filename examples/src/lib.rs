@@ -1,0 +1,1 @@
+//! Example services, load generation and benchmarks for rootscale.

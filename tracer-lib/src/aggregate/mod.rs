@@ -1,0 +1,164 @@
+//! Aggregate: every request and call is folded into the statistics of the window it ended in; nothing is kept per
+//! request.
+//!
+//! The request path records into one of a fixed set of shards, picked by the recording thread, each behind its own
+//! mutex. A thread only ever takes its own shard's lock, so on the request path the lock is uncontended unless more
+//! threads record than there are shards; there is no lock shared by all requests. Once per window the closer takes
+//! each shard's lock in turn, removes that window's part and merges the parts, keeping the edge cap.
+//!
+//! Memory is bounded: each shard holds at most [`MAX_OPEN_WINDOWS`] windows (older ones are dropped and counted
+//! when nobody closes windows) and each window at most `edge_cap` edges each way, however many distinct caller
+//! names arrive.
+
+pub mod histogram;
+pub mod stats;
+pub mod window;
+
+use std::{
+    cell::Cell,
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+pub use stats::{CallSample, RequestSample, WindowStats};
+pub use window::WindowClock;
+
+/// Shards per aggregator; more than the worker threads of a typical service.
+const SHARDS: usize = 16;
+/// Windows a shard keeps open before it drops the oldest.
+pub const MAX_OPEN_WINDOWS: usize = 4;
+
+/// Aligned so two shards never share a cache line.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+#[derive(Default)]
+struct Shard {
+    /// Windows up to and including this one have been closed; later records for them are late.
+    closed_through: Option<u64>,
+    /// Open windows, oldest first.
+    windows: Vec<WindowStats>,
+}
+
+/// Counts of things that did not make it into a window.
+#[derive(Debug, Default)]
+pub struct Losses {
+    /// Records that arrived after their window was closed.
+    pub late: AtomicU64,
+    /// Records in windows dropped because nobody closed them.
+    pub unclosed: AtomicU64,
+}
+
+/// The per-service window aggregator.
+pub struct Aggregator {
+    clock: WindowClock,
+    edge_cap: usize,
+    shards: Box<[Padded<Mutex<Shard>>]>,
+    losses: Losses,
+}
+
+thread_local! {
+    static SHARD_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+/// This thread's shard: assigned round-robin the first time the thread records, then fixed.
+fn shard_index() -> usize {
+    SHARD_INDEX.with(|index| {
+        if index.get() == usize::MAX {
+            index.set(NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        }
+        index.get()
+    })
+}
+
+impl Aggregator {
+    pub fn new(clock: WindowClock, edge_cap: usize) -> Self {
+        Self {
+            clock,
+            edge_cap,
+            shards: (0..SHARDS).map(|_| Padded(Mutex::new(Shard::default()))).collect(),
+            losses: Losses::default(),
+        }
+    }
+
+    pub fn clock(&self) -> &WindowClock {
+        &self.clock
+    }
+
+    pub fn edge_cap(&self) -> usize {
+        self.edge_cap
+    }
+
+    pub fn losses(&self) -> &Losses {
+        &self.losses
+    }
+
+    fn lock(&self, index: usize) -> MutexGuard<'_, Shard> {
+        // Recording never panics while holding the lock, and a shard is plain counters: poison is harmless.
+        self.shards[index]
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `record` on this thread's shard's statistics for `window_id`.
+    #[inline]
+    fn with_window(&self, window_id: u64, record: impl FnOnce(&mut WindowStats, usize)) {
+        let mut shard = self.lock(shard_index());
+        if shard.closed_through.is_some_and(|closed| window_id <= closed) {
+            self.losses.late.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let position = match shard.windows.iter().rposition(|w| w.window_id == window_id) {
+            Some(position) => position,
+            None => {
+                if shard.windows.len() >= MAX_OPEN_WINDOWS {
+                    let dropped = shard.windows.remove(0);
+                    self.losses
+                        .unclosed
+                        .fetch_add(dropped.requests + dropped_calls(&dropped), Ordering::Relaxed);
+                }
+                let position = shard.windows.partition_point(|w| w.window_id < window_id);
+                shard.windows.insert(position, WindowStats::new(window_id));
+                position
+            }
+        };
+        record(&mut shard.windows[position], self.edge_cap);
+    }
+
+    pub fn record_request(&self, window_id: u64, sample: &RequestSample<'_>) {
+        self.with_window(window_id, |stats, cap| stats.record_request(sample, cap));
+    }
+
+    pub fn record_call(&self, window_id: u64, sample: &CallSample<'_>) {
+        self.with_window(window_id, |stats, cap| stats.record_call(sample, cap));
+    }
+
+    /// Closes every window up to `window_id` and returns the merged statistics of `window_id` itself. Records for
+    /// closed windows that arrive later are counted in [`Losses::late`].
+    pub fn close(&self, window_id: u64) -> WindowStats {
+        let mut merged = WindowStats::new(window_id);
+        for index in 0..self.shards.len() {
+            let mut shard = self.lock(index);
+            shard.closed_through = Some(shard.closed_through.map_or(window_id, |c| c.max(window_id)));
+            let keep_from = shard.windows.partition_point(|w| w.window_id <= window_id);
+            for stats in shard.windows.drain(..keep_from) {
+                if stats.window_id == window_id {
+                    merged.merge(&stats, self.edge_cap);
+                } else {
+                    self.losses
+                        .unclosed
+                        .fetch_add(stats.requests + dropped_calls(&stats), Ordering::Relaxed);
+                }
+            }
+        }
+        merged
+    }
+}
+
+fn dropped_calls(stats: &WindowStats) -> u64 {
+    stats.outbound.values().map(|edge| edge.calls).sum::<u64>() + stats.outbound_overflow
+}

@@ -1,0 +1,302 @@
+//! One window's statistics for one service: the per-service distributions and the per-edge ones, with a hard cap
+//! on edges. Shards on the request path fill one each; closing a window merges them under the same cap.
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap as HashMap;
+
+use rootscale_proto::v1 as proto;
+
+use crate::{
+    aggregate::histogram::Histogram,
+    measure::{headers::WaitPointRef, record::WaitPoint},
+};
+
+/// Requests from one caller.
+#[derive(Clone, Debug, Default)]
+pub struct InboundStats {
+    pub caller_agent: Option<Box<str>>,
+    pub requests: u64,
+    pub total: Histogram,
+}
+
+/// How many wait points are kept per outbound edge; rarer ones are dropped from the list (their waits still count
+/// in `remote_wait`).
+pub const WAIT_POINTS_PER_EDGE: usize = 4;
+
+/// Calls to one callee.
+#[derive(Clone, Debug, Default)]
+pub struct OutboundStats {
+    pub callee_agent: Option<Box<str>>,
+    pub calls: u64,
+    pub errors: u64,
+    pub untimed: u64,
+    pub critical: u64,
+    pub client_total: Histogram,
+    pub remote_total: Histogram,
+    pub net_wait: Histogram,
+    pub remote_wait: Histogram,
+    /// Where the callee's subtree waited: point, count, largest wait.
+    pub remote_wait_at: Vec<(WaitPoint, u64, u64)>,
+}
+
+impl OutboundStats {
+    fn note_wait_point(&mut self, point: WaitPointRef<'_>, count: u64, max_us: u64) {
+        if let Some(entry) = self
+            .remote_wait_at
+            .iter_mut()
+            .find(|(known, _, _)| known.as_ref() == point)
+        {
+            entry.1 += count;
+            entry.2 = entry.2.max(max_us);
+        } else if self.remote_wait_at.len() < WAIT_POINTS_PER_EDGE {
+            self.remote_wait_at.push((point.to_owned(), count, max_us));
+        }
+    }
+
+    fn merge(&mut self, other: &OutboundStats) {
+        if self.callee_agent.is_none() {
+            self.callee_agent.clone_from(&other.callee_agent);
+        }
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.untimed += other.untimed;
+        self.critical += other.critical;
+        self.client_total.merge(&other.client_total);
+        self.remote_total.merge(&other.remote_total);
+        self.net_wait.merge(&other.net_wait);
+        self.remote_wait.merge(&other.remote_wait);
+        for (point, count, max_us) in &other.remote_wait_at {
+            self.note_wait_point(point.as_ref(), *count, *max_us);
+        }
+    }
+}
+
+/// One service's aggregate over one window.
+#[derive(Clone, Debug, Default)]
+pub struct WindowStats {
+    pub window_id: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub external_requests: u64,
+    pub total: Histogram,
+    pub busy: Histogram,
+    pub cpu_wait: Histogram,
+    pub local_wait: Histogram,
+    pub downstream: Histogram,
+    pub inbound: HashMap<Box<str>, InboundStats>,
+    pub outbound: HashMap<Arc<str>, OutboundStats>,
+    pub inbound_overflow: u64,
+    pub outbound_overflow: u64,
+}
+
+/// What the server layer hands to the aggregator for one request.
+pub struct RequestSample<'a> {
+    pub caller: Option<(&'a str, Option<&'a str>)>,
+    pub total_us: u64,
+    pub busy_us: u64,
+    pub cpu_wait_us: u64,
+    pub downstream_us: u64,
+    pub local_wait_us: u64,
+    pub error: bool,
+}
+
+/// What the client layer hands to the aggregator for one call.
+pub struct CallSample<'a> {
+    pub callee: &'a str,
+    pub callee_agent: Option<&'a str>,
+    pub client_total_us: u64,
+    pub remote_total_us: Option<u64>,
+    pub net_wait_us: Option<u64>,
+    /// The largest wait in the callee's subtree (all of the call, for an un-instrumented callee).
+    pub remote_wait: (WaitPointRef<'a>, u64),
+    pub critical: bool,
+    pub error: bool,
+}
+
+impl WindowStats {
+    pub fn new(window_id: u64) -> Self {
+        Self {
+            window_id,
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn record_request(&mut self, sample: &RequestSample<'_>, edge_cap: usize) {
+        self.requests += 1;
+        self.errors += u64::from(sample.error);
+        self.total.record(sample.total_us);
+        self.busy.record(sample.busy_us);
+        self.cpu_wait.record(sample.cpu_wait_us);
+        self.local_wait.record(sample.local_wait_us);
+        self.downstream.record(sample.downstream_us);
+        let Some((caller, caller_agent)) = sample.caller else {
+            self.external_requests += 1;
+            return;
+        };
+        let Some(edge) = capped_entry(&mut self.inbound, caller, edge_cap, || caller.into()) else {
+            self.inbound_overflow += 1;
+            return;
+        };
+        if edge.caller_agent.is_none() {
+            edge.caller_agent = caller_agent.map(Into::into);
+        }
+        edge.requests += 1;
+        edge.total.record(sample.total_us);
+    }
+
+    pub(crate) fn record_call(&mut self, sample: &CallSample<'_>, edge_cap: usize) {
+        let Some(edge) = capped_entry(&mut self.outbound, sample.callee, edge_cap, || sample.callee.into()) else {
+            self.outbound_overflow += 1;
+            return;
+        };
+        if edge.callee_agent.is_none() {
+            edge.callee_agent = sample.callee_agent.map(Into::into);
+        }
+        edge.calls += 1;
+        edge.errors += u64::from(sample.error);
+        edge.critical += u64::from(sample.critical);
+        edge.client_total.record(sample.client_total_us);
+        match (sample.remote_total_us, sample.net_wait_us) {
+            (Some(remote_total), Some(net_wait)) => {
+                edge.remote_total.record(remote_total);
+                edge.net_wait.record(net_wait);
+            }
+            _ => edge.untimed += 1,
+        }
+        let (point, wait_us) = sample.remote_wait;
+        edge.remote_wait.record(wait_us);
+        edge.note_wait_point(point, 1, wait_us);
+    }
+
+    /// Adds `other` (the same window from another shard), keeping at most `edge_cap` edges each way.
+    pub(crate) fn merge(&mut self, other: &WindowStats, edge_cap: usize) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.external_requests += other.external_requests;
+        self.total.merge(&other.total);
+        self.busy.merge(&other.busy);
+        self.cpu_wait.merge(&other.cpu_wait);
+        self.local_wait.merge(&other.local_wait);
+        self.downstream.merge(&other.downstream);
+        self.inbound_overflow += other.inbound_overflow;
+        self.outbound_overflow += other.outbound_overflow;
+        for (caller, theirs) in &other.inbound {
+            let Some(edge) = capped_entry(&mut self.inbound, caller, edge_cap, || caller.clone()) else {
+                self.inbound_overflow += theirs.requests;
+                continue;
+            };
+            if edge.caller_agent.is_none() {
+                edge.caller_agent.clone_from(&theirs.caller_agent);
+            }
+            edge.requests += theirs.requests;
+            edge.total.merge(&theirs.total);
+        }
+        for (callee, theirs) in &other.outbound {
+            match capped_entry(&mut self.outbound, callee, edge_cap, || callee.clone()) {
+                Some(edge) => edge.merge(theirs),
+                None => self.outbound_overflow += theirs.calls,
+            }
+        }
+    }
+
+    /// The wire form, edges sorted by name so reports are deterministic.
+    pub fn to_proto(&self, service: &str, window_ms: u64) -> proto::ServiceWindow {
+        let mut inbound: Vec<_> = self
+            .inbound
+            .iter()
+            .map(|(caller, edge)| proto::InboundEdge {
+                caller: caller.to_string(),
+                caller_agent: edge.caller_agent.as_deref().unwrap_or_default().to_string(),
+                requests: edge.requests,
+                total: Some(edge.total.to_proto()),
+            })
+            .collect();
+        inbound.sort_by(|a, b| a.caller.cmp(&b.caller));
+        let mut outbound: Vec<_> = self
+            .outbound
+            .iter()
+            .map(|(callee, edge)| outbound_to_proto(callee, edge))
+            .collect();
+        outbound.sort_by(|a, b| a.callee.cmp(&b.callee));
+        proto::ServiceWindow {
+            service: service.to_string(),
+            window_id: self.window_id,
+            window_ms: u32::try_from(window_ms).unwrap_or(u32::MAX),
+            requests: self.requests,
+            errors: self.errors,
+            external_requests: self.external_requests,
+            total: Some(self.total.to_proto()),
+            busy: Some(self.busy.to_proto()),
+            cpu_wait: Some(self.cpu_wait.to_proto()),
+            local_wait: Some(self.local_wait.to_proto()),
+            downstream: Some(self.downstream.to_proto()),
+            inbound,
+            outbound,
+            inbound_overflow: self.inbound_overflow,
+            outbound_overflow: self.outbound_overflow,
+        }
+    }
+}
+
+/// The entry for `key`, created if the map holds fewer than `cap` entries; `None` when it is full.
+fn capped_entry<'m, K, V>(
+    map: &'m mut HashMap<K, V>,
+    key: &str,
+    cap: usize,
+    make_key: impl FnOnce() -> K,
+) -> Option<&'m mut V>
+where
+    K: std::borrow::Borrow<str> + std::hash::Hash + Eq,
+    V: Default,
+{
+    if !map.contains_key(key) {
+        if map.len() >= cap {
+            return None;
+        }
+        map.insert(make_key(), V::default());
+    }
+    map.get_mut(key)
+}
+
+/// The wire form of one wait point.
+pub fn wait_point_to_proto(point: &WaitPoint) -> proto::WaitPoint {
+    match point {
+        WaitPoint::Local { service } => proto::WaitPoint {
+            service: service.to_string(),
+            from_service: String::new(),
+            kind: proto::WaitKind::Local as i32,
+        },
+        WaitPoint::Net { from, to } => proto::WaitPoint {
+            service: to.to_string(),
+            from_service: from.to_string(),
+            kind: proto::WaitKind::Net as i32,
+        },
+    }
+}
+
+fn outbound_to_proto(callee: &str, edge: &OutboundStats) -> proto::OutboundEdge {
+    let mut remote_wait_at: Vec<_> = edge
+        .remote_wait_at
+        .iter()
+        .map(|(point, count, max_us)| proto::WaitPointCount {
+            point: Some(wait_point_to_proto(point)),
+            count: *count,
+            max_us: *max_us,
+        })
+        .collect();
+    remote_wait_at.sort_by_key(|entry| std::cmp::Reverse(entry.count));
+    proto::OutboundEdge {
+        callee: callee.to_string(),
+        callee_agent: edge.callee_agent.as_deref().unwrap_or_default().to_string(),
+        calls: edge.calls,
+        errors: edge.errors,
+        untimed: edge.untimed,
+        critical: edge.critical,
+        client_total: Some(edge.client_total.to_proto()),
+        remote_total: Some(edge.remote_total.to_proto()),
+        net_wait: Some(edge.net_wait.to_proto()),
+        remote_wait: Some(edge.remote_wait.to_proto()),
+        remote_wait_at,
+    }
+}

@@ -1,0 +1,65 @@
+//! Window ids: `unix_time_ms / window_ms`, so every service with the same window length agrees on where windows
+//! start without talking to the others. Read from a monotonic clock anchored once to the wall clock, so the request
+//! path pays for one `Instant::now()` it already needed.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Maps instants to window ids.
+#[derive(Clone, Debug)]
+pub struct WindowClock {
+    window_ms: u64,
+    anchor: Instant,
+    anchor_unix_ms: u64,
+}
+
+impl WindowClock {
+    pub fn new(window: Duration) -> Self {
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
+        let anchor_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        Self {
+            window_ms,
+            anchor: Instant::now(),
+            anchor_unix_ms,
+        }
+    }
+
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
+    pub fn unix_ms(&self, at: Instant) -> u64 {
+        let since = u64::try_from(at.saturating_duration_since(self.anchor).as_millis()).unwrap_or(u64::MAX);
+        self.anchor_unix_ms.saturating_add(since)
+    }
+
+    /// The window `at` falls in.
+    #[inline]
+    pub fn window_id(&self, at: Instant) -> u64 {
+        self.unix_ms(at) / self.window_ms
+    }
+
+    /// The instant window `window_id` ends (the next one starts).
+    pub fn window_end(&self, window_id: u64) -> Instant {
+        let end_unix_ms = window_id.saturating_add(1).saturating_mul(self.window_ms);
+        self.anchor + Duration::from_millis(end_unix_ms.saturating_sub(self.anchor_unix_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_aligned_to_wall_clock_multiples() {
+        let clock = WindowClock::new(Duration::from_millis(5000));
+        let now = Instant::now();
+        let id = clock.window_id(now);
+        let end = clock.window_end(id);
+        assert!(end > now && end <= now + Duration::from_millis(5000));
+        assert_eq!(clock.window_id(end), id + 1);
+        assert_eq!(clock.unix_ms(end) % 5000, 0);
+    }
+}

@@ -1,0 +1,367 @@
+//! The client layer: measures each outbound call, tags it with `rootscale-caller`, reads the callee's
+//! `rootscale-timing` (head or gRPC trailers) and attributes the call to the request that made it.
+//!
+//! [`TraceClient`] starts the call's clock and registers it with the current request (found through the
+//! task-local); [`CallFuture`] waits for the response head; [`CallBody`] ends the call when the response body ends
+//! or is dropped, so `client_total` covers the whole response, as the callee's timing does.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
+};
+
+use http::{HeaderMap, HeaderName, Request, Response, uri::Authority};
+use http_body::{Body, Frame, SizeHint};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{
+    aggregate::CallSample,
+    measure::{
+        context::{RequestContext, current},
+        headers::{CALLER_HEADER, TIMING_HEADER, Timing, WaitPointRef},
+        record::{CallRecord, Wait, micros},
+    },
+    tracer::Tracer,
+};
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// Measures every call made through the wrapped client. Made by [`Tracer::client_layer`].
+#[derive(Clone, Debug)]
+pub struct ClientLayer {
+    tracer: Tracer,
+    callee: Option<Arc<str>>,
+}
+
+impl ClientLayer {
+    pub(crate) fn new(tracer: Tracer) -> Self {
+        Self { tracer, callee: None }
+    }
+
+    /// The name to record calls under when the callee does not name itself in a timing header (an
+    /// un-instrumented service). Without it, the URI's `host:port` is used.
+    pub fn callee(mut self, name: &str) -> Result<Self, crate::Error> {
+        if !crate::measure::headers::valid_service_name(name) {
+            return Err(crate::Error::InvalidServiceName(name.to_string()));
+        }
+        self.callee = Some(name.into());
+        Ok(self)
+    }
+}
+
+impl<S> Layer<S> for ClientLayer {
+    type Service = TraceClient<S>;
+
+    fn layer(&self, inner: S) -> TraceClient<S> {
+        TraceClient {
+            inner,
+            tracer: self.tracer.clone(),
+            callee: self.callee.clone(),
+        }
+    }
+}
+
+/// The service made by [`ClientLayer`].
+#[derive(Clone, Debug)]
+pub struct TraceClient<S> {
+    inner: S,
+    tracer: Tracer,
+    callee: Option<Arc<str>>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TraceClient<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<CallBody<ResBody>>;
+    type Error = S::Error;
+    type Future = CallFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        request
+            .headers_mut()
+            .insert(CALLER_HEADER, self.tracer.shared.caller_header.clone());
+        let fallback = match &self.callee {
+            Some(name) => Fallback::Named(name.clone()),
+            None => Fallback::Authority(request.uri().authority().cloned()),
+        };
+        let call = Call::start(self.tracer.clone(), fallback);
+        CallFuture {
+            inner: self.inner.call(request),
+            call: Some(call),
+        }
+    }
+}
+
+/// What to call the callee when it does not say.
+enum Fallback {
+    Named(Arc<str>),
+    Authority(Option<Authority>),
+}
+
+/// One outbound call in flight.
+pub(crate) struct Call {
+    tracer: Tracer,
+    request: Option<Arc<RequestContext>>,
+    started: Instant,
+    fallback: Fallback,
+    timing: Option<Timing>,
+    error: bool,
+    malformed_timing: bool,
+}
+
+impl Call {
+    fn start(tracer: Tracer, fallback: Fallback) -> Self {
+        let started = Instant::now();
+        let request = current();
+        if let Some(request) = &request {
+            request.call_started(started);
+        }
+        Self {
+            tracer,
+            request,
+            started,
+            fallback,
+            timing: None,
+            error: false,
+            malformed_timing: false,
+        }
+    }
+
+    /// A call to a wrapped, non-HTTP dependency.
+    pub(crate) fn start_named(tracer: Tracer, name: Arc<str>) -> Self {
+        Self::start(tracer, Fallback::Named(name))
+    }
+
+    /// Takes the timing header from a response head or trailers; a later one (trailers) wins.
+    fn read_timing(&mut self, headers: &HeaderMap) {
+        if let Some(value) = headers.get(TIMING_HEADER) {
+            match Timing::parse(value) {
+                Ok(timing) => self.timing = Some(timing),
+                Err(error) => {
+                    self.malformed_timing = true;
+                    self.tracer.count_malformed_timing();
+                    tracing::debug!(%error, "ignoring malformed rootscale-timing header");
+                }
+            }
+        }
+        if headers.get(GRPC_STATUS).is_some_and(|status| status.as_bytes() != b"0") {
+            self.error = true;
+        }
+    }
+
+    fn callee(&self) -> &str {
+        match (&self.timing, &self.fallback) {
+            (Some(timing), _) => timing.service(),
+            (None, Fallback::Named(name)) => name,
+            (None, Fallback::Authority(Some(authority))) => authority.as_str(),
+            (None, Fallback::Authority(None)) => "unknown",
+        }
+    }
+
+    /// Ends the call at `at`.
+    pub(crate) fn finish(self, at: Instant, error: bool) {
+        let error = error || self.error;
+        let shared = &self.tracer.shared;
+        let client_total_us = micros(at.saturating_duration_since(self.started));
+        let callee = self.callee();
+        let (remote_total_us, net_wait_us, remote_point, remote_wait_us) = match &self.timing {
+            Some(timing) => (
+                Some(timing.total_us),
+                Some(client_total_us.saturating_sub(timing.total_us)),
+                timing.wait_point(),
+                timing.wait_us,
+            ),
+            // An un-instrumented callee: all of the call was spent waiting on it.
+            None => (None, None, WaitPointRef::Local(callee), client_total_us),
+        };
+        // What this call adds to the request's largest wait if it is on the critical path: the link or the
+        // callee's subtree, whichever waited longer.
+        let (candidate_point, candidate_us) = match net_wait_us {
+            Some(net_us) if net_us > remote_wait_us => (
+                WaitPointRef::Net {
+                    from: &shared.service,
+                    to: callee,
+                },
+                net_us,
+            ),
+            _ => (remote_point, remote_wait_us),
+        };
+        let critical = match &self.request {
+            Some(request) => request.call_finished(at, candidate_us, || Wait {
+                point: candidate_point.to_owned(),
+                us: candidate_us,
+            }),
+            None => false,
+        };
+        shared.aggregator.record_call(
+            shared.aggregator.clock().window_id(at),
+            &CallSample {
+                callee,
+                callee_agent: self.timing.as_ref().and_then(Timing::agent),
+                client_total_us,
+                remote_total_us,
+                net_wait_us,
+                remote_wait: (remote_point, remote_wait_us),
+                critical,
+                error,
+            },
+        );
+        if let Some(observer) = &shared.observer {
+            observer.on_call(&CallRecord {
+                callee: callee.into(),
+                client_total: Duration::from_micros(client_total_us),
+                remote_total: remote_total_us.map(Duration::from_micros),
+                net_wait: net_wait_us.map(Duration::from_micros),
+                remote_wait: Some(Wait {
+                    point: remote_point.to_owned(),
+                    us: remote_wait_us,
+                }),
+                critical,
+                error,
+                malformed_timing: self.malformed_timing,
+            });
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`TraceClient`].
+    pub struct CallFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<Call>,
+    }
+
+    impl<F> PinnedDrop for CallFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // Cancelled before the response head arrived.
+            if let Some(call) = this.project().call.take() {
+                call.finish(Instant::now(), true);
+            }
+        }
+    }
+}
+
+impl<F, ResBody, E> Future for CallFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<CallBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let Some(mut call) = this.call.take() else {
+            return Poll::Ready(result.map(|response| response.map(CallBody::passthrough)));
+        };
+        match result {
+            Ok(response) => {
+                call.read_timing(response.headers());
+                call.error |= response.status().is_server_error();
+                Poll::Ready(Ok(response.map(|body| CallBody::new(body, call))))
+            }
+            Err(error) => {
+                call.finish(Instant::now(), true);
+                Poll::Ready(Err(error))
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body of [`TraceClient`]: ends the call when it ends or is dropped.
+    pub struct CallBody<B> {
+        #[pin]
+        inner: B,
+        call: Option<Call>,
+        end_reported: AtomicBool,
+    }
+
+    impl<B> PinnedDrop for CallBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(call) = this.call.take() {
+                let aborted = !this.end_reported.load(Ordering::Relaxed);
+                call.finish(Instant::now(), aborted);
+            }
+        }
+    }
+}
+
+impl<B> CallBody<B> {
+    fn passthrough(inner: B) -> Self {
+        Self {
+            inner,
+            call: None,
+            end_reported: AtomicBool::new(false),
+        }
+    }
+
+    fn new(inner: B, call: Call) -> Self {
+        Self {
+            inner,
+            call: Some(call),
+            end_reported: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<B: Body> Body for CallBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let Some(mut call) = this.call.take() else {
+            return Poll::Ready(frame);
+        };
+        let now = Instant::now();
+        match &frame {
+            None => call.finish(now, false),
+            Some(Err(_)) => call.finish(now, true),
+            Some(Ok(frame)) => match frame.trailers_ref() {
+                Some(trailers) => {
+                    call.read_timing(trailers);
+                    call.finish(now, false);
+                }
+                None if this.inner.is_end_stream() => call.finish(now, false),
+                None => *this.call = Some(call),
+            },
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.end_reported.store(true, Ordering::Relaxed);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for CallBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallBody")
+            .field("inner", &self.inner)
+            .field("in_flight", &self.call.is_some())
+            .finish()
+    }
+}

@@ -1,0 +1,566 @@
+//! The in-band wire format: `rootscale-caller` on requests and `rootscale-timing` on responses (or gRPC trailers).
+//!
+//! Both come from the network and are parsed strictly: a fixed field order, no unknown or repeated fields, bounded
+//! lengths, names of DNS-label characters, decimal numbers without signs. Anything else is rejected whole, so a
+//! caller can count it and carry on as if the header were absent.
+//!
+//! ```text
+//! rootscale-caller: s=checkout;a=10.0.3.7:9797
+//! rootscale-timing: v=1;s=payments;t=41873;w=40211;k=l;at=payments;a=10.0.3.9:9797
+//! rootscale-timing: v=1;s=cart;t=23011;w=20950;k=n;at=cart>redis-proxy
+//! ```
+//! `t` is the responder's total and `w` the largest wait in its subtree, both in microseconds; `k` is the wait's
+//! kind (`l` local, `n` network) and `at` where it was (a service, or `caller>callee` for a link).
+
+use std::ops::Range;
+
+use http::{HeaderName, HeaderValue};
+
+use crate::measure::record::{Wait, WaitPoint};
+
+/// Request header naming the calling service and its agent.
+pub const CALLER_HEADER: HeaderName = HeaderName::from_static("rootscale-caller");
+/// Response header (gRPC: trailer) carrying the responder's timing.
+pub const TIMING_HEADER: HeaderName = HeaderName::from_static("rootscale-timing");
+
+/// Longest service name accepted (a DNS label).
+pub const MAX_SERVICE_NAME: usize = 63;
+/// Longest agent address accepted (`host:port`).
+pub const MAX_AGENT_ADDR: usize = 100;
+/// Longest header value accepted.
+pub const MAX_HEADER_LEN: usize = 320;
+/// Durations above this (about 11.5 days in µs) are refused as absurd.
+pub const MAX_DURATION_US: u64 = 999_999_999_999;
+
+/// Why a header value was refused. Kept small: the reason is counted and logged at debug level, never returned to
+/// the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("header value is longer than {MAX_HEADER_LEN} bytes")]
+    TooLong,
+    #[error("expected field `{0}`")]
+    MissingField(&'static str),
+    #[error("field `{0}` is malformed")]
+    BadField(&'static str),
+    #[error("unknown timing header version")]
+    Version,
+    #[error("unexpected trailing data")]
+    Trailing,
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
+fn valid_name_bytes(name: &[u8]) -> bool {
+    !name.is_empty() && name.len() <= MAX_SERVICE_NAME && name.iter().all(|&b| is_name_byte(b))
+}
+
+/// A service name is 1–63 characters of `[A-Za-z0-9._-]`.
+pub fn valid_service_name(name: &str) -> bool {
+    valid_name_bytes(name.as_bytes())
+}
+
+fn valid_agent_bytes(addr: &[u8]) -> bool {
+    if addr.is_empty() || addr.len() > MAX_AGENT_ADDR {
+        return false;
+    }
+    let Some(colon) = addr.iter().rposition(|&b| b == b':') else {
+        return false;
+    };
+    let (host, port) = (&addr[..colon], &addr[colon + 1..]);
+    let mut port_value = 0u32;
+    for &digit in port {
+        if !digit.is_ascii_digit() {
+            return false;
+        }
+        port_value = port_value * 10 + u32::from(digit - b'0');
+        if port_value > u32::from(u16::MAX) {
+            return false;
+        }
+    }
+    if port.is_empty() || port_value == 0 {
+        return false;
+    }
+    match host {
+        [b'[', inner @ .., b']'] => {
+            std::str::from_utf8(inner).is_ok_and(|inner| inner.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        _ => {
+            !host.is_empty()
+                && host
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+        }
+    }
+}
+
+/// An agent address is `host:port`: a host of `[A-Za-z0-9.-]`, or an IPv6 literal in brackets, and a port 1–65535.
+pub fn valid_agent_addr(addr: &str) -> bool {
+    valid_agent_bytes(addr.as_bytes())
+}
+
+/// A cursor over `key=value;key=value` with a fixed key order. Every value is checked against a character class
+/// of visible ASCII before use, so a value that passes is valid UTF-8.
+struct Fields<'a> {
+    bytes: &'a [u8],
+    position: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn new(raw: &'a HeaderValue) -> Result<Self, HeaderError> {
+        let bytes = raw.as_bytes();
+        if bytes.len() > MAX_HEADER_LEN {
+            return Err(HeaderError::TooLong);
+        }
+        Ok(Self { bytes, position: 0 })
+    }
+
+    fn at_end(&self) -> bool {
+        self.position == self.bytes.len()
+    }
+
+    fn peek_is(&self, key: &[u8]) -> bool {
+        let rest = &self.bytes[self.position..];
+        rest.len() > key.len() && rest.starts_with(key) && rest[key.len()] == b'='
+    }
+
+    /// The next field, which must be `key`: the byte range of its value in the header.
+    fn expect(&mut self, key: &'static str) -> Result<Range<usize>, HeaderError> {
+        if !self.peek_is(key.as_bytes()) {
+            return Err(HeaderError::MissingField(key));
+        }
+        let start = self.position + key.len() + 1;
+        let end = self.bytes[start..]
+            .iter()
+            .position(|&b| b == b';')
+            .map_or(self.bytes.len(), |i| start + i);
+        if end + 1 == self.bytes.len() {
+            // A trailing `;` with nothing after it.
+            return Err(HeaderError::Trailing);
+        }
+        self.position = (end + 1).min(self.bytes.len());
+        Ok(start..end)
+    }
+
+    fn value(&self, range: &Range<usize>) -> &'a [u8] {
+        &self.bytes[range.clone()]
+    }
+
+    /// The next field as a name (a service name).
+    fn name(&mut self, key: &'static str) -> Result<Range<usize>, HeaderError> {
+        let range = self.expect(key)?;
+        if valid_name_bytes(self.value(&range)) {
+            Ok(range)
+        } else {
+            Err(HeaderError::BadField(key))
+        }
+    }
+
+    /// The next field as an agent address.
+    fn agent(&mut self, key: &'static str) -> Result<Range<usize>, HeaderError> {
+        let range = self.expect(key)?;
+        if valid_agent_bytes(self.value(&range)) {
+            Ok(range)
+        } else {
+            Err(HeaderError::BadField(key))
+        }
+    }
+
+    /// The next field as a duration in whole microseconds: 1–12 decimal digits.
+    fn micros(&mut self, key: &'static str) -> Result<u64, HeaderError> {
+        let range = self.expect(key)?;
+        let digits = self.value(&range);
+        if digits.is_empty() || digits.len() > 12 {
+            return Err(HeaderError::BadField(key));
+        }
+        digits.iter().try_fold(0u64, |value, &digit| {
+            if digit.is_ascii_digit() {
+                Ok(value * 10 + u64::from(digit - b'0'))
+            } else {
+                Err(HeaderError::BadField(key))
+            }
+        })
+    }
+}
+
+/// The text of a field range already checked against a visible-ASCII character class.
+fn field_str<'h>(raw: &'h HeaderValue, range: &Range<usize>) -> &'h str {
+    std::str::from_utf8(&raw.as_bytes()[range.clone()]).unwrap_or_default()
+}
+
+/// A parsed `rootscale-caller` header. Borrows nothing: it keeps the header value (a cheap reference-counted
+/// clone) and the positions of its fields, so the request path does not allocate.
+#[derive(Clone, Debug)]
+pub struct CallerHeader {
+    raw: HeaderValue,
+    service: Range<usize>,
+    agent: Option<Range<usize>>,
+}
+
+impl CallerHeader {
+    pub fn parse(raw: &HeaderValue) -> Result<Self, HeaderError> {
+        let mut fields = Fields::new(raw)?;
+        let service = fields.name("s")?;
+        let agent = if fields.at_end() {
+            None
+        } else {
+            Some(fields.agent("a")?)
+        };
+        if !fields.at_end() {
+            return Err(HeaderError::Trailing);
+        }
+        Ok(Self {
+            raw: raw.clone(),
+            service,
+            agent,
+        })
+    }
+
+    fn slice(&self, range: &Range<usize>) -> &str {
+        field_str(&self.raw, range)
+    }
+
+    pub fn service(&self) -> &str {
+        self.slice(&self.service)
+    }
+
+    pub fn agent(&self) -> Option<&str> {
+        self.agent.as_ref().map(|r| self.slice(r))
+    }
+
+    /// The header a service sends on its outbound requests.
+    pub fn encode(service: &str, agent: Option<&str>) -> HeaderValue {
+        let mut value = String::with_capacity(8 + service.len() + agent.map_or(0, str::len));
+        value.push_str("s=");
+        value.push_str(service);
+        if let Some(agent) = agent {
+            value.push_str(";a=");
+            value.push_str(agent);
+        }
+        // Callers validate names and addresses before building the header; fall back to a bare name otherwise.
+        HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("s=invalid"))
+    }
+}
+
+/// A parsed `rootscale-timing` header. Like [`CallerHeader`] it keeps the header value and field positions, so
+/// reading a callee's timing allocates nothing; [`Timing::largest_wait`] makes an owned copy when one is needed.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    raw: HeaderValue,
+    service: Range<usize>,
+    agent: Option<Range<usize>>,
+    /// The responder's `total`, µs.
+    pub total_us: u64,
+    /// The largest wait in the responder's subtree, µs.
+    pub wait_us: u64,
+    /// Where that wait was: the service (local) or the caller of the link (net).
+    at: Range<usize>,
+    /// For a net wait, the callee of the link.
+    at_to: Option<Range<usize>>,
+}
+
+impl Timing {
+    pub fn parse(raw: &HeaderValue) -> Result<Self, HeaderError> {
+        let mut fields = Fields::new(raw)?;
+        let version = fields.expect("v")?;
+        if fields.value(&version) != b"1" {
+            return Err(HeaderError::Version);
+        }
+        let service = fields.name("s")?;
+        let total_us = fields.micros("t")?;
+        let wait_us = fields.micros("w")?;
+        let kind = fields.expect("k")?;
+        let at_range = fields.expect("at")?;
+        let at_value = fields.value(&at_range);
+        let (at, at_to) = match fields.value(&kind) {
+            b"l" if valid_name_bytes(at_value) => (at_range, None),
+            b"n" => {
+                let split = at_value
+                    .iter()
+                    .position(|&b| b == b'>')
+                    .ok_or(HeaderError::BadField("at"))?;
+                let (from, to) = (&at_value[..split], &at_value[split + 1..]);
+                if !valid_name_bytes(from) || !valid_name_bytes(to) {
+                    return Err(HeaderError::BadField("at"));
+                }
+                let split = at_range.start + split;
+                (at_range.start..split, Some(split + 1..at_range.end))
+            }
+            b"l" => return Err(HeaderError::BadField("at")),
+            _ => return Err(HeaderError::BadField("k")),
+        };
+        let agent = if fields.peek_is(b"a") {
+            Some(fields.agent("a")?)
+        } else {
+            None
+        };
+        if !fields.at_end() {
+            return Err(HeaderError::Trailing);
+        }
+        Ok(Self {
+            raw: raw.clone(),
+            service,
+            agent,
+            total_us,
+            wait_us,
+            at,
+            at_to,
+        })
+    }
+
+    fn slice(&self, range: &Range<usize>) -> &str {
+        field_str(&self.raw, range)
+    }
+
+    /// The responding service.
+    pub fn service(&self) -> &str {
+        self.slice(&self.service)
+    }
+
+    /// The responder's agent, if it announced one.
+    pub fn agent(&self) -> Option<&str> {
+        self.agent.as_ref().map(|r| self.slice(r))
+    }
+
+    /// Where the largest wait in the responder's subtree was.
+    pub fn wait_point(&self) -> WaitPointRef<'_> {
+        match &self.at_to {
+            None => WaitPointRef::Local(self.slice(&self.at)),
+            Some(to) => WaitPointRef::Net {
+                from: self.slice(&self.at),
+                to: self.slice(to),
+            },
+        }
+    }
+
+    /// An owned copy of the largest wait.
+    pub fn largest_wait(&self) -> Wait {
+        Wait {
+            point: self.wait_point().to_owned(),
+            us: self.wait_us,
+        }
+    }
+}
+
+/// A borrowed [`WaitPoint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitPointRef<'a> {
+    Local(&'a str),
+    Net { from: &'a str, to: &'a str },
+}
+
+impl WaitPointRef<'_> {
+    pub fn to_owned(self) -> WaitPoint {
+        match self {
+            WaitPointRef::Local(service) => WaitPoint::Local {
+                service: service.into(),
+            },
+            WaitPointRef::Net { from, to } => WaitPoint::Net {
+                from: from.into(),
+                to: to.into(),
+            },
+        }
+    }
+}
+
+impl WaitPoint {
+    pub fn as_ref(&self) -> WaitPointRef<'_> {
+        match self {
+            WaitPoint::Local { service } => WaitPointRef::Local(service),
+            WaitPoint::Net { from, to } => WaitPointRef::Net { from, to },
+        }
+    }
+}
+
+/// Writes one service's timing headers. The parts that never change (version, name, agent) are prepared once, so
+/// the request path only writes two numbers and the wait point.
+#[derive(Clone, Debug)]
+pub struct TimingEncoder {
+    /// `v=1;s=<service>;t=`
+    prefix: Vec<u8>,
+    /// `;k=l;at=<service>`: this service's own local wait, the common case.
+    own_local: Vec<u8>,
+    /// `;a=<agent>`, or empty.
+    suffix: Vec<u8>,
+}
+
+impl TimingEncoder {
+    /// `service` and `agent` must already be valid (the tracer checks them).
+    pub fn new(service: &str, agent: Option<&str>) -> Self {
+        Self {
+            prefix: format!("v=1;s={service};t=").into_bytes(),
+            own_local: format!(";k=l;at={service}").into_bytes(),
+            suffix: agent
+                .map(|agent| format!(";a={agent}").into_bytes())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The header for a response whose total was `total_us` and whose largest wait is `wait_us` at `point`
+    /// (`None`: this service's own local wait).
+    pub fn encode(&self, total_us: u64, wait_us: u64, point: Option<WaitPointRef<'_>>) -> Option<HeaderValue> {
+        let mut buffer = itoa::Buffer::new();
+        let mut value =
+            bytes::BytesMut::with_capacity(self.prefix.len() + self.own_local.len() + self.suffix.len() + 64);
+        value.extend_from_slice(&self.prefix);
+        value.extend_from_slice(buffer.format(total_us.min(MAX_DURATION_US)).as_bytes());
+        value.extend_from_slice(b";w=");
+        value.extend_from_slice(buffer.format(wait_us.min(MAX_DURATION_US)).as_bytes());
+        match point {
+            None => value.extend_from_slice(&self.own_local),
+            Some(WaitPointRef::Local(service)) => {
+                value.extend_from_slice(b";k=l;at=");
+                value.extend_from_slice(service.as_bytes());
+            }
+            Some(WaitPointRef::Net { from, to }) => {
+                value.extend_from_slice(b";k=n;at=");
+                value.extend_from_slice(from.as_bytes());
+                value.extend_from_slice(b">");
+                value.extend_from_slice(to.as_bytes());
+            }
+        }
+        value.extend_from_slice(&self.suffix);
+        HeaderValue::from_maybe_shared(value.freeze()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hv(s: &str) -> HeaderValue {
+        HeaderValue::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn caller_round_trip() {
+        let header = CallerHeader::encode("checkout", Some("10.0.3.7:9797"));
+        let parsed = CallerHeader::parse(&header).unwrap();
+        assert_eq!(parsed.service(), "checkout");
+        assert_eq!(parsed.agent(), Some("10.0.3.7:9797"));
+        let bare = CallerHeader::parse(&hv("s=web")).unwrap();
+        assert_eq!((bare.service(), bare.agent()), ("web", None));
+        assert!(CallerHeader::parse(&hv("s=web;a=[::1]:9797")).is_ok());
+    }
+
+    #[test]
+    fn timing_round_trip() {
+        let wait = Wait {
+            point: WaitPoint::Net {
+                from: "cart".into(),
+                to: "redis".into(),
+            },
+            us: 20_950,
+        };
+        let encoder = TimingEncoder::new("cart", Some("127.0.0.1:9000"));
+        let header = encoder.encode(23_011, wait.us, Some(wait.point.as_ref())).unwrap();
+        assert_eq!(header, "v=1;s=cart;t=23011;w=20950;k=n;at=cart>redis;a=127.0.0.1:9000");
+        let parsed = Timing::parse(&header).unwrap();
+        assert_eq!(parsed.total_us, 23_011);
+        assert_eq!(parsed.service(), "cart");
+        assert_eq!(parsed.largest_wait(), wait);
+        assert_eq!(parsed.agent(), Some("127.0.0.1:9000"));
+        let own = TimingEncoder::new("web", None).encode(5, 4, None).unwrap();
+        assert_eq!(own, "v=1;s=web;t=5;w=4;k=l;at=web");
+        let parsed = Timing::parse(&own).unwrap();
+        assert_eq!(
+            (parsed.wait_point(), parsed.agent()),
+            (WaitPointRef::Local("web"), None)
+        );
+        let other = TimingEncoder::new("web", None)
+            .encode(5, 4, Some(WaitPointRef::Local("db")))
+            .unwrap();
+        assert_eq!(other, "v=1;s=web;t=5;w=4;k=l;at=db");
+    }
+
+    #[test]
+    fn malformed_values_are_refused() {
+        let long = format!("s={}", "a".repeat(400));
+        let bad_callers = [
+            "",
+            "s=",
+            "a=1.2.3.4:5",
+            "s=web;",
+            "s=web;a=",
+            "s=web;a=host",
+            "s=web;a=host:0",
+            "s=web;a=host:99999",
+            "s=web;x=1",
+            "s=web;a=h:1;a=h:2",
+            "S=web",
+            "s=we b",
+            "s=web,a=h:1",
+            "s=😀",
+            long.as_str(),
+            "s=ab/cd",
+            "s=web;a=[zz]:80",
+        ];
+        for bad in bad_callers {
+            if let Ok(value) = HeaderValue::from_bytes(bad.as_bytes()) {
+                assert!(CallerHeader::parse(&value).is_err(), "accepted caller {bad:?}");
+            }
+        }
+        let bad_timings = [
+            "v=2;s=a;t=1;w=1;k=l;at=a",
+            "v=1;s=a;t=-1;w=1;k=l;at=a",
+            "v=1;s=a;t=1;w=1;k=x;at=a",
+            "v=1;s=a;t=1;w=1;k=n;at=a",
+            "v=1;s=a;t=1;w=1;k=l;at=a>b",
+            "v=1;s=a;t=1;w=1;k=l",
+            "v=1;s=a;t=1e3;w=1;k=l;at=a",
+            "v=1;s=a;t=9999999999999;w=1;k=l;at=a",
+            "v=1;s=a;t=1;w=1;k=l;at=a;a=h:1;z=1",
+            "v=1;s=a;w=1;t=1;k=l;at=a",
+            "v=1;s=a;t=+1;w=1;k=l;at=a",
+            "v=1;s=a;t=1;w=1;k=l;at=a;",
+            "v=1;s=a;t=1;w=1;k=l;at=a;a=",
+            "v=1;s=a;t=1;w=1;k=n;at=a>",
+            "v=1;s=a;t=1;w=1;k=n;at=>b",
+            "v=1;s=a;t=1;w=1;k=n;at=a>b>c",
+            "v=1;s=a;t=;w=1;k=l;at=a",
+            "v=1;s=a;t=1;w=1;k=;at=a",
+            "v=1;s=a;t=1;w=1;k=ll;at=a",
+            "v=1;;s=a;t=1;w=1;k=l;at=a",
+            "v=1 ;s=a;t=1;w=1;k=l;at=a",
+        ];
+        for bad in bad_timings {
+            assert!(Timing::parse(&hv(bad)).is_err(), "accepted timing {bad:?}");
+        }
+        let non_ascii = HeaderValue::from_bytes(b"v=1;s=\xff;t=1;w=1;k=l;at=a").unwrap();
+        assert_eq!(Timing::parse(&non_ascii).unwrap_err(), HeaderError::BadField("s"));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A small deterministic generator (xorshift) over header-legal bytes and mutations of valid headers.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let valid = b"v=1;s=cart;t=23011;w=20950;k=n;at=cart>redis;a=127.0.0.1:9000".to_vec();
+        for _ in 0..20_000 {
+            let mut bytes = valid.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let position = (next() as usize) % bytes.len();
+                match next() % 3 {
+                    0 => bytes[position] = (next() % 95 + 32) as u8,
+                    1 => {
+                        bytes.remove(position);
+                    }
+                    _ => bytes.insert(position, (next() % 95 + 32) as u8),
+                }
+                if bytes.is_empty() {
+                    bytes.push(b'v');
+                }
+            }
+            if let Ok(value) = HeaderValue::from_bytes(&bytes) {
+                let _ = Timing::parse(&value);
+                let _ = CallerHeader::parse(&value);
+            }
+        }
+    }
+}

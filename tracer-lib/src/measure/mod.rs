@@ -1,0 +1,16 @@
+//! Measure: what one request and each of its outbound calls spent where (DESIGN.md 1.1), and the in-band headers
+//! that carry a callee's timing back to its caller (DESIGN.md 1.2).
+//!
+//! - [`server`]: the layer on a service's inbound side.
+//! - [`client`]: the layer on its outbound HTTP/gRPC clients.
+//! - [`downstream`]: the same for any other future (a database call).
+//! - [`context`]: the per-request state they share, found through a task-local.
+//! - [`headers`]: the strict wire format of `rootscale-caller` and `rootscale-timing`.
+//! - [`record`]: the values measured.
+
+pub mod client;
+pub mod context;
+pub mod downstream;
+pub mod headers;
+pub mod record;
+pub mod server;

@@ -1,0 +1,95 @@
+//! What one request and one outbound call measured: the values DESIGN.md 1.1 defines.
+
+use std::{sync::Arc, time::Duration};
+
+/// Where a wait happened.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum WaitPoint {
+    /// Inside `service`: its CPU, a pool, a lock, an un-instrumented dependency.
+    Local { service: Arc<str> },
+    /// On the link from `from` to `to` (connection set-up and transfer).
+    Net { from: Arc<str>, to: Arc<str> },
+}
+
+impl WaitPoint {
+    /// The service this wait points at (the callee, for a link).
+    pub fn service(&self) -> &str {
+        match self {
+            WaitPoint::Local { service } => service,
+            WaitPoint::Net { to, .. } => to,
+        }
+    }
+}
+
+impl std::fmt::Display for WaitPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaitPoint::Local { service } => write!(f, "{service} (local)"),
+            WaitPoint::Net { from, to } => write!(f, "{from}>{to} (net)"),
+        }
+    }
+}
+
+/// A wait of `us` microseconds at `point`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wait {
+    pub point: WaitPoint,
+    pub us: u64,
+}
+
+impl Wait {
+    /// The larger of two waits; on a tie the first is kept.
+    pub fn max(self, other: Wait) -> Wait {
+        if other.us > self.us { other } else { self }
+    }
+}
+
+/// One request handled by this service, measured by the server layer.
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    /// The caller service, from `rootscale-caller`; `None` for requests from outside the graph.
+    pub caller: Option<String>,
+    /// From the first poll of the handler until the response ends (its body ended or was dropped).
+    pub total: Duration,
+    /// Time inside `poll` of the handler's future.
+    pub busy: Duration,
+    /// Time the handler's future was woken but not yet polled.
+    pub cpu_wait: Duration,
+    /// Wall time during which at least one outbound call for this request was in flight.
+    pub downstream: Duration,
+    /// `total - downstream - busy`: waiting that is this service's own. Includes `cpu_wait`.
+    pub local_wait: Duration,
+    /// The largest wait in this request's subtree (what the timing header reported).
+    pub largest_wait: Wait,
+    /// Server error (5xx, gRPC status other than OK) or a response abandoned before its end.
+    pub error: bool,
+}
+
+/// One outbound call made by this service, measured by the client layer or [`crate::downstream`].
+#[derive(Clone, Debug)]
+pub struct CallRecord {
+    /// The callee (from its timing header, else the name given to the layer, else the URI authority).
+    pub callee: Arc<str>,
+    /// From before the call until the full response is in (or the call failed or was dropped).
+    pub client_total: Duration,
+    /// The callee's own `total`, if its timing header said.
+    pub remote_total: Option<Duration>,
+    /// `client_total - remote_total`: connection set-up and transfer.
+    pub net_wait: Option<Duration>,
+    /// The largest wait in the callee's subtree.
+    pub remote_wait: Option<Wait>,
+    /// Last to finish in its group of overlapping calls, so on the request's critical path.
+    pub critical: bool,
+    /// Transport error, 5xx, non-OK gRPC status, or dropped before the response ended.
+    pub error: bool,
+    /// The response carried a `rootscale-timing` that could not be parsed.
+    pub malformed_timing: bool,
+}
+
+/// Whole microseconds, saturating (avoids the u128 arithmetic of `Duration::as_micros` on the request path).
+pub(crate) fn micros(duration: Duration) -> u64 {
+    duration
+        .as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(duration.subsec_micros()))
+}

@@ -1,0 +1,270 @@
+//! The [`Tracer`]: one per service. It holds the service's identity, its window aggregator and counters, and
+//! hands out the layers that measure requests and calls. Cheap to clone.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use http::HeaderValue;
+use tokio::sync::watch;
+
+use crate::{
+    Error,
+    aggregate::{Aggregator, WindowClock, WindowStats},
+    measure::{
+        client::ClientLayer,
+        downstream::Dependency,
+        headers::{CallerHeader, TimingEncoder, valid_agent_addr, valid_service_name},
+        record::{CallRecord, RequestRecord, WaitPoint},
+        server::ServerLayer,
+    },
+};
+
+/// Default window length.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(5);
+/// Default cap on edges kept per direction per window.
+pub const DEFAULT_EDGE_CAP: usize = 64;
+
+/// Sees every request and call as it is recorded. For tests, debugging and exporters; keep it cheap, it runs on
+/// the request path.
+pub trait Observer: Send + Sync + 'static {
+    fn on_request(&self, _record: &RequestRecord) {}
+    fn on_call(&self, _record: &CallRecord) {}
+}
+
+/// A closed window of one service.
+#[derive(Debug)]
+pub struct ClosedWindow {
+    pub service: Arc<str>,
+    pub window_ms: u64,
+    pub stats: WindowStats,
+}
+
+impl ClosedWindow {
+    pub fn to_proto(&self) -> rootscale_proto::v1::ServiceWindow {
+        self.stats.to_proto(&self.service, self.window_ms)
+    }
+}
+
+/// Bad input seen on the request path, counted (never returned to anyone).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub malformed_caller: AtomicU64,
+    pub malformed_timing: AtomicU64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) service: Arc<str>,
+    pub(crate) agent: Option<Arc<str>>,
+    pub(crate) caller_header: HeaderValue,
+    pub(crate) timing_encoder: TimingEncoder,
+    pub(crate) local_point: WaitPoint,
+    pub(crate) aggregator: Aggregator,
+    pub(crate) counters: Counters,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
+    pub(crate) timing_for_everyone: bool,
+    windows: watch::Sender<Option<Arc<ClosedWindow>>>,
+}
+
+/// A service's measurement core.
+#[derive(Clone)]
+pub struct Tracer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("service", &self.shared.service)
+            .field("agent", &self.shared.agent)
+            .finish()
+    }
+}
+
+/// Builds a [`Tracer`].
+pub struct TracerBuilder {
+    service: String,
+    agent: Option<String>,
+    window: Duration,
+    edge_cap: usize,
+    observer: Option<Arc<dyn Observer>>,
+    timing_for_everyone: bool,
+}
+
+impl TracerBuilder {
+    /// The address (`host:port`) of this service's agent, announced to neighbours in the in-band headers.
+    pub fn agent_addr(mut self, addr: impl Into<String>) -> Self {
+        self.agent = Some(addr.into());
+        self
+    }
+
+    /// Window length (default 5 s). Neighbours must use the same length for their windows to line up.
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Most edges kept per direction per window (default 64); the rest are counted as overflow.
+    pub fn edge_cap(mut self, cap: usize) -> Self {
+        self.edge_cap = cap;
+        self
+    }
+
+    /// Send `rootscale-timing` to every caller, not only to instrumented ones (default off: an entry service keeps
+    /// its internal service names and timings from outside clients). Useful for debugging with `curl -i`.
+    pub fn timing_for_everyone(mut self, enabled: bool) -> Self {
+        self.timing_for_everyone = enabled;
+        self
+    }
+
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    pub fn build(self) -> Result<Tracer, Error> {
+        if !valid_service_name(&self.service) {
+            return Err(Error::InvalidServiceName(self.service));
+        }
+        if let Some(agent) = &self.agent
+            && !valid_agent_addr(agent)
+        {
+            return Err(Error::InvalidAgentAddress(agent.clone()));
+        }
+        if self.window < Duration::from_millis(100) || self.window > Duration::from_secs(3600) {
+            return Err(Error::InvalidWindow(self.window));
+        }
+        if self.edge_cap == 0 || self.edge_cap > 4096 {
+            return Err(Error::InvalidEdgeCap(self.edge_cap));
+        }
+        let service: Arc<str> = self.service.into();
+        let agent: Option<Arc<str>> = self.agent.map(Into::into);
+        let (windows, _) = watch::channel(None);
+        Ok(Tracer {
+            shared: Arc::new(Shared {
+                caller_header: CallerHeader::encode(&service, agent.as_deref()),
+                timing_encoder: TimingEncoder::new(&service, agent.as_deref()),
+                local_point: WaitPoint::Local {
+                    service: service.clone(),
+                },
+                service,
+                agent,
+                aggregator: Aggregator::new(WindowClock::new(self.window), self.edge_cap),
+                counters: Counters::default(),
+                observer: self.observer,
+                timing_for_everyone: self.timing_for_everyone,
+                windows,
+            }),
+        })
+    }
+}
+
+impl Tracer {
+    /// Starts building the tracer of `service`.
+    pub fn builder(service: impl Into<String>) -> TracerBuilder {
+        TracerBuilder {
+            service: service.into(),
+            agent: None,
+            window: DEFAULT_WINDOW,
+            edge_cap: DEFAULT_EDGE_CAP,
+            observer: None,
+            timing_for_everyone: false,
+        }
+    }
+
+    pub fn service(&self) -> &str {
+        &self.shared.service
+    }
+
+    pub fn agent_addr(&self) -> Option<&str> {
+        self.shared.agent.as_deref()
+    }
+
+    pub fn window_clock(&self) -> &WindowClock {
+        self.shared.aggregator.clock()
+    }
+
+    /// The server layer: put it outermost on an axum `Router`, a tonic `Server` or any hyper service.
+    pub fn server_layer(&self) -> ServerLayer {
+        ServerLayer::new(self.clone())
+    }
+
+    /// The client layer: put it on a tonic `Channel`, a hyper-util `Client` or any HTTP `Service`.
+    pub fn client_layer(&self) -> ClientLayer {
+        ClientLayer::new(self.clone())
+    }
+
+    /// A non-HTTP dependency (a database, a cache) whose calls should count as downstream time.
+    pub fn dependency(&self, name: &str) -> Result<Dependency, Error> {
+        if !valid_service_name(name) {
+            return Err(Error::InvalidServiceName(name.to_string()));
+        }
+        Ok(Dependency::new(self.clone(), name.into()))
+    }
+
+    /// Bad headers counted so far.
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    /// Records lost because their window was closed, or never closed.
+    pub fn losses(&self) -> &crate::aggregate::Losses {
+        self.shared.aggregator.losses()
+    }
+
+    /// Closes `window_id` (and every earlier one), publishes it to subscribers and returns it.
+    pub fn close_window(&self, window_id: u64) -> Arc<ClosedWindow> {
+        let closed = Arc::new(ClosedWindow {
+            service: self.shared.service.clone(),
+            window_ms: self.window_clock().window_ms(),
+            stats: self.shared.aggregator.close(window_id),
+        });
+        self.shared.windows.send_replace(Some(closed.clone()));
+        closed
+    }
+
+    /// Closes each window shortly after it ends, forever. Spawn it once per service (the agent does).
+    pub fn run_window_closer(&self) -> impl Future<Output = ()> + Send + 'static {
+        let tracer = self.clone();
+        async move {
+            let clock = tracer.window_clock().clone();
+            // Records are made the instant a request ends; a short grace lets ones racing the boundary land.
+            let grace = Duration::from_millis((clock.window_ms() / 20).clamp(5, 100));
+            let mut window_id = clock.window_id(Instant::now());
+            loop {
+                let close_at = clock.window_end(window_id) + grace;
+                tokio::time::sleep_until(close_at.into()).await;
+                tracer.close_window(window_id);
+                window_id += 1;
+                // After a long stall (a suspended process), skip to the present instead of closing empty windows.
+                let now_window = clock.window_id(Instant::now());
+                if now_window > window_id + 1 {
+                    window_id = now_window - 1;
+                }
+            }
+        }
+    }
+
+    /// Each window as it closes.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<ClosedWindow>>> {
+        self.shared.windows.subscribe()
+    }
+
+    /// The last closed window, if any.
+    pub fn last_window(&self) -> Option<Arc<ClosedWindow>> {
+        self.shared.windows.borrow().clone()
+    }
+
+    pub(crate) fn count_malformed_caller(&self) {
+        self.shared.counters.malformed_caller.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_malformed_timing(&self) {
+        self.shared.counters.malformed_timing.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,264 @@
+//! The layers on every kind of service and body they are meant for: a bare hyper service, streaming bodies that
+//! end or are dropped, gRPC errors, wrapped non-HTTP dependencies, and calls made from spawned tasks.
+
+mod common;
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::{Router, body::Body, routing::get};
+use bytes::Bytes;
+use common::*;
+use futures_util::StreamExt;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
+use rootscale_proto::v1::{
+    NeighborAck, NeighborReport,
+    neighbor_server::{Neighbor, NeighborServer},
+};
+use rootscale_tracer::{InRequestExt, TIMING_HEADER, Tracer};
+use tokio::net::TcpListener;
+use tower::{ServiceBuilder, ServiceExt};
+
+async fn serve_router(router: Router) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_hyper_service_is_measured() {
+    let (tracer, records) = traced("svc-hyper");
+    let service = ServiceBuilder::new().layer(tracer.server_layer()).service_fn(
+        |_request: Request<hyper::body::Incoming>| async {
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello"))))
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = TowerToHyperService::new(service.clone());
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+        }
+    });
+    let response = get_from_outside(&plain_client(), addr).await;
+    assert_eq!(response.body(), "hello");
+    let header = response.headers()[TIMING_HEADER].to_str().unwrap();
+    assert!(
+        header.starts_with("v=1;s=svc-hyper;t=") && header.contains(";k=l;at=svc-hyper"),
+        "{header}"
+    );
+    settle().await;
+    let requests = records.requests();
+    assert_eq!(requests.len(), 1);
+    assert!(requests[0].local_wait >= Duration::from_millis(14), "{:?}", requests[0]);
+    assert!(!requests[0].error);
+}
+
+fn slow_stream(chunks: usize, gap: Duration) -> Body {
+    Body::from_stream(futures_util::stream::iter(0..chunks).then(move |i| async move {
+        tokio::time::sleep(gap).await;
+        Ok::<_, Infallible>(Bytes::from(format!("chunk {i}\n")))
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_body_is_measured_until_it_ends() {
+    let (tracer, records) = traced("svc-stream");
+    let router = Router::new()
+        .route("/", get(|| async { slow_stream(3, Duration::from_millis(15)) }))
+        .layer(tracer.server_layer());
+    let addr = serve_router(router).await;
+    let response = get_from_outside(&plain_client(), addr).await;
+    assert_eq!(response.body(), "chunk 0\nchunk 1\nchunk 2\n");
+    settle().await;
+    let requests = records.requests();
+    assert_eq!(requests.len(), 1);
+    assert!(
+        requests[0].total >= Duration::from_millis(44),
+        "streamed for 45 ms: {:?}",
+        requests[0]
+    );
+    assert!(!requests[0].error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_dropped_by_a_departing_client_is_recorded_as_an_error() {
+    let (tracer, records) = traced("svc-stream");
+    let router = Router::new()
+        .route("/", get(|| async { slow_stream(100, Duration::from_millis(10)) }))
+        .layer(tracer.server_layer());
+    let addr = serve_router(router).await;
+    let client = plain_client();
+    let response = client.get(format!("http://{addr}/").parse().unwrap()).await.unwrap();
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let requests = records.requests();
+    assert_eq!(requests.len(), 1, "the abandoned request is recorded once");
+    assert!(requests[0].error);
+}
+
+struct Failing;
+
+#[tonic::async_trait]
+impl Neighbor for Failing {
+    async fn exchange(&self, _: tonic::Request<NeighborReport>) -> Result<tonic::Response<NeighborAck>, tonic::Status> {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Err(tonic::Status::internal("boom"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_errors_are_counted_on_both_sides_and_still_timed() {
+    let (server_tracer, server_records) = traced("svc-grpc");
+    let (client_tracer, client_records) = traced("svc-caller");
+    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = incoming.local_addr().unwrap();
+    let router = tonic::transport::Server::builder()
+        .layer(server_tracer.server_layer())
+        .add_service(NeighborServer::new(Failing));
+    tokio::spawn(router.serve_with_incoming(incoming));
+    let Callee::Grpc(mut client) = Callee::grpc(&client_tracer, addr) else {
+        unreachable!()
+    };
+    let status = client.exchange(NeighborReport::default()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert_eq!(status.message(), "boom", "the user's error passes through untouched");
+    settle().await;
+    let requests = server_records.requests();
+    assert_eq!(requests.len(), 1);
+    assert!(requests[0].error);
+    let calls = client_records.calls();
+    assert_eq!(calls.len(), 1);
+    assert!(calls[0].error);
+    assert_eq!(&*calls[0].callee, "svc-grpc", "timing came back with the error");
+    assert!(calls[0].remote_total.unwrap() >= Duration::from_millis(9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapped_database_call_counts_as_downstream() {
+    let (tracer, records) = traced("svc-db-user");
+    let database = tracer.dependency("postgres").unwrap();
+    let router = Router::new()
+        .route(
+            "/",
+            get(move || {
+                let database = database.clone();
+                async move {
+                    let rows: Result<u32, &str> = database
+                        .wrap_result(async {
+                            tokio::time::sleep(Duration::from_millis(25)).await;
+                            Ok(3)
+                        })
+                        .await;
+                    format!("{rows:?}")
+                }
+            }),
+        )
+        .layer(tracer.server_layer());
+    let addr = serve_router(router).await;
+    get_from_outside(&plain_client(), addr).await;
+    settle().await;
+    let request = &records.requests()[0];
+    assert!(request.downstream >= Duration::from_millis(24), "{request:?}");
+    assert!(request.local_wait < Duration::from_millis(5), "{request:?}");
+    assert_eq!(request.largest_wait.point.service(), "postgres");
+    let call = &records.calls()[0];
+    assert_eq!(&*call.callee, "postgres");
+    assert!(call.critical && !call.error && call.remote_total.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_from_spawned_tasks_count_when_the_request_is_carried() {
+    let (callee_tracer, _) = traced("svc-callee");
+    let callee_addr = serve_http(&callee_tracer, Behavior::sleep(20)).await;
+    for carried in [true, false] {
+        let (tracer, records) = traced("svc-spawner");
+        let callee = Callee::http(&tracer, callee_addr);
+        let router = Router::new()
+            .route(
+                "/",
+                get(move || {
+                    let callee = callee.clone();
+                    async move {
+                        let work = async move { callee.call().await };
+                        let handle = if carried {
+                            tokio::spawn(work.in_current_request())
+                        } else {
+                            tokio::spawn(work)
+                        };
+                        handle.await.unwrap();
+                        "ok"
+                    }
+                }),
+            )
+            .layer(tracer.server_layer());
+        let addr = serve_router(router).await;
+        get_from_outside(&plain_client(), addr).await;
+        settle().await;
+        let request = &records.requests()[0];
+        if carried {
+            assert!(request.downstream >= Duration::from_millis(19), "carried: {request:?}");
+            assert_eq!(request.largest_wait.point.service(), "svc-callee");
+        } else {
+            assert!(request.downstream.is_zero(), "not carried: {request:?}");
+            assert!(
+                request.local_wait >= Duration::from_millis(19),
+                "not carried: {request:?}"
+            );
+        }
+        assert!(records.calls()[0].critical == carried);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_callee_fails_exactly_as_without_rootscale() {
+    let tracer = Tracer::builder("svc-a").build().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let request = || {
+        Request::get(format!("http://{closed}/"))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let bare = plain_client().oneshot(request()).await.unwrap_err();
+    let traced = ServiceBuilder::new()
+        .layer(tracer.client_layer())
+        .service(plain_client())
+        .oneshot(request())
+        .await
+        .unwrap_err();
+    assert_eq!(bare.is_connect(), traced.is_connect());
+    assert_eq!(bare.to_string(), traced.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timing_is_sent_only_to_instrumented_callers_by_default() {
+    let tracer = Tracer::builder("svc-entry").build().unwrap();
+    let addr = serve_http(&tracer, Behavior::default()).await;
+    let outside = get_from_outside(&plain_client(), addr).await;
+    assert!(
+        outside.headers().get(TIMING_HEADER).is_none(),
+        "an outside client learns nothing"
+    );
+    let mut request = Request::get(format!("http://{addr}/"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    request.headers_mut().insert(
+        rootscale_tracer::CALLER_HEADER,
+        http::HeaderValue::from_static("s=svc-neighbour"),
+    );
+    let inside = plain_client().request(request).await.unwrap();
+    let header = inside.headers()[TIMING_HEADER].to_str().unwrap();
+    assert!(header.starts_with("v=1;s=svc-entry;t="), "{header}");
+}
