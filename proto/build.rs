@@ -6,11 +6,7 @@ use std::{env, fs, path::PathBuf};
 use prost::Message as _;
 use prost_types::FileDescriptorSet;
 
-const PROTOS: &[&str] = &[
-    "rootscale/v1/window.proto",
-    "rootscale/v1/neighbor.proto",
-    "rootscale/v1/advisor.proto",
-];
+const PROTOS: &[&str] = &["rootscale/v1/window.proto", "rootscale/v1/neighbor.proto", "rootscale/v1/advisor.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
@@ -18,13 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let file_descriptors: FileDescriptorSet = protox::compile(PROTOS, ["."])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(
-        out_dir.join("rootscale_descriptor.bin"),
-        file_descriptors.encode_to_vec(),
-    )?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(file_descriptors)?;
+    fs::write(out_dir.join("rootscale_descriptor.bin"), file_descriptors.encode_to_vec())?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(file_descriptors)?;
     Ok(())
 }

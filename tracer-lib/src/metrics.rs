@@ -104,14 +104,8 @@ impl Collector for WindowCollector {
             "rootscale_lost_records",
             "Requests or calls not aggregated: late for a closed window, or in a window nobody closed.",
             &[
-                (
-                    vec![("service", service.clone()), ("reason", "late".into())],
-                    losses.late.load(Relaxed),
-                ),
-                (
-                    vec![("service", service.clone()), ("reason", "unclosed".into())],
-                    losses.unclosed.load(Relaxed),
-                ),
+                (vec![("service", service.clone()), ("reason", "late".into())], losses.late.load(Relaxed)),
+                (vec![("service", service.clone()), ("reason", "unclosed".into())], losses.unclosed.load(Relaxed)),
             ],
         )?;
         let Some(window) = self.tracer.last_window() else {
@@ -148,14 +142,8 @@ impl Collector for WindowCollector {
             "rootscale_window_edge_overflow",
             "Requests or calls in the last closed window whose edge did not fit under the edge cap.",
             &[
-                (
-                    vec![("service", service.clone()), ("direction", "inbound".into())],
-                    stats.inbound_overflow,
-                ),
-                (
-                    vec![("service", service.clone()), ("direction", "outbound".into())],
-                    stats.outbound_overflow,
-                ),
+                (vec![("service", service.clone()), ("direction", "inbound".into())], stats.inbound_overflow),
+                (vec![("service", service.clone()), ("direction", "outbound".into())], stats.outbound_overflow),
             ],
         )?;
         let mut latency = Vec::new();
@@ -166,11 +154,7 @@ impl Collector for WindowCollector {
             ("local_wait", &stats.local_wait),
             ("downstream", &stats.downstream),
         ] {
-            quantiles(
-                &mut latency,
-                &[("service", service.clone()), ("measure", measure.into())],
-                histogram,
-            );
+            quantiles(&mut latency, &[("service", service.clone()), ("measure", measure.into())], histogram);
         }
         gauge(
             &mut encoder,
@@ -183,45 +167,26 @@ impl Collector for WindowCollector {
         let mut edge_latency = Vec::new();
         for (caller, edge) in &stats.inbound {
             edge_requests.push((
-                vec![
-                    ("service", service.clone()),
-                    ("direction", "inbound".into()),
-                    ("peer", caller.to_string()),
-                ],
+                vec![("service", service.clone()), ("direction", "inbound".into()), ("peer", caller.to_string())],
                 edge.requests,
             ));
         }
         for (callee, edge) in &stats.outbound {
             edge_requests.push((
-                vec![
-                    ("service", service.clone()),
-                    ("direction", "outbound".into()),
-                    ("peer", callee.to_string()),
-                ],
+                vec![("service", service.clone()), ("direction", "outbound".into()), ("peer", callee.to_string())],
                 edge.calls,
             ));
-            for (measure, histogram) in [
-                ("client_total", &edge.client_total),
-                ("net_wait", &edge.net_wait),
-                ("remote_wait", &edge.remote_wait),
-            ] {
+            for (measure, histogram) in
+                [("client_total", &edge.client_total), ("net_wait", &edge.net_wait), ("remote_wait", &edge.remote_wait)]
+            {
                 quantiles(
                     &mut edge_latency,
-                    &[
-                        ("service", service.clone()),
-                        ("callee", callee.to_string()),
-                        ("measure", measure.into()),
-                    ],
+                    &[("service", service.clone()), ("callee", callee.to_string()), ("measure", measure.into())],
                     histogram,
                 );
             }
         }
-        gauge(
-            &mut encoder,
-            "rootscale_edge_requests",
-            "Requests per edge in the last closed window.",
-            &edge_requests,
-        )?;
+        gauge(&mut encoder, "rootscale_edge_requests", "Requests per edge in the last closed window.", &edge_requests)?;
         gauge(
             &mut encoder,
             "rootscale_edge_latency_seconds",

@@ -25,6 +25,8 @@ use crate::{
     },
 };
 
+const NONE_CLOSED: u64 = u64::MAX;
+
 /// Default window length.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(5);
 /// Default cap on edges kept per direction per window.
@@ -68,6 +70,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     pub(crate) observer: Option<Arc<dyn Observer>>,
     pub(crate) timing_for_everyone: bool,
+    /// The last window closed ([`NONE_CLOSED`] before the first).
+    closed_through: AtomicU64,
     windows: watch::Sender<Option<Arc<ClosedWindow>>>,
 }
 
@@ -79,10 +83,7 @@ pub struct Tracer {
 
 impl std::fmt::Debug for Tracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tracer")
-            .field("service", &self.shared.service)
-            .field("agent", &self.shared.agent)
-            .finish()
+        f.debug_struct("Tracer").field("service", &self.shared.service).field("agent", &self.shared.agent).finish()
     }
 }
 
@@ -149,15 +150,14 @@ impl TracerBuilder {
             shared: Arc::new(Shared {
                 caller_header: CallerHeader::encode(&service, agent.as_deref()),
                 timing_encoder: TimingEncoder::new(&service, agent.as_deref()),
-                local_point: WaitPoint::Local {
-                    service: service.clone(),
-                },
+                local_point: WaitPoint::Local { service: service.clone() },
                 service,
                 agent,
                 aggregator: Aggregator::new(WindowClock::new(self.window), self.edge_cap),
                 counters: Counters::default(),
                 observer: self.observer,
                 timing_for_everyone: self.timing_for_everyone,
+                closed_through: AtomicU64::new(NONE_CLOSED),
                 windows,
             }),
         })
@@ -218,14 +218,26 @@ impl Tracer {
     }
 
     /// Closes `window_id` (and every earlier one), publishes it to subscribers and returns it.
-    pub fn close_window(&self, window_id: u64) -> Arc<ClosedWindow> {
+    ///
+    /// Returns `None`, closing nothing, for a window that was already closed (or an earlier one) or has not begun.
+    /// Closing the current window ends it early: requests that end in it later are counted as late.
+    pub fn close_window(&self, window_id: u64) -> Option<Arc<ClosedWindow>> {
+        if window_id > self.window_clock().window_id(Instant::now()) {
+            return None;
+        }
+        let claimed = self.shared.closed_through.fetch_update(Ordering::AcqRel, Ordering::Acquire, |closed| {
+            (closed == NONE_CLOSED || window_id > closed).then_some(window_id)
+        });
+        if claimed.is_err() {
+            return None;
+        }
         let closed = Arc::new(ClosedWindow {
             service: self.shared.service.clone(),
             window_ms: self.window_clock().window_ms(),
             stats: self.shared.aggregator.close(window_id),
         });
         self.shared.windows.send_replace(Some(closed.clone()));
-        closed
+        Some(closed)
     }
 
     /// Closes each window shortly after it ends, forever. Spawn it once per service (the agent does).
@@ -237,7 +249,9 @@ impl Tracer {
             let grace = Duration::from_millis((clock.window_ms() / 20).clamp(5, 100));
             let mut window_id = clock.window_id(Instant::now());
             loop {
-                let close_at = clock.window_end(window_id) + grace;
+                let Some(close_at) = clock.window_end(window_id).and_then(|end| end.checked_add(grace)) else {
+                    return; // window ids beyond what the clock can represent: nothing left to close
+                };
                 tokio::time::sleep_until(close_at.into()).await;
                 tracer.close_window(window_id);
                 window_id += 1;

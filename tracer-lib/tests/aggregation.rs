@@ -16,9 +16,7 @@ use tower::{ServiceBuilder, ServiceExt};
 async fn send_with_caller(client: &HttpClient, addr: std::net::SocketAddr, caller: Option<&[u8]>) {
     let mut request = Request::get(format!("http://{addr}/")).body(Empty::new()).unwrap();
     if let Some(caller) = caller {
-        request
-            .headers_mut()
-            .insert(CALLER_HEADER, HeaderValue::from_bytes(caller).unwrap());
+        request.headers_mut().insert(CALLER_HEADER, HeaderValue::from_bytes(caller).unwrap());
     }
     let response = client.request(request).await.expect("request");
     response.into_body().collect().await.expect("body");
@@ -27,7 +25,7 @@ async fn send_with_caller(client: &HttpClient, addr: std::net::SocketAddr, calle
 /// Closes every window from `first` to the current one and returns them.
 fn close_all(tracer: &Tracer, first: u64) -> Vec<Arc<rootscale_tracer::ClosedWindow>> {
     let last = tracer.window_clock().window_id(std::time::Instant::now());
-    (first..=last).map(|id| tracer.close_window(id)).collect()
+    (first..=last).filter_map(|id| tracer.close_window(id)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,11 +34,7 @@ async fn spoofed_callers_stay_under_the_edge_cap_and_malformed_headers_are_count
     const SPOOFED: usize = 10_000;
     const MALFORMED_CALLERS: usize = 500;
     const MALFORMED_TIMINGS: usize = 1_000;
-    let tracer = Tracer::builder("svc-a")
-        .edge_cap(CAP)
-        .window(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let tracer = Tracer::builder("svc-a").edge_cap(CAP).window(Duration::from_secs(3600)).build().unwrap();
     let first_window = tracer.window_clock().window_id(std::time::Instant::now());
     let addr = serve_http(&tracer, Behavior::default()).await;
     let client = plain_client();
@@ -93,13 +87,9 @@ async fn spoofed_callers_stay_under_the_edge_cap_and_malformed_headers_are_count
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, upstream).await });
-    let traced_client = ServiceBuilder::new()
-        .layer(tracer.client_layer())
-        .service(plain_client());
+    let traced_client = ServiceBuilder::new().layer(tracer.client_layer()).service(plain_client());
     for i in 0..MALFORMED_TIMINGS {
-        let request = Request::get(format!("http://{upstream_addr}/?i={i}"))
-            .body(Empty::new())
-            .unwrap();
+        let request = Request::get(format!("http://{upstream_addr}/?i={i}")).body(Empty::new()).unwrap();
         let response = traced_client.clone().oneshot(request).await.expect("upstream call");
         response.into_body().collect().await.expect("upstream body");
     }
@@ -111,11 +101,7 @@ async fn spoofed_callers_stay_under_the_edge_cap_and_malformed_headers_are_count
     let mut identified = 0;
     for window in &windows {
         let stats = &window.stats;
-        assert!(
-            stats.inbound.len() <= CAP,
-            "{} inbound edges over the cap",
-            stats.inbound.len()
-        );
+        assert!(stats.inbound.len() <= CAP, "{} inbound edges over the cap", stats.inbound.len());
         if stats.requests as usize > CAP {
             assert_eq!(stats.inbound.len(), CAP);
         }
@@ -127,16 +113,11 @@ async fn spoofed_callers_stay_under_the_edge_cap_and_malformed_headers_are_count
     }
     assert_eq!(identified, SPOOFED as u64);
     let counters = tracer.counters();
-    assert_eq!(
-        counters.malformed_caller.load(std::sync::atomic::Ordering::Relaxed),
-        MALFORMED_CALLERS as u64
-    );
-    assert_eq!(
-        counters.malformed_timing.load(std::sync::atomic::Ordering::Relaxed),
-        MALFORMED_TIMINGS as u64
-    );
+    assert_eq!(counters.malformed_caller.load(std::sync::atomic::Ordering::Relaxed), MALFORMED_CALLERS as u64);
+    assert_eq!(counters.malformed_timing.load(std::sync::atomic::Ordering::Relaxed), MALFORMED_TIMINGS as u64);
     // The calls with unusable timing are kept, as untimed calls to the upstream's address.
-    let upstream_name = upstream_addr.to_string();
+    // An un-instrumented callee is named after its address, made into a valid service name.
+    let upstream_name = format!("127.0.0.1-{}", upstream_addr.port());
     let untimed: u64 = windows
         .iter()
         .filter_map(|w| w.stats.outbound.get(upstream_name.as_str()))
@@ -152,10 +133,7 @@ async fn spoofed_callers_stay_under_the_edge_cap_and_malformed_headers_are_count
 async fn windows_roll_over_and_their_counts_equal_the_requests_sent() {
     let (b_tracer, _) = traced("svc-b");
     let b_addr = serve_grpc(&b_tracer, Behavior::default()).await;
-    let tracer = Tracer::builder("svc-a")
-        .window(Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let tracer = Tracer::builder("svc-a").window(Duration::from_millis(200)).build().unwrap();
     let mut subscription = tracer.subscribe();
     let (sender, mut closed) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -178,40 +156,20 @@ async fn windows_roll_over_and_their_counts_equal_the_requests_sent() {
     // Collect windows until the one the last request ended in has closed.
     let last = tracer.window_clock().window_id(std::time::Instant::now());
     let mut windows = Vec::new();
-    while windows
-        .last()
-        .is_none_or(|w: &Arc<rootscale_tracer::ClosedWindow>| w.stats.window_id < last)
-    {
-        let window = tokio::time::timeout(Duration::from_secs(5), closed.recv())
-            .await
-            .unwrap()
-            .unwrap();
+    while windows.last().is_none_or(|w: &Arc<rootscale_tracer::ClosedWindow>| w.stats.window_id < last) {
+        let window = tokio::time::timeout(Duration::from_secs(5), closed.recv()).await.unwrap().unwrap();
         windows.push(window);
     }
     closer.abort();
     check_no_losses(&tracer);
     let with_traffic = windows.iter().filter(|w| w.stats.requests > 0).count();
-    assert!(
-        with_traffic >= 4,
-        "only {with_traffic} windows had traffic in 1.1 s of 200 ms windows"
-    );
+    assert!(with_traffic >= 4, "only {with_traffic} windows had traffic in 1.1 s of 200 ms windows");
     let ids: Vec<u64> = windows.iter().map(|w| w.stats.window_id).collect();
-    assert!(
-        ids.windows(2).all(|pair| pair[1] == pair[0] + 1),
-        "window ids not consecutive: {ids:?}"
-    );
+    assert!(ids.windows(2).all(|pair| pair[1] == pair[0] + 1), "window ids not consecutive: {ids:?}");
     assert_eq!(windows.iter().map(|w| w.stats.requests).sum::<u64>(), sent);
-    let calls: u64 = windows
-        .iter()
-        .filter_map(|w| w.stats.outbound.get("svc-b"))
-        .map(|e| e.calls)
-        .sum();
+    let calls: u64 = windows.iter().filter_map(|w| w.stats.outbound.get("svc-b")).map(|e| e.calls).sum();
     assert_eq!(calls, sent);
-    let from_x: u64 = windows
-        .iter()
-        .filter_map(|w| w.stats.inbound.get("svc-x"))
-        .map(|e| e.requests)
-        .sum();
+    let from_x: u64 = windows.iter().filter_map(|w| w.stats.inbound.get("svc-x")).map(|e| e.requests).sum();
     assert_eq!(from_x, sent);
 }
 
@@ -249,9 +207,17 @@ async fn metrics_expose_the_last_closed_window() {
     }
     // Only the last closed window is exposed; it holds this test's requests unless they straddled a boundary.
     let window = a.last_window().unwrap();
-    let line = format!(
-        "rootscale_window_requests{{service=\"svc-a\"}} {}",
-        window.stats.requests
-    );
+    let line = format!("rootscale_window_requests{{service=\"svc-a\"}} {}", window.stats.requests);
     assert!(text.contains(&line), "missing {line} in\n{text}");
+}
+
+#[test]
+fn each_window_closes_once_and_only_after_it_began() {
+    let tracer = Tracer::builder("svc-a").build().unwrap();
+    let now = tracer.window_clock().window_id(std::time::Instant::now());
+    assert!(tracer.close_window(now + 1).is_none(), "a future window cannot be closed");
+    assert!(tracer.close_window(now - 1).is_some());
+    assert!(tracer.close_window(now - 1).is_none(), "closing twice publishes nothing new");
+    assert!(tracer.close_window(now - 2).is_none(), "nor can an earlier window be closed after a later one");
+    assert_eq!(tracer.last_window().unwrap().stats.window_id, now - 1);
 }

@@ -48,24 +48,11 @@ async fn a_sleeping_handler_shows_local_wait() {
     drive(addr, &[&a_records]).await;
     let requests = a_records.requests();
     assert_eq!(requests.len(), ROUNDS);
-    assert_near(
-        "local_wait",
-        median(requests.iter().map(|r| r.local_wait).collect()),
-        40.0,
-    );
+    assert_near("local_wait", median(requests.iter().map(|r| r.local_wait).collect()), 40.0);
     assert_near("total", median(requests.iter().map(|r| r.total).collect()), 40.0);
     assert!(median(requests.iter().map(|r| r.busy).collect()) < Duration::from_millis(5));
-    assert!(
-        requests
-            .iter()
-            .all(|r| r.downstream.is_zero() && r.caller.is_none() && !r.error)
-    );
-    assert_eq!(
-        requests[0].largest_wait.point,
-        WaitPoint::Local {
-            service: "svc-a".into()
-        }
-    );
+    assert!(requests.iter().all(|r| r.downstream.is_zero() && r.caller.is_none() && !r.error));
+    assert_eq!(requests[0].largest_wait.point, WaitPoint::Local { service: "svc-a".into() });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,34 +65,14 @@ async fn a_grpc_callee_time_comes_back_as_remote_total_with_small_net_wait() {
 
     let calls = b_records.calls();
     assert_eq!(calls.len(), ROUNDS);
-    assert!(
-        calls
-            .iter()
-            .all(|c| &*c.callee == "svc-c" && c.critical && !c.error && !c.malformed_timing)
-    );
-    assert_near(
-        "remote_total",
-        median(calls.iter().map(|c| c.remote_total.unwrap()).collect()),
-        30.0,
-    );
+    assert!(calls.iter().all(|c| &*c.callee == "svc-c" && c.critical && !c.error && !c.malformed_timing));
+    assert_near("remote_total", median(calls.iter().map(|c| c.remote_total.unwrap()).collect()), 30.0);
     let net_wait = median(calls.iter().map(|c| c.net_wait.unwrap()).collect());
-    assert!(
-        net_wait < Duration::from_millis(10),
-        "net_wait on loopback = {net_wait:?}"
-    );
+    assert!(net_wait < Duration::from_millis(10), "net_wait on loopback = {net_wait:?}");
     // C saw B as its caller, and B's downstream time is the call.
-    assert!(
-        c_records
-            .requests()
-            .iter()
-            .all(|r| r.caller.as_deref() == Some("svc-b"))
-    );
+    assert!(c_records.requests().iter().all(|r| r.caller.as_deref() == Some("svc-b")));
     let b_requests = b_records.requests();
-    assert_near(
-        "B downstream",
-        median(b_requests.iter().map(|r| r.downstream).collect()),
-        30.0,
-    );
+    assert_near("B downstream", median(b_requests.iter().map(|r| r.downstream).collect()), 30.0);
     assert!(median(b_requests.iter().map(|r| r.local_wait).collect()) < Duration::from_millis(5));
 }
 
@@ -120,21 +87,10 @@ async fn a_delaying_proxy_between_b_and_c_shows_as_net_wait() {
 
     let calls = b_records.calls();
     assert_eq!(calls.len(), ROUNDS);
-    assert_near(
-        "net_wait",
-        median(calls.iter().map(|c| c.net_wait.unwrap()).collect()),
-        20.0,
-    );
-    assert_near(
-        "remote_total",
-        median(calls.iter().map(|c| c.remote_total.unwrap()).collect()),
-        5.0,
-    );
+    assert_near("net_wait", median(calls.iter().map(|c| c.net_wait.unwrap()).collect()), 20.0);
+    assert_near("remote_total", median(calls.iter().map(|c| c.remote_total.unwrap()).collect()), 5.0);
     // B names the link as its largest wait.
-    let header = responses[ROUNDS / 2].headers()[TIMING_HEADER]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let header = responses[ROUNDS / 2].headers()[TIMING_HEADER].to_str().unwrap().to_string();
     assert!(header.contains(";k=n;at=svc-b>svc-c"), "B's timing header: {header}");
 }
 
@@ -145,19 +101,12 @@ async fn parallel_calls_count_once_and_only_the_last_to_finish_is_critical() {
     let (c2, _) = traced("svc-c2");
     let c1_addr = serve_http(&c1, Behavior::sleep(30)).await;
     let c2_addr = serve_grpc(&c2, Behavior::sleep(50)).await;
-    let a_addr = serve_http(
-        &a,
-        Behavior::default().then(vec![Callee::http(&a, c1_addr), Callee::grpc(&a, c2_addr)]),
-    )
-    .await;
+    let a_addr =
+        serve_http(&a, Behavior::default().then(vec![Callee::http(&a, c1_addr), Callee::grpc(&a, c2_addr)])).await;
     drive(a_addr, &[&a_records]).await;
 
     let requests = a_records.requests();
-    assert_near(
-        "downstream",
-        median(requests.iter().map(|r| r.downstream).collect()),
-        50.0,
-    );
+    assert_near("downstream", median(requests.iter().map(|r| r.downstream).collect()), 50.0);
     assert!(median(requests.iter().map(|r| r.local_wait).collect()) < Duration::from_millis(5));
     let calls = a_records.calls();
     assert_eq!(calls.len(), 2 * ROUNDS);
@@ -177,11 +126,8 @@ async fn a_call_off_the_critical_path_does_not_count_even_when_its_wait_is_large
     let d_addr = serve_grpc(&d, Behavior::sleep(35)).await;
     let c1_addr = serve_http(&c1, Behavior::sleep(45)).await;
     let c2_addr = serve_http(&c2, Behavior::sleep(20).then(vec![Callee::grpc(&c2, d_addr)])).await;
-    let a_addr = serve_http(
-        &a,
-        Behavior::default().then(vec![Callee::http(&a, c1_addr), Callee::http(&a, c2_addr)]),
-    )
-    .await;
+    let a_addr =
+        serve_http(&a, Behavior::default().then(vec![Callee::http(&a, c1_addr), Callee::http(&a, c2_addr)])).await;
     let responses = drive(a_addr, &[]).await;
     let mut waits = Vec::new();
     for response in &responses {
@@ -195,23 +141,13 @@ async fn a_call_off_the_critical_path_does_not_count_even_when_its_wait_is_large
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_bound_handler_shows_busy() {
     let (a, a_records) = traced("svc-a");
-    let addr = serve_http(
-        &a,
-        Behavior {
-            spin: Duration::from_millis(30),
-            ..Default::default()
-        },
-    )
-    .await;
+    let addr = serve_http(&a, Behavior { spin: Duration::from_millis(30), ..Default::default() }).await;
     drive(addr, &[&a_records]).await;
     let requests = a_records.requests();
     let busy = median(requests.iter().map(|r| r.busy).collect());
     assert_near("busy", busy, 30.0);
     let local_wait = median(requests.iter().map(|r| r.local_wait).collect());
-    assert!(
-        local_wait < busy / 4,
-        "local_wait {local_wait:?} should be small next to busy {busy:?}"
-    );
+    assert!(local_wait < busy / 4, "local_wait {local_wait:?} should be small next to busy {busy:?}");
 }
 
 /// Runs a traced axum server on its own single-threaded runtime whose handler waits 5 ms on a blocking thread
@@ -223,18 +159,13 @@ fn cpu_wait_on_single_thread_runtime(hogs: bool) -> Vec<Duration> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server_stop = stop.clone();
     let server = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
             let app = axum::Router::new()
                 .route(
                     "/",
                     axum::routing::get(|| async {
-                        tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(5)))
-                            .await
-                            .unwrap();
+                        tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(5))).await.unwrap();
                         "ok"
                     }),
                 )
@@ -259,10 +190,7 @@ fn cpu_wait_on_single_thread_runtime(hogs: bool) -> Vec<Duration> {
         });
     });
     let addr = addr_receiver.recv().unwrap();
-    let client_runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let client_runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     client_runtime.block_on(async {
         let client = plain_client();
         for _ in 0..10 {
@@ -280,10 +208,7 @@ fn a_saturated_runtime_shows_cpu_wait() {
     let idle = median(cpu_wait_on_single_thread_runtime(false));
     let saturated = median(cpu_wait_on_single_thread_runtime(true));
     // Expected with hogs: the rest of the running 10 ms slice, often plus the other hog's (≈ 5–15 ms).
-    assert!(
-        saturated >= Duration::from_millis(2),
-        "cpu_wait with CPU hogs: {saturated:?} (idle: {idle:?})"
-    );
+    assert!(saturated >= Duration::from_millis(2), "cpu_wait with CPU hogs: {saturated:?} (idle: {idle:?})");
     assert!(idle < Duration::from_millis(1), "cpu_wait on an idle runtime: {idle:?}");
 }
 
@@ -308,11 +233,7 @@ async fn chain_headers(b_sleep: u64, c_sleep: u64, link_delay: Option<u64>) -> V
     };
     let b_addr = serve_http(&b, Behavior::sleep(b_sleep).then(vec![Callee::grpc(&b, c_target)])).await;
     let a_addr = serve_http(&a, Behavior::sleep(1).then(vec![Callee::http(&a, b_addr)])).await;
-    drive(a_addr, &[])
-        .await
-        .iter()
-        .map(|r| r.headers()[TIMING_HEADER].to_str().unwrap().to_string())
-        .collect()
+    drive(a_addr, &[]).await.iter().map(|r| r.headers()[TIMING_HEADER].to_str().unwrap().to_string()).collect()
 }
 
 fn assert_points_at(headers: &[String], at: &str, expected_ms: f64) {

@@ -16,7 +16,10 @@ use rootscale_proto::v1::{
     NeighborAck, NeighborReport,
     neighbor_server::{Neighbor, NeighborServer},
 };
-use rootscale_tracer::{InRequestExt, TIMING_HEADER, Tracer};
+use rootscale_tracer::{
+    InRequestExt, TIMING_HEADER, Tracer,
+    measure::headers::{Timing, WaitPointRef},
+};
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -52,10 +55,7 @@ async fn a_bare_hyper_service_is_measured() {
     let response = get_from_outside(&plain_client(), addr).await;
     assert_eq!(response.body(), "hello");
     let header = response.headers()[TIMING_HEADER].to_str().unwrap();
-    assert!(
-        header.starts_with("v=1;s=svc-hyper;t=") && header.contains(";k=l;at=svc-hyper"),
-        "{header}"
-    );
+    assert!(header.starts_with("v=1;s=svc-hyper;t=") && header.contains(";k=l;at=svc-hyper"), "{header}");
     settle().await;
     let requests = records.requests();
     assert_eq!(requests.len(), 1);
@@ -82,16 +82,12 @@ async fn a_streaming_body_is_measured_until_it_ends() {
     settle().await;
     let requests = records.requests();
     assert_eq!(requests.len(), 1);
-    assert!(
-        requests[0].total >= Duration::from_millis(44),
-        "streamed for 45 ms: {:?}",
-        requests[0]
-    );
+    assert!(requests[0].total >= Duration::from_millis(44), "streamed for 45 ms: {:?}", requests[0]);
     assert!(!requests[0].error);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_dropped_by_a_departing_client_is_recorded_as_an_error() {
+async fn a_body_dropped_by_a_departing_client_is_recorded_as_cancelled() {
     let (tracer, records) = traced("svc-stream");
     let router = Router::new()
         .route("/", get(|| async { slow_stream(100, Duration::from_millis(10)) }))
@@ -106,7 +102,134 @@ async fn a_body_dropped_by_a_departing_client_is_recorded_as_an_error() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let requests = records.requests();
     assert_eq!(requests.len(), 1, "the abandoned request is recorded once");
-    assert!(requests[0].error);
+    assert!(requests[0].cancelled && !requests[0].error, "{:?}", requests[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_and_no_content_responses_are_complete() {
+    let (tracer, records) = traced("svc-head");
+    let router = Router::new()
+        .route("/", get(|| async { "a body that HEAD leaves out" }))
+        .route("/empty", get(|| async { http::StatusCode::NO_CONTENT }));
+    // Both ways of applying the layer: around the whole router, and on its routes.
+    let wrapped = ServiceBuilder::new()
+        .map_response(|response: Response<_>| response.map(Body::new))
+        .layer(tracer.server_layer())
+        .service(router.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let wrapped_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, tower::make::Shared::new(wrapped)).await });
+    let layered_addr = serve_router(router.layer(tracer.server_layer())).await;
+    let client = plain_client();
+    for addr in [wrapped_addr, layered_addr] {
+        let head = Request::head(format!("http://{addr}/")).body(Empty::<Bytes>::new()).unwrap();
+        let response = client.request(head).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        let empty = client.get(format!("http://{addr}/empty").parse().unwrap()).await.unwrap();
+        assert_eq!(empty.status(), http::StatusCode::NO_CONTENT);
+        empty.into_body().collect().await.unwrap();
+    }
+    settle().await;
+    let requests = records.requests();
+    assert_eq!(requests.len(), 4);
+    for request in requests {
+        assert!(!request.error && !request.cancelled, "{request:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_counts_its_own_cpu_as_busy() {
+    let (tracer, records) = traced("svc-stream");
+    let router = Router::new()
+        .route(
+            "/",
+            get(|| async {
+                Body::from_stream(futures_util::stream::iter(0..3).map(|i| {
+                    spin(Duration::from_millis(10));
+                    Ok::<_, Infallible>(Bytes::from(format!("chunk {i}\n")))
+                }))
+            }),
+        )
+        .layer(tracer.server_layer());
+    let addr = serve_router(router).await;
+    get_from_outside(&plain_client(), addr).await;
+    settle().await;
+    let request = &records.requests()[0];
+    assert!(request.busy >= Duration::from_millis(29), "{request:?}");
+    assert!(request.local_wait < Duration::from_millis(10), "{request:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uninstrumented_callee_is_named_by_its_address_and_its_wait_travels_upstream() {
+    let (a, _) = traced("svc-a");
+    let (b, b_records) = traced("svc-b");
+    let plain = Router::new().route(
+        "/",
+        get(|| async {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            "not instrumented"
+        }),
+    );
+    let c_addr = serve_router(plain).await;
+    let c_name = format!("127.0.0.1-{}", c_addr.port());
+    let b_addr = serve_http(&b, Behavior::default().then(vec![Callee::http(&b, c_addr)])).await;
+    let a_addr = serve_http(&a, Behavior::default().then(vec![Callee::http(&a, b_addr)])).await;
+    let response = get_from_outside(&plain_client(), a_addr).await;
+    let timing = Timing::parse(&response.headers()[TIMING_HEADER]).expect("A's timing header is valid");
+    assert_eq!(timing.wait_point(), WaitPointRef::Local(&c_name));
+    assert!(timing.wait_us >= 29_000, "{timing:?}");
+    settle().await;
+    let call = &b_records.calls()[0];
+    assert_eq!(&*call.callee, c_name);
+    assert!(call.remote_total.is_none() && call.net_wait.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_grpc_call_keeps_the_callee_name_learned_from_earlier_calls() {
+    let (server_tracer, _) = traced("svc-grpc");
+    let (client_tracer, client_records) = traced("svc-caller");
+    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = incoming.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(server_tracer.server_layer())
+            .add_service(NeighborServer::new(Echo))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
+    let Callee::Grpc(mut client) = Callee::grpc(&client_tracer, addr) else { unreachable!() };
+    client.exchange(NeighborReport::default()).await.unwrap();
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    assert!(client.exchange(NeighborReport::default()).await.is_err());
+    settle().await;
+    let calls = client_records.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(!calls[0].error && calls[1].error);
+    assert!(calls.iter().all(|call| &*call.callee == "svc-grpc"), "{calls:?}");
+}
+
+struct Echo;
+
+#[tonic::async_trait]
+impl Neighbor for Echo {
+    async fn exchange(&self, _: tonic::Request<NeighborReport>) -> Result<tonic::Response<NeighborAck>, tonic::Status> {
+        Ok(tonic::Response::new(NeighborAck::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_caller_header_can_be_withheld_from_third_parties() {
+    let (server, records) = traced("svc-third-party");
+    let addr = serve_http(&server, Behavior::default()).await;
+    let (tracer, _) = traced("svc-a");
+    let client = ServiceBuilder::new().layer(tracer.client_layer().send_caller(false)).service(plain_client());
+    let request = Request::get(format!("http://{addr}/")).body(Empty::<Bytes>::new()).unwrap();
+    client.oneshot(request).await.unwrap().into_body().collect().await.unwrap();
+    settle().await;
+    assert_eq!(records.requests()[0].caller, None);
 }
 
 struct Failing;
@@ -129,9 +252,7 @@ async fn grpc_errors_are_counted_on_both_sides_and_still_timed() {
         .layer(server_tracer.server_layer())
         .add_service(NeighborServer::new(Failing));
     tokio::spawn(router.serve_with_incoming(incoming));
-    let Callee::Grpc(mut client) = Callee::grpc(&client_tracer, addr) else {
-        unreachable!()
-    };
+    let Callee::Grpc(mut client) = Callee::grpc(&client_tracer, addr) else { unreachable!() };
     let status = client.exchange(NeighborReport::default()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Internal);
     assert_eq!(status.message(), "boom", "the user's error passes through untouched");
@@ -193,11 +314,7 @@ async fn calls_from_spawned_tasks_count_when_the_request_is_carried() {
                     let callee = callee.clone();
                     async move {
                         let work = async move { callee.call().await };
-                        let handle = if carried {
-                            tokio::spawn(work.in_current_request())
-                        } else {
-                            tokio::spawn(work)
-                        };
+                        let handle = if carried { tokio::spawn(work.in_current_request()) } else { tokio::spawn(work) };
                         handle.await.unwrap();
                         "ok"
                     }
@@ -213,10 +330,7 @@ async fn calls_from_spawned_tasks_count_when_the_request_is_carried() {
             assert_eq!(request.largest_wait.point.service(), "svc-callee");
         } else {
             assert!(request.downstream.is_zero(), "not carried: {request:?}");
-            assert!(
-                request.local_wait >= Duration::from_millis(19),
-                "not carried: {request:?}"
-            );
+            assert!(request.local_wait >= Duration::from_millis(19), "not carried: {request:?}");
         }
         assert!(records.calls()[0].critical == carried);
     }
@@ -226,11 +340,7 @@ async fn calls_from_spawned_tasks_count_when_the_request_is_carried() {
 async fn an_unreachable_callee_fails_exactly_as_without_rootscale() {
     let tracer = Tracer::builder("svc-a").build().unwrap();
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let request = || {
-        Request::get(format!("http://{closed}/"))
-            .body(Empty::<Bytes>::new())
-            .unwrap()
-    };
+    let request = || Request::get(format!("http://{closed}/")).body(Empty::<Bytes>::new()).unwrap();
     let bare = plain_client().oneshot(request()).await.unwrap_err();
     let traced = ServiceBuilder::new()
         .layer(tracer.client_layer())
@@ -247,17 +357,9 @@ async fn timing_is_sent_only_to_instrumented_callers_by_default() {
     let tracer = Tracer::builder("svc-entry").build().unwrap();
     let addr = serve_http(&tracer, Behavior::default()).await;
     let outside = get_from_outside(&plain_client(), addr).await;
-    assert!(
-        outside.headers().get(TIMING_HEADER).is_none(),
-        "an outside client learns nothing"
-    );
-    let mut request = Request::get(format!("http://{addr}/"))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    request.headers_mut().insert(
-        rootscale_tracer::CALLER_HEADER,
-        http::HeaderValue::from_static("s=svc-neighbour"),
-    );
+    assert!(outside.headers().get(TIMING_HEADER).is_none(), "an outside client learns nothing");
+    let mut request = Request::get(format!("http://{addr}/")).body(Empty::<Bytes>::new()).unwrap();
+    request.headers_mut().insert(rootscale_tracer::CALLER_HEADER, http::HeaderValue::from_static("s=svc-neighbour"));
     let inside = plain_client().request(request).await.unwrap();
     let header = inside.headers()[TIMING_HEADER].to_str().unwrap();
     assert!(header.starts_with("v=1;s=svc-entry;t="), "{header}");

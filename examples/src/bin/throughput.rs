@@ -24,6 +24,7 @@ use std::{
 
 use axum::{Router, routing::get};
 use bytes::Bytes;
+use clap::Parser;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use opentelemetry::trace::TracerProvider as _;
@@ -34,7 +35,7 @@ use opentelemetry_sdk::{
 use rootscale_tracer::Tracer;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
 enum Variant {
     Bare,
     Rootscale,
@@ -82,10 +83,7 @@ fn start_server(variant: Variant) -> Server {
     let instrumented = Arc::new(AtomicU64::new(0));
     let (thread_stop, thread_count) = (stop.clone(), instrumented.clone());
     let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         // The OpenTelemetry pipeline is installed for this server thread only.
         let mut otel = None;
         let mut rootscale = None;
@@ -109,9 +107,7 @@ fn start_server(variant: Variant) -> Server {
         };
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            addr_sender
-                .send(listener.local_addr().expect("addr"))
-                .expect("send addr");
+            addr_sender.send(listener.local_addr().expect("addr")).expect("send addr");
             let server = tokio::spawn(async move { axum::serve(listener, router).await });
             while !thread_stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -122,7 +118,9 @@ fn start_server(variant: Variant) -> Server {
         if let Some((tracer, first_window)) = rootscale {
             let last_window = tracer.window_clock().window_id(Instant::now());
             for window in first_window..=last_window {
-                thread_count.fetch_add(tracer.close_window(window).stats.requests, Ordering::Relaxed);
+                if let Some(closed) = tracer.close_window(window) {
+                    thread_count.fetch_add(closed.stats.requests, Ordering::Relaxed);
+                }
             }
         }
         if let Some((guard, provider)) = otel {
@@ -132,21 +130,13 @@ fn start_server(variant: Variant) -> Server {
         }
     });
     let addr = addr_receiver.recv().expect("server address");
-    Server {
-        addr,
-        stop,
-        thread,
-        instrumented,
-    }
+    Server { addr, stop, thread, instrumented }
 }
 
 /// Closed-loop load from `connections` keep-alive HTTP/1.1 connections for `warm_up + seconds`; returns the
 /// responses per second after the warm-up.
 fn drive(addr: std::net::SocketAddr, connections: usize, warm_up: Duration, seconds: Duration, caller: bool) -> f64 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(async move {
         let counted = Arc::new(AtomicU64::new(0));
         let measuring = Arc::new(AtomicBool::new(false));
@@ -157,9 +147,8 @@ fn drive(addr: std::net::SocketAddr, connections: usize, warm_up: Duration, seco
             tasks.push(tokio::spawn(async move {
                 let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
                 stream.set_nodelay(true).expect("nodelay");
-                let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .expect("handshake");
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
                 tokio::spawn(connection);
                 while !done.load(Ordering::Relaxed) {
                     let mut request = http::Request::get("/")
@@ -199,49 +188,43 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-fn flag(args: &[String], name: &str, default: u64) -> u64 {
-    match args.iter().position(|a| a == name) {
-        None => default,
-        Some(i) => match args.get(i + 1).and_then(|v| v.parse().ok()) {
-            Some(value) if value > 0 => value,
-            _ => {
-                eprintln!("{name} takes a positive whole number");
-                std::process::exit(2);
-            }
-        },
-    }
+/// Side-by-side throughput: bare axum, rootscale, OpenTelemetry.
+#[derive(Parser)]
+struct Args {
+    /// Rounds; each runs every variant once.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// Measured seconds per variant per round (after a 0.5 s warm-up).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: u64,
+    /// Keep-alive connections of the load generator.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    connections: u32,
+    /// Send plain requests (an entry service's outside traffic) instead of requests from an instrumented caller.
+    #[arg(long)]
+    external: bool,
+    /// Run one variant only, for profiling it alone.
+    #[arg(long, value_enum)]
+    only: Option<Variant>,
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let external = args.iter().any(|a| a == "--external");
-    let valued: Vec<String> = args.iter().filter(|a| *a != "--external").cloned().collect();
-    if let Some(unknown) = valued
-        .iter()
-        .step_by(2)
-        .find(|a| !["--rounds", "--seconds", "--connections"].contains(&a.as_str()))
-    {
-        eprintln!("unknown argument {unknown}; use --rounds N --seconds N --connections N --external");
-        std::process::exit(2);
-    }
-    let args = valued;
-    let rounds = flag(&args, "--rounds", 5) as usize;
-    let seconds = Duration::from_secs(flag(&args, "--seconds", 3));
-    let connections = flag(&args, "--connections", 32) as usize;
+    let args = Args::parse();
+    let (rounds, connections) = (args.rounds, args.connections as usize);
+    let seconds = Duration::from_secs(args.seconds);
     let warm_up = Duration::from_millis(500);
-    let traffic = if external {
-        "external requests"
-    } else {
-        "requests from an instrumented caller"
-    };
+    let traffic = if args.external { "external requests" } else { "requests from an instrumented caller" };
     println!(
         "axum hello-world, 1 server thread, {connections} keep-alive connections, {rounds} rounds of {seconds:?}, {traffic}"
     );
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); Variant::ALL.len()];
     for round in 1..=rounds {
         for (index, variant) in Variant::ALL.into_iter().enumerate() {
+            if args.only.is_some_and(|only| only != variant) {
+                continue;
+            }
             let server = start_server(variant);
-            let rps = drive(server.addr, connections, warm_up, seconds, !external);
+            let rps = drive(server.addr, connections, warm_up, seconds, !args.external);
             server.stop.store(true, Ordering::Relaxed);
             server.thread.join().expect("server thread");
             println!(
@@ -251,6 +234,9 @@ fn main() {
             );
             results[index].push(rps);
         }
+    }
+    if args.only.is_some() {
+        return;
     }
     let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
     println!();

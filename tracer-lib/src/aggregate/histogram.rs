@@ -69,8 +69,8 @@ impl Histogram {
         if index >= self.counts.len() {
             self.counts.resize(index + 1, 0);
         }
-        self.counts[index] += 1;
-        self.count += 1;
+        self.counts[index] = self.counts[index].saturating_add(1);
+        self.count = self.count.saturating_add(1);
         self.sum_us = self.sum_us.saturating_add(value_us);
         self.max_us = self.max_us.max(value_us);
     }
@@ -80,10 +80,11 @@ impl Histogram {
         if other.counts.len() > self.counts.len() {
             self.counts.resize(other.counts.len(), 0);
         }
+        // Saturating: a peer's histogram may carry absurd counts; they must not wrap or panic.
         for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine += theirs;
+            *mine = mine.saturating_add(*theirs);
         }
-        self.count += other.count;
+        self.count = self.count.saturating_add(other.count);
         self.sum_us = self.sum_us.saturating_add(other.sum_us);
         self.max_us = self.max_us.max(other.max_us);
     }
@@ -105,11 +106,7 @@ impl Histogram {
     }
 
     pub fn mean_us(&self) -> f64 {
-        if self.count == 0 {
-            0.0
-        } else {
-            self.sum_us as f64 / self.count as f64
-        }
+        if self.count == 0 { 0.0 } else { self.sum_us as f64 / self.count as f64 }
     }
 
     /// The value at `percentile` (0–100): the smallest bucket with at least that share of values at or below it,
@@ -118,11 +115,7 @@ impl Histogram {
         if self.count == 0 {
             return None;
         }
-        let percentile = if percentile.is_nan() {
-            100.0
-        } else {
-            percentile.clamp(0.0, 100.0)
-        };
+        let percentile = if percentile.is_nan() { 100.0 } else { percentile.clamp(0.0, 100.0) };
         let rank = ((percentile / 100.0) * self.count as f64).ceil().max(1.0) as u64;
         let mut seen = 0;
         for (index, &count) in self.counts.iter().enumerate() {
@@ -170,10 +163,7 @@ impl Histogram {
             if position > 0 && delta == 0 {
                 return Err(HistogramError::Shape);
             }
-            index = index
-                .checked_add(delta as usize)
-                .filter(|&i| i < BUCKETS)
-                .ok_or(HistogramError::Range)?;
+            index = index.checked_add(delta as usize).filter(|&i| i < BUCKETS).ok_or(HistogramError::Range)?;
             if count == 0 {
                 return Err(HistogramError::Shape);
             }
@@ -188,11 +178,14 @@ impl Histogram {
         }
         histogram.sum_us = wire.sum_us;
         histogram.max_us = wire.max_us;
+        // The maximum must fall in the last non-empty bucket (the top bucket is open-ended).
         if let Some(last) = histogram.counts.len().checked_sub(1) {
-            let (low, _) = bucket_bounds(last);
-            if wire.max_us < low {
+            let (low, width) = bucket_bounds(last);
+            if wire.max_us < low || (last < BUCKETS - 1 && wire.max_us >= low + width) {
                 return Err(HistogramError::Range);
             }
+        } else if wire.max_us != 0 || wire.sum_us != 0 {
+            return Err(HistogramError::Count);
         }
         Ok(histogram)
     }
@@ -223,10 +216,7 @@ mod tests {
             assert!(index < BUCKETS);
             let (low, width) = bucket_bounds(index);
             if value < (1 << MAX_EXPONENT) {
-                assert!(
-                    low <= value && value < low + width,
-                    "{value} not in bucket {index} [{low}, +{width})"
-                );
+                assert!(low <= value && value < low + width, "{value} not in bucket {index} [{low}, +{width})");
                 let mid = bucket_value(index) as f64;
                 let error = (mid - value as f64).abs() / (value.max(1) as f64);
                 assert!(error <= 1.0 / 32.0 + 1e-9, "relative error {error} at {value}");
@@ -279,8 +269,27 @@ mod tests {
         let mut bad = wire.clone();
         bad.bucket_count.pop();
         assert_eq!(Histogram::from_proto(&bad), Err(HistogramError::Shape));
-        let mut bad = wire;
+        let mut bad = wire.clone();
         bad.bucket_count[0] = u64::MAX;
         assert!(Histogram::from_proto(&bad).is_err());
+        let mut bad = wire.clone();
+        bad.max_us = 5_000; // beyond the last non-empty bucket (the one holding 1000)
+        assert_eq!(Histogram::from_proto(&bad), Err(HistogramError::Range));
+        let mut bad = wire;
+        bad.max_us = 500; // below it
+        assert_eq!(Histogram::from_proto(&bad), Err(HistogramError::Range));
+        let empty_with_sum = proto::Histogram { sub_bucket_bits: SUB_BUCKET_BITS, sum_us: 9, ..Default::default() };
+        assert_eq!(Histogram::from_proto(&empty_with_sum), Err(HistogramError::Count));
+        // Absurd but well-formed peer counts saturate instead of wrapping when merged.
+        let mut huge = Histogram::new();
+        huge.record(7);
+        let mut wire = huge.to_proto();
+        wire.bucket_count[0] = u64::MAX;
+        wire.count = u64::MAX;
+        let huge = Histogram::from_proto(&wire).unwrap();
+        let mut sum = huge.clone();
+        sum.merge(&huge);
+        assert_eq!(sum.count(), u64::MAX);
+        assert_eq!(sum.percentile_us(50.0), Some(7));
     }
 }

@@ -7,8 +7,8 @@
 //! each shard's lock in turn, removes that window's part and merges the parts, keeping the edge cap.
 //!
 //! Memory is bounded: each shard holds at most [`MAX_OPEN_WINDOWS`] windows (older ones are dropped and counted
-//! when nobody closes windows) and each window at most `edge_cap` edges each way, however many distinct caller
-//! names arrive.
+//! when nobody closes windows) and each window at most 4 × `edge_cap` edges each way, however many distinct caller
+//! names arrive. A closed window keeps the `edge_cap` busiest edges each way; the rest are counted as overflow.
 
 pub mod histogram;
 pub mod stats;
@@ -27,6 +27,8 @@ pub use window::WindowClock;
 
 /// Shards per aggregator; more than the worker threads of a typical service.
 const SHARDS: usize = 16;
+/// How many more edges than the cap each shard keeps while a window is open.
+const SHARD_EDGE_FACTOR: usize = 4;
 /// Windows a shard keeps open before it drops the oldest.
 pub const MAX_OPEN_WINDOWS: usize = 4;
 
@@ -98,10 +100,7 @@ impl Aggregator {
 
     fn lock(&self, index: usize) -> MutexGuard<'_, Shard> {
         // Recording never panics while holding the lock, and a shard is plain counters: poison is harmless.
-        self.shards[index]
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shards[index].0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `record` on this thread's shard's statistics for `window_id`.
@@ -116,17 +115,22 @@ impl Aggregator {
             Some(position) => position,
             None => {
                 if shard.windows.len() >= MAX_OPEN_WINDOWS {
+                    // Nobody is closing windows. Keep the newest ones: drop the oldest, or this record if it is
+                    // older still.
+                    if shard.windows.first().is_some_and(|oldest| oldest.window_id > window_id) {
+                        self.losses.unclosed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                     let dropped = shard.windows.remove(0);
-                    self.losses
-                        .unclosed
-                        .fetch_add(dropped.requests + dropped_calls(&dropped), Ordering::Relaxed);
+                    self.losses.unclosed.fetch_add(dropped.requests + dropped_calls(&dropped), Ordering::Relaxed);
                 }
                 let position = shard.windows.partition_point(|w| w.window_id < window_id);
                 shard.windows.insert(position, WindowStats::new(window_id));
                 position
             }
         };
-        record(&mut shard.windows[position], self.edge_cap);
+        // Each shard keeps more edges than the cap, so that closing can keep the busiest ones.
+        record(&mut shard.windows[position], self.edge_cap * SHARD_EDGE_FACTOR);
     }
 
     pub fn record_request(&self, window_id: u64, sample: &RequestSample<'_>) {
@@ -147,18 +151,72 @@ impl Aggregator {
             let keep_from = shard.windows.partition_point(|w| w.window_id <= window_id);
             for stats in shard.windows.drain(..keep_from) {
                 if stats.window_id == window_id {
-                    merged.merge(&stats, self.edge_cap);
+                    merged.merge(&stats);
                 } else {
-                    self.losses
-                        .unclosed
-                        .fetch_add(stats.requests + dropped_calls(&stats), Ordering::Relaxed);
+                    self.losses.unclosed.fetch_add(stats.requests + dropped_calls(&stats), Ordering::Relaxed);
                 }
             }
         }
+        merged.keep_busiest(self.edge_cap);
         merged
     }
 }
 
 fn dropped_calls(stats: &WindowStats) -> u64 {
     stats.outbound.values().map(|edge| edge.calls).sum::<u64>() + stats.outbound_overflow
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn from(caller: &str) -> RequestSample<'_> {
+        RequestSample {
+            caller: Some((caller, Some("10.0.0.1:9797"))),
+            total_us: 1000,
+            busy_us: 10,
+            cpu_wait_us: 0,
+            downstream_us: 0,
+            local_wait_us: 990,
+            error: false,
+            cancelled: false,
+        }
+    }
+
+    #[test]
+    fn closing_keeps_the_busiest_edges_not_the_first() {
+        let aggregator = Aggregator::new(WindowClock::new(Duration::from_secs(5)), 8);
+        let window = aggregator.clock().window_id(Instant::now());
+        // Eight spoofed names arrive first, one request each; then a real caller sends many.
+        let spoofed: Vec<String> = (0..8).map(|i| format!("spoof-{i}")).collect();
+        for name in &spoofed {
+            aggregator.record_request(window, &from(name));
+        }
+        for _ in 0..50 {
+            aggregator.record_request(window, &from("checkout"));
+        }
+        let closed = aggregator.close(window);
+        assert_eq!(closed.requests, 58);
+        assert_eq!(closed.inbound.len(), 8);
+        assert_eq!(closed.inbound.get("checkout").map(|edge| edge.requests), Some(50));
+        assert_eq!(closed.inbound_overflow, 1, "one spoofed name is dropped to make room");
+        // Late records for a closed window are counted, not kept.
+        aggregator.record_request(window, &from("checkout"));
+        assert_eq!(aggregator.losses().late.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn without_a_closer_shards_keep_only_the_newest_windows() {
+        let aggregator = Aggregator::new(WindowClock::new(Duration::from_secs(5)), 8);
+        for window in 100..100 + MAX_OPEN_WINDOWS as u64 + 2 {
+            aggregator.record_request(window, &from("web"));
+        }
+        assert_eq!(aggregator.losses().unclosed.load(Ordering::Relaxed), 2);
+        // An older window than any kept is refused rather than evicting a newer one.
+        aggregator.record_request(50, &from("web"));
+        assert_eq!(aggregator.losses().unclosed.load(Ordering::Relaxed), 3);
+        assert_eq!(aggregator.close(100 + MAX_OPEN_WINDOWS as u64 + 1).requests, 1);
+    }
 }

@@ -1,33 +1,53 @@
 //! One window's statistics for one service: the per-service distributions and the per-edge ones, with a hard cap
-//! on edges. Shards on the request path fill one each; closing a window merges them under the same cap.
+//! on edges. Shards on the request path fill one each; closing a window merges them and keeps the busiest edges.
 
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap as HashMap;
-
 use rootscale_proto::v1 as proto;
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     aggregate::histogram::Histogram,
     measure::{headers::WaitPointRef, record::WaitPoint},
 };
 
+/// Agent addresses kept per edge: one per replica of the neighbour, up to this many.
+pub const AGENTS_PER_EDGE: usize = 8;
+/// Wait points kept per outbound edge; rarer ones are dropped from the list (their waits still count in
+/// `remote_wait`).
+pub const WAIT_POINTS_PER_EDGE: usize = 4;
+
+/// Adds `agent` to a bounded list of agent addresses.
+fn note_agent(agents: &mut Vec<Box<str>>, agent: &str) {
+    if agents.len() < AGENTS_PER_EDGE && !agents.iter().any(|known| &**known == agent) {
+        agents.push(agent.into());
+    }
+}
+
 /// Requests from one caller.
 #[derive(Clone, Debug, Default)]
 pub struct InboundStats {
-    pub caller_agent: Option<Box<str>>,
+    /// The caller's agents (one per replica), as announced in `rootscale-caller`.
+    pub caller_agents: Vec<Box<str>>,
     pub requests: u64,
     pub total: Histogram,
 }
 
-/// How many wait points are kept per outbound edge; rarer ones are dropped from the list (their waits still count
-/// in `remote_wait`).
-pub const WAIT_POINTS_PER_EDGE: usize = 4;
+impl InboundStats {
+    fn merge(&mut self, other: &InboundStats) {
+        for agent in &other.caller_agents {
+            note_agent(&mut self.caller_agents, agent);
+        }
+        self.requests += other.requests;
+        self.total.merge(&other.total);
+    }
+}
 
 /// Calls to one callee.
 #[derive(Clone, Debug, Default)]
 pub struct OutboundStats {
-    pub callee_agent: Option<Box<str>>,
+    /// The callee's agents (one per replica), as announced in `rootscale-timing`.
+    pub callee_agents: Vec<Box<str>>,
     pub calls: u64,
     pub errors: u64,
     pub untimed: u64,
@@ -42,11 +62,7 @@ pub struct OutboundStats {
 
 impl OutboundStats {
     fn note_wait_point(&mut self, point: WaitPointRef<'_>, count: u64, max_us: u64) {
-        if let Some(entry) = self
-            .remote_wait_at
-            .iter_mut()
-            .find(|(known, _, _)| known.as_ref() == point)
-        {
+        if let Some(entry) = self.remote_wait_at.iter_mut().find(|(known, _, _)| known.as_ref() == point) {
             entry.1 += count;
             entry.2 = entry.2.max(max_us);
         } else if self.remote_wait_at.len() < WAIT_POINTS_PER_EDGE {
@@ -55,8 +71,8 @@ impl OutboundStats {
     }
 
     fn merge(&mut self, other: &OutboundStats) {
-        if self.callee_agent.is_none() {
-            self.callee_agent.clone_from(&other.callee_agent);
+        for agent in &other.callee_agents {
+            note_agent(&mut self.callee_agents, agent);
         }
         self.calls += other.calls;
         self.errors += other.errors;
@@ -78,6 +94,7 @@ pub struct WindowStats {
     pub window_id: u64,
     pub requests: u64,
     pub errors: u64,
+    pub cancelled: u64,
     pub external_requests: u64,
     pub total: Histogram,
     pub busy: Histogram,
@@ -99,6 +116,7 @@ pub struct RequestSample<'a> {
     pub downstream_us: u64,
     pub local_wait_us: u64,
     pub error: bool,
+    pub cancelled: bool,
 }
 
 /// What the client layer hands to the aggregator for one call.
@@ -116,15 +134,13 @@ pub struct CallSample<'a> {
 
 impl WindowStats {
     pub fn new(window_id: u64) -> Self {
-        Self {
-            window_id,
-            ..Self::default()
-        }
+        Self { window_id, ..Self::default() }
     }
 
     pub(crate) fn record_request(&mut self, sample: &RequestSample<'_>, edge_cap: usize) {
         self.requests += 1;
         self.errors += u64::from(sample.error);
+        self.cancelled += u64::from(sample.cancelled);
         self.total.record(sample.total_us);
         self.busy.record(sample.busy_us);
         self.cpu_wait.record(sample.cpu_wait_us);
@@ -138,8 +154,8 @@ impl WindowStats {
             self.inbound_overflow += 1;
             return;
         };
-        if edge.caller_agent.is_none() {
-            edge.caller_agent = caller_agent.map(Into::into);
+        if let Some(agent) = caller_agent {
+            note_agent(&mut edge.caller_agents, agent);
         }
         edge.requests += 1;
         edge.total.record(sample.total_us);
@@ -150,8 +166,8 @@ impl WindowStats {
             self.outbound_overflow += 1;
             return;
         };
-        if edge.callee_agent.is_none() {
-            edge.callee_agent = sample.callee_agent.map(Into::into);
+        if let Some(agent) = sample.callee_agent {
+            note_agent(&mut edge.callee_agents, agent);
         }
         edge.calls += 1;
         edge.errors += u64::from(sample.error);
@@ -169,10 +185,12 @@ impl WindowStats {
         edge.note_wait_point(point, 1, wait_us);
     }
 
-    /// Adds `other` (the same window from another shard), keeping at most `edge_cap` edges each way.
-    pub(crate) fn merge(&mut self, other: &WindowStats, edge_cap: usize) {
+    /// Adds `other` (the same window from another shard), every edge included; [`WindowStats::keep_busiest`]
+    /// applies the cap afterwards.
+    pub(crate) fn merge(&mut self, other: &WindowStats) {
         self.requests += other.requests;
         self.errors += other.errors;
+        self.cancelled += other.cancelled;
         self.external_requests += other.external_requests;
         self.total.merge(&other.total);
         self.busy.merge(&other.busy);
@@ -182,22 +200,18 @@ impl WindowStats {
         self.inbound_overflow += other.inbound_overflow;
         self.outbound_overflow += other.outbound_overflow;
         for (caller, theirs) in &other.inbound {
-            let Some(edge) = capped_entry(&mut self.inbound, caller, edge_cap, || caller.clone()) else {
-                self.inbound_overflow += theirs.requests;
-                continue;
-            };
-            if edge.caller_agent.is_none() {
-                edge.caller_agent.clone_from(&theirs.caller_agent);
-            }
-            edge.requests += theirs.requests;
-            edge.total.merge(&theirs.total);
+            self.inbound.entry(caller.clone()).or_default().merge(theirs);
         }
         for (callee, theirs) in &other.outbound {
-            match capped_entry(&mut self.outbound, callee, edge_cap, || callee.clone()) {
-                Some(edge) => edge.merge(theirs),
-                None => self.outbound_overflow += theirs.calls,
-            }
+            self.outbound.entry(callee.clone()).or_default().merge(theirs);
         }
+    }
+
+    /// Keeps the `cap` busiest edges each way and counts the rest as overflow, so names that arrive first (a
+    /// flood of spoofed callers early in a window) cannot crowd out real neighbours.
+    pub(crate) fn keep_busiest(&mut self, cap: usize) {
+        self.inbound_overflow += trim(&mut self.inbound, cap, |edge| edge.requests);
+        self.outbound_overflow += trim(&mut self.outbound, cap, |edge| edge.calls);
     }
 
     /// The wire form, edges sorted by name so reports are deterministic.
@@ -207,17 +221,13 @@ impl WindowStats {
             .iter()
             .map(|(caller, edge)| proto::InboundEdge {
                 caller: caller.to_string(),
-                caller_agent: edge.caller_agent.as_deref().unwrap_or_default().to_string(),
+                caller_agents: edge.caller_agents.iter().map(|a| a.to_string()).collect(),
                 requests: edge.requests,
                 total: Some(edge.total.to_proto()),
             })
             .collect();
         inbound.sort_by(|a, b| a.caller.cmp(&b.caller));
-        let mut outbound: Vec<_> = self
-            .outbound
-            .iter()
-            .map(|(callee, edge)| outbound_to_proto(callee, edge))
-            .collect();
+        let mut outbound: Vec<_> = self.outbound.iter().map(|(callee, edge)| outbound_to_proto(callee, edge)).collect();
         outbound.sort_by(|a, b| a.callee.cmp(&b.callee));
         proto::ServiceWindow {
             service: service.to_string(),
@@ -225,6 +235,7 @@ impl WindowStats {
             window_ms: u32::try_from(window_ms).unwrap_or(u32::MAX),
             requests: self.requests,
             errors: self.errors,
+            cancelled: self.cancelled,
             external_requests: self.external_requests,
             total: Some(self.total.to_proto()),
             busy: Some(self.busy.to_proto()),
@@ -237,6 +248,20 @@ impl WindowStats {
             outbound_overflow: self.outbound_overflow,
         }
     }
+}
+
+/// Removes all but the `cap` entries with the largest `count` (ties by name); returns the removed counts' sum.
+fn trim<K: Ord + Clone + std::hash::Hash + Eq, V>(
+    map: &mut HashMap<K, V>,
+    cap: usize,
+    count: impl Fn(&V) -> u64,
+) -> u64 {
+    if map.len() <= cap {
+        return 0;
+    }
+    let mut ranked: Vec<(u64, K)> = map.iter().map(|(key, value)| (count(value), key.clone())).collect();
+    ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    ranked[cap..].iter().filter_map(|(_, key)| map.remove(key)).map(|value| count(&value)).sum()
 }
 
 /// The entry for `key`, created if the map holds fewer than `cap` entries; `None` when it is full.
@@ -288,7 +313,7 @@ fn outbound_to_proto(callee: &str, edge: &OutboundStats) -> proto::OutboundEdge 
     remote_wait_at.sort_by_key(|entry| std::cmp::Reverse(entry.count));
     proto::OutboundEdge {
         callee: callee.to_string(),
-        callee_agent: edge.callee_agent.as_deref().unwrap_or_default().to_string(),
+        callee_agents: edge.callee_agents.iter().map(|a| a.to_string()).collect(),
         calls: edge.calls,
         errors: edge.errors,
         untimed: edge.untimed,

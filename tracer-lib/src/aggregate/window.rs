@@ -19,11 +19,7 @@ impl WindowClock {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
-        Self {
-            window_ms,
-            anchor: Instant::now(),
-            anchor_unix_ms,
-        }
+        Self { window_ms, anchor: Instant::now(), anchor_unix_ms }
     }
 
     pub fn window_ms(&self) -> u64 {
@@ -41,10 +37,10 @@ impl WindowClock {
         self.unix_ms(at) / self.window_ms
     }
 
-    /// The instant window `window_id` ends (the next one starts).
-    pub fn window_end(&self, window_id: u64) -> Instant {
+    /// The instant window `window_id` ends (the next one starts); `None` if that is beyond what `Instant` holds.
+    pub fn window_end(&self, window_id: u64) -> Option<Instant> {
         let end_unix_ms = window_id.saturating_add(1).saturating_mul(self.window_ms);
-        self.anchor + Duration::from_millis(end_unix_ms.saturating_sub(self.anchor_unix_ms))
+        self.anchor.checked_add(Duration::from_millis(end_unix_ms.saturating_sub(self.anchor_unix_ms)))
     }
 }
 
@@ -57,9 +53,11 @@ mod tests {
         let clock = WindowClock::new(Duration::from_millis(5000));
         let now = Instant::now();
         let id = clock.window_id(now);
-        let end = clock.window_end(id);
+        let end = clock.window_end(id).unwrap();
         assert!(end > now && end <= now + Duration::from_millis(5000));
         assert_eq!(clock.window_id(end), id + 1);
         assert_eq!(clock.unix_ms(end) % 5000, 0);
+        // Absurd ids saturate instead of overflowing.
+        let _ = clock.window_end(u64::MAX);
     }
 }

@@ -6,17 +6,18 @@
 //! or is dropped, so `client_total` covers the whole response, as the callee's timing does.
 
 use std::{
+    borrow::Cow,
     future::Future,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
 
-use http::{HeaderMap, HeaderName, Request, Response, uri::Authority};
+use http::{HeaderMap, Request, Response, uri::Authority};
 use http_body::{Body, Frame, SizeHint};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -25,34 +26,51 @@ use crate::{
     aggregate::CallSample,
     measure::{
         context::{RequestContext, current},
-        headers::{CALLER_HEADER, TIMING_HEADER, Timing, WaitPointRef},
+        headers::{CALLER_HEADER, MAX_SERVICE_NAME, TIMING_HEADER, Timing, WaitPointRef},
         record::{CallRecord, Wait, micros},
+        server::grpc_server_error,
     },
     tracer::Tracer,
 };
-
-const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Measures every call made through the wrapped client. Made by [`Tracer::client_layer`].
 #[derive(Clone, Debug)]
 pub struct ClientLayer {
     tracer: Tracer,
-    callee: Option<Arc<str>>,
+    callee: Callee,
+    send_caller: bool,
+}
+
+/// How calls are named when the response does not name its service.
+#[derive(Clone, Debug)]
+enum Callee {
+    /// Given with [`ClientLayer::callee`].
+    Named(Arc<str>),
+    /// Learned from the first timing header seen by this layer. Used for requests without an authority (tonic
+    /// builds its request URIs without one); others fall back to their `host-port`.
+    Learned(Arc<OnceLock<Arc<str>>>),
 }
 
 impl ClientLayer {
     pub(crate) fn new(tracer: Tracer) -> Self {
-        Self { tracer, callee: None }
+        Self { tracer, callee: Callee::Learned(Arc::default()), send_caller: true }
     }
 
-    /// The name to record calls under when the callee does not name itself in a timing header (an
-    /// un-instrumented service). Without it, the URI's `host:port` is used.
+    /// The name to record calls under when the response does not say (an un-instrumented callee, a transport
+    /// error). Recommended for a client that talks to one service, such as a tonic channel.
     pub fn callee(mut self, name: &str) -> Result<Self, crate::Error> {
         if !crate::measure::headers::valid_service_name(name) {
             return Err(crate::Error::InvalidServiceName(name.to_string()));
         }
-        self.callee = Some(name.into());
+        self.callee = Callee::Named(name.into());
         Ok(self)
+    }
+
+    /// Whether to send `rootscale-caller` (this service's name and agent address) on outbound requests (default
+    /// yes). Turn it off on clients that call third parties, so they do not learn internal names and addresses.
+    pub fn send_caller(mut self, send: bool) -> Self {
+        self.send_caller = send;
+        self
     }
 }
 
@@ -60,11 +78,7 @@ impl<S> Layer<S> for ClientLayer {
     type Service = TraceClient<S>;
 
     fn layer(&self, inner: S) -> TraceClient<S> {
-        TraceClient {
-            inner,
-            tracer: self.tracer.clone(),
-            callee: self.callee.clone(),
-        }
+        TraceClient { inner, layer: self.clone() }
     }
 }
 
@@ -72,13 +86,13 @@ impl<S> Layer<S> for ClientLayer {
 #[derive(Clone, Debug)]
 pub struct TraceClient<S> {
     inner: S,
-    tracer: Tracer,
-    callee: Option<Arc<str>>,
+    layer: ClientLayer,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TraceClient<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
 {
     type Response = Response<CallBody<ResBody>>;
     type Error = S::Error;
@@ -89,25 +103,39 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        request
-            .headers_mut()
-            .insert(CALLER_HEADER, self.tracer.shared.caller_header.clone());
-        let fallback = match &self.callee {
-            Some(name) => Fallback::Named(name.clone()),
-            None => Fallback::Authority(request.uri().authority().cloned()),
-        };
-        let call = Call::start(self.tracer.clone(), fallback);
-        CallFuture {
-            inner: self.inner.call(request),
-            call: Some(call),
+        if self.layer.send_caller {
+            request.headers_mut().insert(CALLER_HEADER, self.layer.tracer.shared.caller_header.clone());
         }
+        let fallback = match (&self.layer.callee, request.uri().authority()) {
+            (Callee::Named(name), _) => Fallback::Named(name.clone()),
+            (Callee::Learned(_), Some(authority)) => Fallback::Authority(authority.clone()),
+            (Callee::Learned(learned), None) => Fallback::Learned(learned.clone()),
+        };
+        let call = Call::start(self.layer.tracer.clone(), fallback);
+        CallFuture { inner: self.inner.call(request), call: Some(call) }
     }
 }
 
-/// What to call the callee when it does not say.
+/// What to call the callee when its response does not say.
 enum Fallback {
     Named(Arc<str>),
-    Authority(Option<Authority>),
+    Authority(Authority),
+    Learned(Arc<OnceLock<Arc<str>>>),
+}
+
+/// A valid service name for an authority: `host-port`, other characters mapped to `-`, at most 63 long.
+fn authority_name(authority: &Authority) -> String {
+    let mut name: String = authority
+        .host()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .collect();
+    if let Some(port) = authority.port_u16() {
+        name.push('-');
+        name.push_str(&port.to_string());
+    }
+    name.truncate(MAX_SERVICE_NAME);
+    if name.is_empty() { "unknown".to_string() } else { name }
 }
 
 /// One outbound call in flight.
@@ -117,6 +145,9 @@ pub(crate) struct Call {
     started: Instant,
     fallback: Fallback,
     timing: Option<Timing>,
+    /// When the response head arrived, if the timing came with it (plain HTTP): the callee's `total` ends at its
+    /// head, so the link's time is measured to the head too, not to the end of a possibly streamed body.
+    timing_head_at: Option<Instant>,
     error: bool,
     malformed_timing: bool,
 }
@@ -134,6 +165,7 @@ impl Call {
             started,
             fallback,
             timing: None,
+            timing_head_at: None,
             error: false,
             malformed_timing: false,
         }
@@ -145,28 +177,38 @@ impl Call {
     }
 
     /// Takes the timing header from a response head or trailers; a later one (trailers) wins.
-    fn read_timing(&mut self, headers: &HeaderMap) {
-        if let Some(value) = headers.get(TIMING_HEADER) {
-            match Timing::parse(value) {
-                Ok(timing) => self.timing = Some(timing),
-                Err(error) => {
-                    self.malformed_timing = true;
-                    self.tracer.count_malformed_timing();
-                    tracing::debug!(%error, "ignoring malformed rootscale-timing header");
-                }
-            }
-        }
-        if headers.get(GRPC_STATUS).is_some_and(|status| status.as_bytes() != b"0") {
+    fn read_timing(&mut self, headers: &HeaderMap) -> bool {
+        if grpc_server_error(headers) {
             self.error = true;
+        }
+        let Some(value) = headers.get(TIMING_HEADER) else {
+            return false;
+        };
+        match Timing::parse(value) {
+            Ok(timing) => {
+                if let Fallback::Learned(learned) = &self.fallback
+                    && learned.get().is_none()
+                {
+                    let _ = learned.set(timing.service().into());
+                }
+                self.timing = Some(timing);
+                true
+            }
+            Err(error) => {
+                self.malformed_timing = true;
+                self.tracer.count_malformed_timing();
+                tracing::debug!(%error, "ignoring malformed rootscale-timing header");
+                false
+            }
         }
     }
 
-    fn callee(&self) -> &str {
+    fn callee(&self) -> Cow<'_, str> {
         match (&self.timing, &self.fallback) {
-            (Some(timing), _) => timing.service(),
-            (None, Fallback::Named(name)) => name,
-            (None, Fallback::Authority(Some(authority))) => authority.as_str(),
-            (None, Fallback::Authority(None)) => "unknown",
+            (Some(timing), _) => Cow::Borrowed(timing.service()),
+            (None, Fallback::Named(name)) => Cow::Borrowed(name),
+            (None, Fallback::Authority(authority)) => Cow::Owned(authority_name(authority)),
+            (None, Fallback::Learned(learned)) => Cow::Borrowed(learned.get().map_or("unknown", |name| name)),
         }
     }
 
@@ -176,33 +218,35 @@ impl Call {
         let shared = &self.tracer.shared;
         let client_total_us = micros(at.saturating_duration_since(self.started));
         let callee = self.callee();
+        let callee = callee.as_ref();
         let (remote_total_us, net_wait_us, remote_point, remote_wait_us) = match &self.timing {
-            Some(timing) => (
-                Some(timing.total_us),
-                Some(client_total_us.saturating_sub(timing.total_us)),
-                timing.wait_point(),
-                timing.wait_us,
-            ),
+            Some(timing) => {
+                let link_us = match self.timing_head_at {
+                    Some(head_at) => micros(head_at.saturating_duration_since(self.started)),
+                    None => client_total_us,
+                };
+                (
+                    Some(timing.total_us),
+                    Some(link_us.saturating_sub(timing.total_us)),
+                    timing.wait_point(),
+                    timing.wait_us,
+                )
+            }
             // An un-instrumented callee: all of the call was spent waiting on it.
             None => (None, None, WaitPointRef::Local(callee), client_total_us),
         };
         // What this call adds to the request's largest wait if it is on the critical path: the link or the
         // callee's subtree, whichever waited longer.
         let (candidate_point, candidate_us) = match net_wait_us {
-            Some(net_us) if net_us > remote_wait_us => (
-                WaitPointRef::Net {
-                    from: &shared.service,
-                    to: callee,
-                },
-                net_us,
-            ),
+            Some(net_us) if net_us > remote_wait_us => {
+                (WaitPointRef::Net { from: &shared.service, to: callee }, net_us)
+            }
             _ => (remote_point, remote_wait_us),
         };
         let critical = match &self.request {
-            Some(request) => request.call_finished(at, candidate_us, || Wait {
-                point: candidate_point.to_owned(),
-                us: candidate_us,
-            }),
+            Some(request) => {
+                request.call_finished(at, candidate_us, || Wait { point: candidate_point.to_owned(), us: candidate_us })
+            }
             None => false,
         };
         shared.aggregator.record_call(
@@ -224,10 +268,7 @@ impl Call {
                 client_total: Duration::from_micros(client_total_us),
                 remote_total: remote_total_us.map(Duration::from_micros),
                 net_wait: net_wait_us.map(Duration::from_micros),
-                remote_wait: Some(Wait {
-                    point: remote_point.to_owned(),
-                    us: remote_wait_us,
-                }),
+                remote_wait: Wait { point: remote_point.to_owned(), us: remote_wait_us },
                 critical,
                 error,
                 malformed_timing: self.malformed_timing,
@@ -268,7 +309,9 @@ where
         };
         match result {
             Ok(response) => {
-                call.read_timing(response.headers());
+                if call.read_timing(response.headers()) {
+                    call.timing_head_at = Some(Instant::now());
+                }
                 call.error |= response.status().is_server_error();
                 Poll::Ready(Ok(response.map(|body| CallBody::new(body, call))))
             }
@@ -292,9 +335,10 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for CallBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
+            // Dropped before its end (or never read, which is the caller's choice): the call is over. Not the
+            // callee's error.
             if let Some(call) = this.call.take() {
-                let aborted = !this.end_reported.load(Ordering::Relaxed);
-                call.finish(Instant::now(), aborted);
+                call.finish(Instant::now(), false);
             }
         }
     }
@@ -302,19 +346,11 @@ pin_project_lite::pin_project! {
 
 impl<B> CallBody<B> {
     fn passthrough(inner: B) -> Self {
-        Self {
-            inner,
-            call: None,
-            end_reported: AtomicBool::new(false),
-        }
+        Self { inner, call: None, end_reported: AtomicBool::new(false) }
     }
 
     fn new(inner: B, call: Call) -> Self {
-        Self {
-            inner,
-            call: Some(call),
-            end_reported: AtomicBool::new(false),
-        }
+        Self { inner, call: Some(call), end_reported: AtomicBool::new(false) }
     }
 }
 
@@ -359,9 +395,6 @@ impl<B: Body> Body for CallBody<B> {
 
 impl<B: std::fmt::Debug> std::fmt::Debug for CallBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CallBody")
-            .field("inner", &self.inner)
-            .field("in_flight", &self.call.is_some())
-            .finish()
+        f.debug_struct("CallBody").field("inner", &self.inner).field("in_flight", &self.call.is_some()).finish()
     }
 }

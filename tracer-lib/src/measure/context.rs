@@ -1,9 +1,10 @@
 //! The per-request context: the clock that splits a request's time into busy, cpu_wait and the rest, and the
 //! bookkeeping of its outbound calls (the union of their in-flight intervals and the critical path).
 //!
-//! The server layer creates one context per request and installs it as a task-local while it polls the handler,
-//! so outbound calls made by the handler find their request without any argument passing. Work spawned onto other
-//! tasks carries it explicitly with [`RequestHandle::scope`] or [`InRequestExt::in_current_request`].
+//! The server layer creates one context per request and installs it as a task-local while it polls the handler
+//! (and the response body), so outbound calls made by the handler find their request without any argument
+//! passing. Work spawned onto other tasks carries it explicitly with [`RequestHandle::scope`] or
+//! [`InRequestExt::in_current_request`].
 //!
 //! Everything here is per request: a small uncontended mutex for the calls (they may finish on other threads) and
 //! atomics for the wake time. Nothing is shared between requests.
@@ -13,7 +14,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll, Wake, Waker},
     time::{Duration, Instant},
@@ -29,6 +30,7 @@ tokio::task_local! {
 
 /// State of one request, shared by its handler future, its response body and its outbound calls.
 pub(crate) struct RequestContext {
+    /// When the server layer was handed the request; `total` starts here.
     pub(crate) start: Instant,
     /// Nanoseconds after `start` (plus one, so zero means "not woken") of the first wake since the last poll.
     woken_at: AtomicU64,
@@ -36,6 +38,8 @@ pub(crate) struct RequestContext {
     task_waker: AtomicWaker,
     /// Set by the first outbound call, so requests that make none never take the calls lock.
     made_calls: AtomicBool,
+    /// Outbound calls in flight now: a copy of `Calls::in_flight` readable without the lock.
+    in_flight: AtomicU32,
     calls: Mutex<Calls>,
 }
 
@@ -49,12 +53,15 @@ struct Calls {
 }
 
 impl RequestContext {
+    /// A request handed over at `start`. It is runnable from that instant, so the time until its first poll (for
+    /// example a task spawned per HTTP/2 stream waiting for a thread) counts as cpu_wait.
     pub(crate) fn new(start: Instant) -> Arc<Self> {
         Arc::new(Self {
             start,
-            woken_at: AtomicU64::new(0),
+            woken_at: AtomicU64::new(1),
             task_waker: AtomicWaker::new(),
             made_calls: AtomicBool::new(false),
+            in_flight: AtomicU32::new(0),
             calls: Mutex::new(Calls::default()),
         })
     }
@@ -76,6 +83,7 @@ impl RequestContext {
             calls.group_start = Some(now);
         }
         calls.in_flight += 1;
+        self.in_flight.store(calls.in_flight, Ordering::Release);
     }
 
     /// An outbound call whose largest wait was `wait_us` ended; returns whether it was the last of its overlapping
@@ -83,6 +91,7 @@ impl RequestContext {
     pub(crate) fn call_finished(&self, now: Instant, wait_us: u64, wait: impl FnOnce() -> Wait) -> bool {
         let mut calls = self.lock_calls();
         calls.in_flight = calls.in_flight.saturating_sub(1);
+        self.in_flight.store(calls.in_flight, Ordering::Release);
         if calls.in_flight > 0 {
             return false;
         }
@@ -101,9 +110,7 @@ impl RequestContext {
             return (Duration::ZERO, None);
         }
         let calls = self.lock_calls();
-        let open = calls
-            .group_start
-            .map_or(Duration::ZERO, |start| now.saturating_duration_since(start));
+        let open = calls.group_start.map_or(Duration::ZERO, |start| now.saturating_duration_since(start));
         (calls.downstream + open, calls.critical_wait.clone())
     }
 }
@@ -116,30 +123,26 @@ impl Wake for RequestContext {
     fn wake_by_ref(self: &Arc<Self>) {
         let now = self.nanos_since_start(Instant::now());
         // Keep the first wake since the last poll: the task has been runnable since then.
-        let _ = self
-            .woken_at
-            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.woken_at.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
         self.task_waker.wake();
     }
 }
 
-/// Splits the time of a future's polls into busy (inside poll) and cpu_wait (woken, not yet polled).
+/// Splits the time of a request's polls (its handler future, then its response body) into busy (inside poll) and
+/// cpu_wait (woken, not yet polled).
 pub(crate) struct PollClock {
     context: Arc<RequestContext>,
     waker: Waker,
     pub(crate) busy: Duration,
+    /// The part of `busy` spent while an outbound call was in flight, which `downstream` already covers.
+    pub(crate) busy_in_downstream: Duration,
     pub(crate) cpu_wait: Duration,
 }
 
 impl PollClock {
     pub(crate) fn new(context: Arc<RequestContext>) -> Self {
         let waker = Waker::from(context.clone());
-        Self {
-            context,
-            waker,
-            busy: Duration::ZERO,
-            cpu_wait: Duration::ZERO,
-        }
+        Self { context, waker, busy: Duration::ZERO, busy_in_downstream: Duration::ZERO, cpu_wait: Duration::ZERO }
     }
 
     pub(crate) fn context(&self) -> &Arc<RequestContext> {
@@ -160,19 +163,21 @@ impl PollClock {
             self.cpu_wait += Duration::from_nanos(polled.saturating_sub(woken));
         }
         self.context.task_waker.register(cx.waker());
+        let overlapping = self.context.in_flight.load(Ordering::Acquire) > 0;
         let mut inner_cx = Context::from_waker(&self.waker);
         let result = CURRENT.sync_scope(self.context.clone(), || poll(&mut inner_cx));
         let ended = Instant::now();
-        self.busy += ended.saturating_duration_since(started);
+        let busy = ended.saturating_duration_since(started);
+        self.busy += busy;
+        if overlapping {
+            self.busy_in_downstream += busy;
+        }
         // A wake during the poll is only waiting for CPU from the moment the poll ended.
         let woken = self.context.woken_at.load(Ordering::Acquire);
         if woken != 0 {
             let ended_at = self.context.nanos_since_start(ended);
             if woken < ended_at {
-                let _ = self
-                    .context
-                    .woken_at
-                    .compare_exchange(woken, ended_at, Ordering::AcqRel, Ordering::Acquire);
+                let _ = self.context.woken_at.compare_exchange(woken, ended_at, Ordering::AcqRel, Ordering::Acquire);
             }
         }
         (result, ended)
@@ -209,10 +214,7 @@ impl RequestHandle {
 
     /// Runs `future` as part of this request: outbound calls it makes count toward the request.
     pub fn scope<F: Future>(self, future: F) -> InRequest<F> {
-        InRequest {
-            context: self.0,
-            future,
-        }
+        InRequest { context: self.0, future }
     }
 }
 

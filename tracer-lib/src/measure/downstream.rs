@@ -26,13 +26,7 @@ impl Dependency {
 
     /// Times `future` as a call to this dependency.
     pub fn wrap<F: Future>(&self, future: F) -> DependencyCall<F> {
-        DependencyCall {
-            inner: future,
-            call: None,
-            done: false,
-            dependency: self.clone(),
-            is_error: |_| false,
-        }
+        DependencyCall { inner: future, call: None, done: false, dependency: self.clone(), is_error: |_| false }
     }
 
     /// Times `future` as a call to this dependency, counting an `Err` output as an error.
@@ -40,13 +34,7 @@ impl Dependency {
     where
         F: Future<Output = Result<T, E>>,
     {
-        DependencyCall {
-            inner: future,
-            call: None,
-            done: false,
-            dependency: self.clone(),
-            is_error: Result::is_err,
-        }
+        DependencyCall { inner: future, call: None, done: false, dependency: self.clone(), is_error: Result::is_err }
     }
 }
 
@@ -76,10 +64,7 @@ impl<F: Future> Future for DependencyCall<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         if this.call.is_none() && !*this.done {
-            *this.call = Some(Call::start_named(
-                this.dependency.tracer.clone(),
-                this.dependency.name.clone(),
-            ));
+            *this.call = Some(Call::start_named(this.dependency.tracer.clone(), this.dependency.name.clone()));
         }
         let output = ready!(this.inner.poll(cx));
         *this.done = true;

@@ -27,8 +27,9 @@ pub const TIMING_HEADER: HeaderName = HeaderName::from_static("rootscale-timing"
 pub const MAX_SERVICE_NAME: usize = 63;
 /// Longest agent address accepted (`host:port`).
 pub const MAX_AGENT_ADDR: usize = 100;
-/// Longest header value accepted.
-pub const MAX_HEADER_LEN: usize = 320;
+/// Longest header value accepted: room for the longest valid timing header (two names of 63 in `at`, a 100-byte
+/// agent address, 12-digit numbers) with a margin.
+pub const MAX_HEADER_LEN: usize = 400;
 /// Durations above this (about 11.5 days in µs) are refused as absurd.
 pub const MAX_DURATION_US: u64 = 999_999_999_999;
 
@@ -69,6 +70,9 @@ fn valid_agent_bytes(addr: &[u8]) -> bool {
         return false;
     };
     let (host, port) = (&addr[..colon], &addr[colon + 1..]);
+    if port.first() == Some(&b'0') {
+        return false; // no leading zeros, and no port 0
+    }
     let mut port_value = 0u32;
     for &digit in port {
         if !digit.is_ascii_digit() {
@@ -86,12 +90,13 @@ fn valid_agent_bytes(addr: &[u8]) -> bool {
         [b'[', inner @ .., b']'] => {
             std::str::from_utf8(inner).is_ok_and(|inner| inner.parse::<std::net::Ipv6Addr>().is_ok())
         }
-        _ => {
-            !host.is_empty()
-                && host
-                    .iter()
-                    .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
-        }
+        // A host name or IPv4 address: labels of letters, digits and inner hyphens, joined by single dots.
+        _ => host.split(|&b| b == b'.').all(|label| {
+            !label.is_empty()
+                && label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-')
+                && label.first() != Some(&b'-')
+                && label.last() != Some(&b'-')
+        }),
     }
 }
 
@@ -131,10 +136,7 @@ impl<'a> Fields<'a> {
             return Err(HeaderError::MissingField(key));
         }
         let start = self.position + key.len() + 1;
-        let end = self.bytes[start..]
-            .iter()
-            .position(|&b| b == b';')
-            .map_or(self.bytes.len(), |i| start + i);
+        let end = self.bytes[start..].iter().position(|&b| b == b';').map_or(self.bytes.len(), |i| start + i);
         if end + 1 == self.bytes.len() {
             // A trailing `;` with nothing after it.
             return Err(HeaderError::Trailing);
@@ -150,28 +152,20 @@ impl<'a> Fields<'a> {
     /// The next field as a name (a service name).
     fn name(&mut self, key: &'static str) -> Result<Range<usize>, HeaderError> {
         let range = self.expect(key)?;
-        if valid_name_bytes(self.value(&range)) {
-            Ok(range)
-        } else {
-            Err(HeaderError::BadField(key))
-        }
+        if valid_name_bytes(self.value(&range)) { Ok(range) } else { Err(HeaderError::BadField(key)) }
     }
 
     /// The next field as an agent address.
     fn agent(&mut self, key: &'static str) -> Result<Range<usize>, HeaderError> {
         let range = self.expect(key)?;
-        if valid_agent_bytes(self.value(&range)) {
-            Ok(range)
-        } else {
-            Err(HeaderError::BadField(key))
-        }
+        if valid_agent_bytes(self.value(&range)) { Ok(range) } else { Err(HeaderError::BadField(key)) }
     }
 
     /// The next field as a duration in whole microseconds: 1–12 decimal digits.
     fn micros(&mut self, key: &'static str) -> Result<u64, HeaderError> {
         let range = self.expect(key)?;
         let digits = self.value(&range);
-        if digits.is_empty() || digits.len() > 12 {
+        if digits.is_empty() || digits.len() > 12 || (digits.len() > 1 && digits[0] == b'0') {
             return Err(HeaderError::BadField(key));
         }
         digits.iter().try_fold(0u64, |value, &digit| {
@@ -202,19 +196,11 @@ impl CallerHeader {
     pub fn parse(raw: &HeaderValue) -> Result<Self, HeaderError> {
         let mut fields = Fields::new(raw)?;
         let service = fields.name("s")?;
-        let agent = if fields.at_end() {
-            None
-        } else {
-            Some(fields.agent("a")?)
-        };
+        let agent = if fields.at_end() { None } else { Some(fields.agent("a")?) };
         if !fields.at_end() {
             return Err(HeaderError::Trailing);
         }
-        Ok(Self {
-            raw: raw.clone(),
-            service,
-            agent,
-        })
+        Ok(Self { raw: raw.clone(), service, agent })
     }
 
     fn slice(&self, range: &Range<usize>) -> &str {
@@ -270,16 +256,17 @@ impl Timing {
         let service = fields.name("s")?;
         let total_us = fields.micros("t")?;
         let wait_us = fields.micros("w")?;
+        // The largest wait in a subtree is part of the responder's total; a larger one is a lie or a bug.
+        if wait_us > total_us {
+            return Err(HeaderError::BadField("w"));
+        }
         let kind = fields.expect("k")?;
         let at_range = fields.expect("at")?;
         let at_value = fields.value(&at_range);
         let (at, at_to) = match fields.value(&kind) {
             b"l" if valid_name_bytes(at_value) => (at_range, None),
             b"n" => {
-                let split = at_value
-                    .iter()
-                    .position(|&b| b == b'>')
-                    .ok_or(HeaderError::BadField("at"))?;
+                let split = at_value.iter().position(|&b| b == b'>').ok_or(HeaderError::BadField("at"))?;
                 let (from, to) = (&at_value[..split], &at_value[split + 1..]);
                 if !valid_name_bytes(from) || !valid_name_bytes(to) {
                     return Err(HeaderError::BadField("at"));
@@ -290,23 +277,11 @@ impl Timing {
             b"l" => return Err(HeaderError::BadField("at")),
             _ => return Err(HeaderError::BadField("k")),
         };
-        let agent = if fields.peek_is(b"a") {
-            Some(fields.agent("a")?)
-        } else {
-            None
-        };
+        let agent = if fields.peek_is(b"a") { Some(fields.agent("a")?) } else { None };
         if !fields.at_end() {
             return Err(HeaderError::Trailing);
         }
-        Ok(Self {
-            raw: raw.clone(),
-            service,
-            agent,
-            total_us,
-            wait_us,
-            at,
-            at_to,
-        })
+        Ok(Self { raw: raw.clone(), service, agent, total_us, wait_us, at, at_to })
     }
 
     fn slice(&self, range: &Range<usize>) -> &str {
@@ -327,19 +302,13 @@ impl Timing {
     pub fn wait_point(&self) -> WaitPointRef<'_> {
         match &self.at_to {
             None => WaitPointRef::Local(self.slice(&self.at)),
-            Some(to) => WaitPointRef::Net {
-                from: self.slice(&self.at),
-                to: self.slice(to),
-            },
+            Some(to) => WaitPointRef::Net { from: self.slice(&self.at), to: self.slice(to) },
         }
     }
 
     /// An owned copy of the largest wait.
     pub fn largest_wait(&self) -> Wait {
-        Wait {
-            point: self.wait_point().to_owned(),
-            us: self.wait_us,
-        }
+        Wait { point: self.wait_point().to_owned(), us: self.wait_us }
     }
 }
 
@@ -353,13 +322,8 @@ pub enum WaitPointRef<'a> {
 impl WaitPointRef<'_> {
     pub fn to_owned(self) -> WaitPoint {
         match self {
-            WaitPointRef::Local(service) => WaitPoint::Local {
-                service: service.into(),
-            },
-            WaitPointRef::Net { from, to } => WaitPoint::Net {
-                from: from.into(),
-                to: to.into(),
-            },
+            WaitPointRef::Local(service) => WaitPoint::Local { service: service.into() },
+            WaitPointRef::Net { from, to } => WaitPoint::Net { from: from.into(), to: to.into() },
         }
     }
 }
@@ -391,22 +355,27 @@ impl TimingEncoder {
         Self {
             prefix: format!("v=1;s={service};t=").into_bytes(),
             own_local: format!(";k=l;at={service}").into_bytes(),
-            suffix: agent
-                .map(|agent| format!(";a={agent}").into_bytes())
-                .unwrap_or_default(),
+            suffix: agent.map(|agent| format!(";a={agent}").into_bytes()).unwrap_or_default(),
         }
     }
 
     /// The header for a response whose total was `total_us` and whose largest wait is `wait_us` at `point`
-    /// (`None`: this service's own local wait).
+    /// (`None`: this service's own local wait). Writes only what [`Timing::parse`] accepts: the wait is capped at
+    /// the total, and a point with a name that is not a valid service name is replaced by this service.
     pub fn encode(&self, total_us: u64, wait_us: u64, point: Option<WaitPointRef<'_>>) -> Option<HeaderValue> {
+        let total_us = total_us.min(MAX_DURATION_US);
+        let wait_us = wait_us.min(total_us);
+        let point = point.filter(|point| match point {
+            WaitPointRef::Local(service) => valid_service_name(service),
+            WaitPointRef::Net { from, to } => valid_service_name(from) && valid_service_name(to),
+        });
         let mut buffer = itoa::Buffer::new();
         let mut value =
             bytes::BytesMut::with_capacity(self.prefix.len() + self.own_local.len() + self.suffix.len() + 64);
         value.extend_from_slice(&self.prefix);
-        value.extend_from_slice(buffer.format(total_us.min(MAX_DURATION_US)).as_bytes());
+        value.extend_from_slice(buffer.format(total_us).as_bytes());
         value.extend_from_slice(b";w=");
-        value.extend_from_slice(buffer.format(wait_us.min(MAX_DURATION_US)).as_bytes());
+        value.extend_from_slice(buffer.format(wait_us).as_bytes());
         match point {
             None => value.extend_from_slice(&self.own_local),
             Some(WaitPointRef::Local(service)) => {
@@ -446,13 +415,7 @@ mod tests {
 
     #[test]
     fn timing_round_trip() {
-        let wait = Wait {
-            point: WaitPoint::Net {
-                from: "cart".into(),
-                to: "redis".into(),
-            },
-            us: 20_950,
-        };
+        let wait = Wait { point: WaitPoint::Net { from: "cart".into(), to: "redis".into() }, us: 20_950 };
         let encoder = TimingEncoder::new("cart", Some("127.0.0.1:9000"));
         let header = encoder.encode(23_011, wait.us, Some(wait.point.as_ref())).unwrap();
         assert_eq!(header, "v=1;s=cart;t=23011;w=20950;k=n;at=cart>redis;a=127.0.0.1:9000");
@@ -464,13 +427,8 @@ mod tests {
         let own = TimingEncoder::new("web", None).encode(5, 4, None).unwrap();
         assert_eq!(own, "v=1;s=web;t=5;w=4;k=l;at=web");
         let parsed = Timing::parse(&own).unwrap();
-        assert_eq!(
-            (parsed.wait_point(), parsed.agent()),
-            (WaitPointRef::Local("web"), None)
-        );
-        let other = TimingEncoder::new("web", None)
-            .encode(5, 4, Some(WaitPointRef::Local("db")))
-            .unwrap();
+        assert_eq!((parsed.wait_point(), parsed.agent()), (WaitPointRef::Local("web"), None));
+        let other = TimingEncoder::new("web", None).encode(5, 4, Some(WaitPointRef::Local("db"))).unwrap();
         assert_eq!(other, "v=1;s=web;t=5;w=4;k=l;at=db");
     }
 
@@ -523,6 +481,12 @@ mod tests {
             "v=1;s=a;t=1;w=1;k=ll;at=a",
             "v=1;;s=a;t=1;w=1;k=l;at=a",
             "v=1 ;s=a;t=1;w=1;k=l;at=a",
+            "v=1;s=a;t=5;w=6;k=l;at=a",
+            "v=1;s=a;t=05;w=1;k=l;at=a",
+            "v=1;s=a;t=5;w=1;k=l;at=a;a=h:080",
+            "v=1;s=a;t=5;w=1;k=l;at=a;a=-:80",
+            "v=1;s=a;t=5;w=1;k=l;at=a;a=..:80",
+            "v=1;s=a;t=5;w=1;k=l;at=a;a=h..x:80",
         ];
         for bad in bad_timings {
             assert!(Timing::parse(&hv(bad)).is_err(), "accepted timing {bad:?}");

@@ -49,7 +49,8 @@ impl Wait {
 pub struct RequestRecord {
     /// The caller service, from `rootscale-caller`; `None` for requests from outside the graph.
     pub caller: Option<String>,
-    /// From the first poll of the handler until the response ends (its body ended or was dropped).
+    /// From when the server layer was handed the request until its response body ended or was dropped, less the
+    /// time the server spent writing body frames out.
     pub total: Duration,
     /// Time inside `poll` of the handler's future.
     pub busy: Duration,
@@ -57,12 +58,16 @@ pub struct RequestRecord {
     pub cpu_wait: Duration,
     /// Wall time during which at least one outbound call for this request was in flight.
     pub downstream: Duration,
-    /// `total - downstream - busy`: waiting that is this service's own. Includes `cpu_wait`.
+    /// `total - downstream - busy` (busy time while calls were in flight counted once): waiting that is this
+    /// service's own, including `cpu_wait`.
     pub local_wait: Duration,
-    /// The largest wait in this request's subtree (what the timing header reported).
+    /// The largest wait in this request's subtree when the request ended.
     pub largest_wait: Wait,
-    /// Server error (5xx, gRPC status other than OK) or a response abandoned before its end.
+    /// A server error: 5xx, or a gRPC status meaning the server failed (UNKNOWN, DEADLINE_EXCEEDED,
+    /// UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS).
     pub error: bool,
+    /// Abandoned before the response ended: the client went away or a timeout fired.
+    pub cancelled: bool,
 }
 
 /// One outbound call made by this service, measured by the client layer or [`crate::downstream`].
@@ -76,11 +81,11 @@ pub struct CallRecord {
     pub remote_total: Option<Duration>,
     /// `client_total - remote_total`: connection set-up and transfer.
     pub net_wait: Option<Duration>,
-    /// The largest wait in the callee's subtree.
-    pub remote_wait: Option<Wait>,
+    /// The largest wait in the callee's subtree (all of `client_total`, for a callee that did not say).
+    pub remote_wait: Wait,
     /// Last to finish in its group of overlapping calls, so on the request's critical path.
     pub critical: bool,
-    /// Transport error, 5xx, non-OK gRPC status, or dropped before the response ended.
+    /// Transport error, 5xx, or a gRPC status meaning the server failed.
     pub error: bool,
     /// The response carried a `rootscale-timing` that could not be parsed.
     pub malformed_timing: bool,
@@ -88,8 +93,5 @@ pub struct CallRecord {
 
 /// Whole microseconds, saturating (avoids the u128 arithmetic of `Duration::as_micros` on the request path).
 pub(crate) fn micros(duration: Duration) -> u64 {
-    duration
-        .as_secs()
-        .saturating_mul(1_000_000)
-        .saturating_add(u64::from(duration.subsec_micros()))
+    duration.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(duration.subsec_micros()))
 }

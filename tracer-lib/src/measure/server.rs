@@ -1,12 +1,17 @@
-//! The server layer: measures each request a service handles, answers with `rootscale-timing`, and records the
-//! request into its window.
+//! The server layer: measures each request a service handles, answers instrumented callers with
+//! `rootscale-timing`, and records the request into its window.
 //!
-//! Shape (after linkerd's `http/prom` layers): [`TraceServer`] reads the caller header in `call`;
-//! [`ServerFuture`] polls the handler through a [`PollClock`] (busy, cpu_wait) with the request installed as a
-//! task-local, and when the response head is ready wraps its body in [`ServerBody`], which records the request
-//! when the body ends or is dropped. For gRPC the timing goes into the trailers, written when the body ends; for
-//! plain HTTP it goes into the response head.
+//! Shape (after linkerd's `http/prom` layers): [`TraceServer`] starts the request's clock and reads the caller
+//! header in `call`; [`ServerFuture`] polls the handler through a [`PollClock`] (busy, cpu_wait) with the request
+//! installed as a task-local, and when the response head is ready wraps its body in [`ServerBody`], which polls the
+//! body through the same clock and records the request when the body ends or is dropped. For gRPC the timing goes
+//! into the trailers, written when the body ends; for plain HTTP it goes into the response head.
 //!
+//! `total` runs from `call` (the request is runnable from then: the wait for its first poll is cpu_wait) to the end
+//! of the body, less the time the server spent between taking one body frame and asking for the next (writing it
+//! out, or back-pressure from a slow client): that is the link's time, not this service's.
+//!
+//! Put this layer outermost. Anything outside it (a concurrency limit, a buffer) is waiting the layer cannot see.
 //! Generic over request and response bodies, so the same layer works on axum routers, tonic servers and hyper
 //! services. Nothing here can fail a request: bad headers are counted and ignored.
 
@@ -15,10 +20,10 @@ use std::{
     pin::Pin,
     sync::atomic::{AtomicBool, Ordering},
     task::{Context, Poll, ready},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header::CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body::{Body, Frame, SizeHint};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -51,10 +56,7 @@ impl<S> Layer<S> for ServerLayer {
     type Service = TraceServer<S>;
 
     fn layer(&self, inner: S) -> TraceServer<S> {
-        TraceServer {
-            inner,
-            tracer: self.tracer.clone(),
-        }
+        TraceServer { inner, tracer: self.tracer.clone() }
     }
 }
 
@@ -68,6 +70,7 @@ pub struct TraceServer<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TraceServer<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
 {
     type Response = Response<ServerBody<ResBody>>;
     type Error = S::Error;
@@ -78,23 +81,24 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let caller = request
-            .headers()
-            .get(CALLER_HEADER)
-            .and_then(|value| match CallerHeader::parse(value) {
-                Ok(caller) => Some(caller),
-                Err(error) => {
-                    self.tracer.count_malformed_caller();
-                    tracing::debug!(%error, "ignoring malformed rootscale-caller header");
-                    None
-                }
-            });
+        let start = Instant::now();
+        let caller = request.headers().get(CALLER_HEADER).and_then(|value| match CallerHeader::parse(value) {
+            Ok(caller) => Some(caller),
+            Err(error) => {
+                self.tracer.count_malformed_caller();
+                tracing::debug!(%error, "ignoring malformed rootscale-caller header");
+                None
+            }
+        });
+        let head_only = request.method() == Method::HEAD;
         ServerFuture {
             inner: self.inner.call(request),
             request: Some(Measurement {
                 tracer: self.tracer.clone(),
                 caller,
-                clock: None,
+                clock: PollClock::new(RequestContext::new(start)),
+                head_only,
+                transfer: Duration::ZERO,
             }),
         }
     }
@@ -104,8 +108,11 @@ where
 struct Measurement {
     tracer: Tracer,
     caller: Option<CallerHeader>,
-    /// Set at the first poll, when `total` starts.
-    clock: Option<PollClock>,
+    clock: PollClock,
+    /// A HEAD request: its response has no body to wait for.
+    head_only: bool,
+    /// Time between handing out one body frame and being asked for the next: the server writing it out.
+    transfer: Duration,
 }
 
 /// The largest wait of a request: its own local wait, or one from a call on its critical path.
@@ -125,19 +132,24 @@ struct Snapshot {
     largest_us: u64,
 }
 
-impl Measurement {
-    /// The request's clock; `total` starts at `now` if this is the first poll.
-    fn clock(&mut self, now: Instant) -> &mut PollClock {
-        self.clock
-            .get_or_insert_with(|| PollClock::new(RequestContext::new(now)))
-    }
+/// How a request ended.
+#[derive(Clone, Copy)]
+struct Outcome {
+    /// A server error: 5xx, or a gRPC status that means the server failed.
+    error: bool,
+    /// The response was abandoned before its end (the client went away, a timeout fired).
+    cancelled: bool,
+}
 
-    fn snapshot(&mut self, at: Instant) -> Snapshot {
-        let clock = self.clock(at);
+impl Measurement {
+    fn snapshot(&self, at: Instant) -> Snapshot {
+        let clock = &self.clock;
         let context = clock.context();
-        let total = at.saturating_duration_since(context.start);
+        let total = at.saturating_duration_since(context.start).saturating_sub(self.transfer);
         let (downstream, critical_wait) = context.downstream_until(at);
-        let local_wait_us = micros(total.saturating_sub(downstream).saturating_sub(clock.busy));
+        // Busy time while calls were in flight is inside `downstream` already; count it once.
+        let own_busy = clock.busy.saturating_sub(clock.busy_in_downstream);
+        let local_wait_us = micros(total.saturating_sub(downstream).saturating_sub(own_busy));
         let (largest, largest_us) = match critical_wait {
             Some(critical) if critical.us > local_wait_us => {
                 let us = critical.us;
@@ -161,14 +173,11 @@ impl Measurement {
             Largest::Own => None,
             Largest::Call(wait) => Some(wait.point.as_ref()),
         };
-        self.tracer
-            .shared
-            .timing_encoder
-            .encode(snapshot.total_us, snapshot.largest_us, point)
+        self.tracer.shared.timing_encoder.encode(snapshot.total_us, snapshot.largest_us, point)
     }
 
     /// Records the request as ended at `at`.
-    fn finish(mut self, at: Instant, error: bool) {
+    fn finish(self, at: Instant, outcome: Outcome) {
         let snapshot = self.snapshot(at);
         let shared = &self.tracer.shared;
         let caller = self.caller.as_ref().map(|c| (c.service(), c.agent()));
@@ -181,11 +190,11 @@ impl Measurement {
                 cpu_wait_us: snapshot.cpu_wait_us,
                 downstream_us: snapshot.downstream_us,
                 local_wait_us: snapshot.local_wait_us,
-                error,
+                error: outcome.error,
+                cancelled: outcome.cancelled,
             },
         );
         if let Some(observer) = &shared.observer {
-            use std::time::Duration;
             observer.on_request(&RequestRecord {
                 caller: caller.map(|(service, _)| service.to_string()),
                 total: Duration::from_micros(snapshot.total_us),
@@ -194,13 +203,11 @@ impl Measurement {
                 downstream: Duration::from_micros(snapshot.downstream_us),
                 local_wait: Duration::from_micros(snapshot.local_wait_us),
                 largest_wait: match snapshot.largest {
-                    Largest::Own => Wait {
-                        point: shared.local_point.clone(),
-                        us: snapshot.largest_us,
-                    },
+                    Largest::Own => Wait { point: shared.local_point.clone(), us: snapshot.largest_us },
                     Largest::Call(wait) => wait,
                 },
-                error,
+                error: outcome.error,
+                cancelled: outcome.cancelled,
             });
         }
     }
@@ -217,26 +224,38 @@ pin_project_lite::pin_project! {
     impl<F> PinnedDrop for ServerFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             // Dropped before the response was ready: the client went away or a timeout fired.
-            if let Some(request) = this.project().request.take() && request.clock.is_some() {
-                request.finish(Instant::now(), true);
+            if let Some(request) = this.project().request.take() {
+                request.finish(Instant::now(), Outcome { error: false, cancelled: true });
             }
         }
     }
 }
 
+/// A gRPC response (not gRPC-Web, whose trailers travel inside the body).
 fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+    headers.get(CONTENT_TYPE).is_some_and(|content_type| {
+        let value = content_type.as_bytes();
+        value == b"application/grpc" || value.starts_with(b"application/grpc+")
+    })
 }
 
-fn grpc_failed(headers: &HeaderMap) -> bool {
-    headers.get(GRPC_STATUS).is_some_and(|status| status.as_bytes() != b"0")
+/// A gRPC status that means the server failed (the OpenTelemetry convention): UNKNOWN, DEADLINE_EXCEEDED,
+/// UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS. Client-side statuses (NOT_FOUND, INVALID_ARGUMENT, …) are not.
+pub(crate) fn grpc_server_error(headers: &HeaderMap) -> bool {
+    headers
+        .get(GRPC_STATUS)
+        .is_some_and(|status| matches!(status.as_bytes(), b"2" | b"4" | b"12" | b"13" | b"14" | b"15"))
+}
+
+/// A response that has no body by definition.
+fn bodiless(status: StatusCode) -> bool {
+    status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
 }
 
 impl<F, ResBody, E> Future for ServerFuture<F>
 where
     F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: Body,
 {
     type Output = Result<Response<ServerBody<ResBody>>, E>;
 
@@ -249,25 +268,21 @@ where
                 Err(error) => Poll::Ready(Err(error)),
             };
         };
-        let started = Instant::now();
-        let (result, ended) = request
-            .clock(started)
-            .poll(cx, started, |cx| this.inner.as_mut().poll(cx));
+        let (result, ended) = request.clock.poll(cx, Instant::now(), |cx| this.inner.as_mut().poll(cx));
         let Poll::Ready(result) = result else {
             return Poll::Pending;
         };
-        let Some(mut request) = this.request.take() else {
+        let Some(request) = this.request.take() else {
             return Poll::Pending; // unreachable: checked above
         };
         match result {
             Ok(mut response) => {
-                // gRPC sends its status in trailers, after the body: so does the timing. A trailers-only gRPC
-                // response (an error) has its status in the head, and the timing goes there too.
                 // Timing goes only to instrumented callers (who named themselves), unless configured otherwise:
                 // an entry service does not tell the outside world its internal service names and timings.
                 let send_timing = request.caller.is_some() || request.tracer.shared.timing_for_everyone;
+                // gRPC sends its status in trailers, after the body: so does the timing. A trailers-only gRPC
+                // response (an error) has its status in the head, and the timing goes there too.
                 let deferred = is_grpc(response.headers()) && !response.headers().contains_key(GRPC_STATUS);
-                let error = response.status().is_server_error() || grpc_failed(response.headers());
                 if send_timing && !deferred {
                     let snapshot = request.snapshot(ended);
                     if let Some(value) = request.timing_header(&snapshot) {
@@ -275,14 +290,16 @@ where
                     }
                 }
                 let state = BodyState {
-                    request,
+                    error: response.status().is_server_error() || grpc_server_error(response.headers()),
+                    bodiless: request.head_only || bodiless(response.status()),
                     trailers_timing: send_timing && deferred,
-                    error,
+                    last_frame_at: None,
+                    request,
                 };
                 Poll::Ready(Ok(response.map(|body| ServerBody::new(body, state))))
             }
             Err(error) => {
-                request.finish(ended, true);
+                request.finish(ended, Outcome { error: true, cancelled: false });
                 Poll::Ready(Err(error))
             }
         }
@@ -294,44 +311,43 @@ struct BodyState {
     /// Write the timing into the trailers (gRPC).
     trailers_timing: bool,
     error: bool,
+    /// The response has no body (HEAD, 1xx, 204, 304): the server may drop it unread.
+    bodiless: bool,
+    /// When the last frame was handed out, if more may follow.
+    last_frame_at: Option<Instant>,
 }
 
 pin_project_lite::pin_project! {
     /// The response body of [`TraceServer`]: records the request when it ends or is dropped.
-    pub struct ServerBody<B> {
+    pub struct ServerBody<B: Body> {
         #[pin]
         inner: B,
-        request: Option<BodyState>,
-        // Set when the inner body reported its end through `is_end_stream` (hyper then drops it unpolled).
+        state: Option<BodyState>,
+        // Set when the inner body reported its end through `is_end_stream`.
         end_reported: AtomicBool,
     }
 
-    impl<B> PinnedDrop for ServerBody<B> {
+    impl<B: Body> PinnedDrop for ServerBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(state) = this.request.take() {
-                let aborted = !this.end_reported.load(Ordering::Relaxed);
-                state.request.finish(Instant::now(), state.error || aborted);
+            if let Some(state) = this.state.take() {
+                // hyper and axum drop bodies unread when they know there is nothing to send.
+                let complete =
+                    state.bodiless || this.end_reported.load(Ordering::Relaxed) || this.inner.is_end_stream();
+                let now = Instant::now();
+                state.request.finish(now, Outcome { error: state.error, cancelled: !complete });
             }
         }
     }
 }
 
-impl<B> ServerBody<B> {
+impl<B: Body> ServerBody<B> {
     fn passthrough(inner: B) -> Self {
-        Self {
-            inner,
-            request: None,
-            end_reported: AtomicBool::new(false),
-        }
+        Self { inner, state: None, end_reported: AtomicBool::new(false) }
     }
 
     fn new(inner: B, state: BodyState) -> Self {
-        Self {
-            inner,
-            request: Some(state),
-            end_reported: AtomicBool::new(false),
-        }
+        Self { inner, state: Some(state), end_reported: AtomicBool::new(false) }
     }
 }
 
@@ -341,30 +357,44 @@ impl<B: Body> Body for ServerBody<B> {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
-        let mut frame = ready!(this.inner.as_mut().poll_frame(cx));
-        let Some(mut state) = this.request.take() else {
-            return Poll::Ready(frame);
+        let Some(state) = this.state.as_mut() else {
+            return this.inner.poll_frame(cx);
         };
-        let now = Instant::now();
-        match &mut frame {
-            None => state.request.finish(now, state.error),
-            Some(Err(_)) => state.request.finish(now, true),
+        let started = Instant::now();
+        if let Some(handed_out) = state.last_frame_at.take() {
+            state.request.transfer += started.saturating_duration_since(handed_out);
+        }
+        let inner = &mut this.inner;
+        let (mut result, ended) = state.request.clock.poll(cx, started, |cx| inner.as_mut().poll_frame(cx));
+        let Poll::Ready(frame) = &mut result else {
+            return Poll::Pending;
+        };
+        let ended_with = match frame {
+            None => Some(state.error),
+            Some(Err(_)) => Some(true),
             Some(Ok(frame)) => match frame.trailers_mut() {
                 Some(trailers) => {
                     if state.trailers_timing {
-                        let snapshot = state.request.snapshot(now);
+                        let snapshot = state.request.snapshot(ended);
                         if let Some(value) = state.request.timing_header(&snapshot) {
                             trailers.insert(TIMING_HEADER, value);
                         }
                     }
-                    let error = state.error || grpc_failed(trailers);
-                    state.request.finish(now, error);
+                    Some(state.error || grpc_server_error(trailers))
                 }
-                None if this.inner.is_end_stream() => state.request.finish(now, state.error),
-                None => *this.request = Some(state),
+                None if this.inner.is_end_stream() => Some(state.error),
+                None => {
+                    state.last_frame_at = Some(ended);
+                    None
+                }
             },
+        };
+        if let Some(error) = ended_with
+            && let Some(state) = this.state.take()
+        {
+            state.request.finish(ended, Outcome { error, cancelled: false });
         }
-        Poll::Ready(frame)
+        result
     }
 
     fn is_end_stream(&self) -> bool {
@@ -380,11 +410,8 @@ impl<B: Body> Body for ServerBody<B> {
     }
 }
 
-impl<B: std::fmt::Debug> std::fmt::Debug for ServerBody<B> {
+impl<B: Body + std::fmt::Debug> std::fmt::Debug for ServerBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerBody")
-            .field("inner", &self.inner)
-            .field("measuring", &self.request.is_some())
-            .finish()
+        f.debug_struct("ServerBody").field("inner", &self.inner).field("measuring", &self.state.is_some()).finish()
     }
 }

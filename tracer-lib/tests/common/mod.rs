@@ -77,33 +77,21 @@ pub fn traced(service: &str) -> (Tracer, Arc<Records>) {
 /// Something a handler calls.
 #[derive(Clone)]
 pub enum Callee {
-    Http {
-        client: TraceClient<HttpClient>,
-        uri: String,
-    },
+    Http { client: TraceClient<HttpClient>, uri: String },
     Grpc(NeighborClient<TraceClient<tonic::transport::Channel>>),
 }
 
 impl Callee {
     /// An HTTP callee at `addr`, called through `tracer`'s client layer.
     pub fn http(tracer: &Tracer, addr: SocketAddr) -> Self {
-        let client = ServiceBuilder::new()
-            .layer(tracer.client_layer())
-            .service(plain_client());
-        Callee::Http {
-            client,
-            uri: format!("http://{addr}/"),
-        }
+        let client = ServiceBuilder::new().layer(tracer.client_layer()).service(plain_client());
+        Callee::Http { client, uri: format!("http://{addr}/") }
     }
 
     /// A gRPC callee at `addr`, called through `tracer`'s client layer on a tonic channel.
     pub fn grpc(tracer: &Tracer, addr: SocketAddr) -> Self {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
-        Callee::Grpc(NeighborClient::new(
-            ServiceBuilder::new().layer(tracer.client_layer()).service(channel),
-        ))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        Callee::Grpc(NeighborClient::new(ServiceBuilder::new().layer(tracer.client_layer()).service(channel)))
     }
 
     pub async fn call(&self) {
@@ -114,11 +102,7 @@ impl Callee {
                 response.into_body().collect().await.expect("http body");
             }
             Callee::Grpc(client) => {
-                client
-                    .clone()
-                    .exchange(NeighborReport::default())
-                    .await
-                    .expect("grpc call");
+                client.clone().exchange(NeighborReport::default()).await.expect("grpc call");
             }
         }
     }
@@ -134,10 +118,7 @@ pub struct Behavior {
 
 impl Behavior {
     pub fn sleep(ms: u64) -> Self {
-        Behavior {
-            sleep: Duration::from_millis(ms),
-            ..Default::default()
-        }
+        Behavior { sleep: Duration::from_millis(ms), ..Default::default() }
     }
 
     pub fn then(mut self, group: Vec<Callee>) -> Self {
@@ -219,10 +200,7 @@ pub fn plain_client() -> HttpClient {
 
 /// GET `http://addr/` from outside, returning the response head and body.
 pub async fn get_from_outside(client: &HttpClient, addr: SocketAddr) -> Response<Bytes> {
-    let response = client
-        .get(format!("http://{addr}/").parse().unwrap())
-        .await
-        .expect("request");
+    let response = client.get(format!("http://{addr}/").parse().unwrap()).await.expect("request");
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, body.collect().await.expect("body").to_bytes())
 }
