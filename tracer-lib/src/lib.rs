@@ -24,6 +24,7 @@
 //! ```
 
 pub mod aggregate;
+pub mod decide;
 mod error;
 pub mod measure;
 pub mod metrics;

@@ -58,6 +58,10 @@ pub struct Aggregator {
     clock: WindowClock,
     edge_cap: usize,
     shards: Box<[Padded<Mutex<Shard>>]>,
+    /// Requests handed to the server layer, per shard, since the start: counted without a lock.
+    arrivals: Box<[Padded<AtomicU64>]>,
+    /// The arrival count at the last close.
+    arrivals_at_close: Mutex<u64>,
     losses: Losses,
 }
 
@@ -82,6 +86,8 @@ impl Aggregator {
             clock,
             edge_cap,
             shards: (0..SHARDS).map(|_| Padded(Mutex::new(Shard::default()))).collect(),
+            arrivals: (0..SHARDS).map(|_| Padded(AtomicU64::new(0))).collect(),
+            arrivals_at_close: Mutex::new(0),
             losses: Losses::default(),
         }
     }
@@ -133,6 +139,12 @@ impl Aggregator {
         record(&mut shard.windows[position], self.edge_cap * SHARD_EDGE_FACTOR);
     }
 
+    /// A request was handed to the server layer (it ends, and is recorded, later).
+    #[inline]
+    pub fn note_arrival(&self) {
+        self.arrivals[shard_index()].0.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn record_request(&self, window_id: u64, sample: &RequestSample<'_>) {
         self.with_window(window_id, |stats, cap| stats.record_request(sample, cap));
     }
@@ -158,6 +170,11 @@ impl Aggregator {
             }
         }
         merged.keep_busiest(self.edge_cap);
+        // Arrivals are counted between closes rather than by window: close enough, and lock-free to count.
+        let arrivals: u64 = self.arrivals.iter().map(|count| count.0.load(Ordering::Relaxed)).sum();
+        let mut at_close = self.arrivals_at_close.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        merged.arrivals = arrivals.saturating_sub(*at_close);
+        *at_close = arrivals;
         merged
     }
 }

@@ -92,6 +92,9 @@ impl OutboundStats {
 #[derive(Clone, Debug, Default)]
 pub struct WindowStats {
     pub window_id: u64,
+    /// Requests handed to the server layer while the window was open (set when it closes).
+    pub arrivals: u64,
+    /// Requests that ended in the window.
     pub requests: u64,
     pub errors: u64,
     pub cancelled: u64,
@@ -234,6 +237,7 @@ impl WindowStats {
             window_id: self.window_id,
             window_ms: u32::try_from(window_ms).unwrap_or(u32::MAX),
             requests: self.requests,
+            arrivals: self.arrivals,
             errors: self.errors,
             cancelled: self.cancelled,
             external_requests: self.external_requests,

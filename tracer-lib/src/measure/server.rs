@@ -82,6 +82,7 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let start = Instant::now();
+        self.tracer.shared.aggregator.note_arrival();
         let caller = request.headers().get(CALLER_HEADER).and_then(|value| match CallerHeader::parse(value) {
             Ok(caller) => Some(caller),
             Err(error) => {

@@ -1,0 +1,15 @@
+//! Decide: the local rule every service runs on its own closed window (DESIGN.md 1.4–1.5).
+//!
+//! - [`policy`]: is this service the bottleneck? The SLO trigger at entry services (or a delegation from a
+//!   caller), then the comparison of the service's own `local_wait` with each outbound edge's `net_wait` and
+//!   `remote_wait` at the SLO's percentile: delegate to the callee where the largest wait is, or declare the root
+//!   cause (or a slow link). Also `saturated` and `idle` from the service's own utilisation.
+//! - [`recommend`]: how many replicas this replica's load calls for (utilisation law and Little's law).
+//!
+//! Both are pure functions of their inputs, so they are tested without servers; the agent feeds them.
+
+pub mod policy;
+pub mod recommend;
+
+pub use policy::{AggregationMode, Decision, Delegated, PolicyConfig, PolicyInput, Slo, Verdict, decide};
+pub use recommend::{Capacity, Recommendation, recommend};

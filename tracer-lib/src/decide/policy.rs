@@ -1,0 +1,569 @@
+//! The decision rule (the dissertation's, run in every service; DESIGN.md 1.4).
+//!
+//! 1. Triggered? An entry service is when its own `total` at the SLO percentile passes `trigger_fraction` of the
+//!    SLO; any service is when a caller delegated this window to it.
+//! 2. If triggered, compare at that percentile: its own `local_wait`, each outbound edge's `net_wait`, and each
+//!    edge's `remote_wait` (the largest wait in the callee's subtree, with where it was).
+//! 3. `max` mode: follow the largest. A `remote_wait` → delegate to the callee(s) whose subtree holds that wait
+//!    point; a `net_wait` → the link is the bottleneck (`network`); its own `local_wait` → `root-cause`.
+//!    `sum` mode: every wait above `sum_threshold` of the observed latency counts, so several callees can be
+//!    delegated to (and the service itself be a root cause) at once.
+//! 4. Not triggered: `saturated` when utilisation is above target, `idle` when it stayed well below target for
+//!    the whole scale-down stabilisation window, else `healthy`.
+//!
+//! Missing data never scales anything: too few requests, or a stale neighbour on the path, gives
+//! `insufficient-data`.
+
+use std::{collections::HashSet, sync::Arc};
+
+use rootscale_proto::v1 as proto;
+
+use crate::{
+    aggregate::{WindowStats, histogram::Histogram, stats::wait_point_to_proto},
+    measure::record::WaitPoint,
+};
+
+/// How waits are combined (DESIGN.md 1.4, step 5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AggregationMode {
+    /// Follow the single largest wait.
+    #[default]
+    Max,
+    /// Act on every wait above the threshold: several scaling actions at once.
+    Sum,
+}
+
+impl std::str::FromStr for AggregationMode {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value {
+            "max" => Ok(Self::Max),
+            "sum" => Ok(Self::Sum),
+            other => Err(format!("unknown aggregation mode {other:?}: use max or sum")),
+        }
+    }
+}
+
+/// A latency SLO: `latency_us` at `percentile`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Slo {
+    pub latency_us: u64,
+    pub percentile: f64,
+}
+
+/// The knobs of the rule.
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    pub mode: AggregationMode,
+    /// Fraction of the SLO at which an entry service starts looking (default 0.8).
+    pub trigger_fraction: f64,
+    /// Fewer requests than this in a window is too little data (default 10).
+    pub min_requests: u64,
+    /// Edges with fewer calls than this in a window are not compared (default 5).
+    pub min_edge_calls: u64,
+    /// `sum` mode: a wait counts when it is at least this fraction of the observed latency (default 0.25).
+    pub sum_threshold: f64,
+    /// Target utilisation for `saturated` (default 0.7).
+    pub target_utilization: f64,
+    /// `idle` when utilisation stays below this fraction of the target (default 0.5).
+    pub idle_fraction: f64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            mode: AggregationMode::Max,
+            trigger_fraction: 0.8,
+            min_requests: 10,
+            min_edge_calls: 5,
+            sum_threshold: 0.25,
+            target_utilization: 0.7,
+            idle_fraction: 0.5,
+        }
+    }
+}
+
+/// A delegation received from a caller for this window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delegated {
+    pub from: String,
+    pub percentile: f64,
+    /// Services the delegation passed through, entry first.
+    pub path: Vec<String>,
+}
+
+/// Everything the rule looks at.
+pub struct PolicyInput<'a> {
+    pub service: &'a str,
+    pub stats: &'a WindowStats,
+    pub window_ms: u64,
+    /// The SLO, if this is an entry service.
+    pub slo: Option<Slo>,
+    /// Delegations received from callers for this window.
+    pub delegations: &'a [Delegated],
+    /// Callees whose agents did not answer the last exchange.
+    pub stale_callees: &'a HashSet<String>,
+    /// This replica's utilisation over the window (the larger of CPU and pool), 0 when unknown.
+    pub utilization: f64,
+    /// Whether utilisation stayed below `idle_fraction × target` for the whole scale-down window.
+    pub idle_throughout: bool,
+}
+
+/// The verdict kinds (DESIGN.md 1.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Healthy,
+    RootCause,
+    Delegated,
+    Network,
+    Saturated,
+    Idle,
+    InsufficientData,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Healthy => "healthy",
+            Verdict::RootCause => "root-cause",
+            Verdict::Delegated => "delegated",
+            Verdict::Network => "network",
+            Verdict::Saturated => "saturated",
+            Verdict::Idle => "idle",
+            Verdict::InsufficientData => "insufficient-data",
+        }
+    }
+
+    pub fn to_proto(self) -> proto::Verdict {
+        match self {
+            Verdict::Healthy => proto::Verdict::Healthy,
+            Verdict::RootCause => proto::Verdict::RootCause,
+            Verdict::Delegated => proto::Verdict::Delegated,
+            Verdict::Network => proto::Verdict::Network,
+            Verdict::Saturated => proto::Verdict::Saturated,
+            Verdict::Idle => proto::Verdict::Idle,
+            Verdict::InsufficientData => proto::Verdict::InsufficientData,
+        }
+    }
+}
+
+/// One wait the rule compared.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compared {
+    pub point: WaitPoint,
+    pub us: u64,
+    /// The callee it was measured on, for net and remote waits.
+    pub via: Option<Arc<str>>,
+}
+
+/// What the rule decided, with the evidence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// For a root cause: "cpu" or "local".
+    pub kind: Option<&'static str>,
+    /// The largest wait, when the verdict names one.
+    pub bottleneck: Option<WaitPoint>,
+    /// Callees to delegate to.
+    pub delegated_to: Vec<Arc<str>>,
+    /// The percentile the waits were read at.
+    pub percentile: f64,
+    pub observed_total_us: u64,
+    pub slo_us: Option<u64>,
+    pub requests: u64,
+    pub compared: Vec<Compared>,
+    pub reason: String,
+}
+
+impl Decision {
+    fn new(verdict: Verdict, input: &PolicyInput<'_>, percentile: f64, observed_total_us: u64, reason: String) -> Self {
+        Self {
+            verdict,
+            kind: None,
+            bottleneck: None,
+            delegated_to: Vec::new(),
+            percentile,
+            observed_total_us,
+            slo_us: input.slo.map(|slo| slo.latency_us),
+            requests: input.stats.requests,
+            compared: Vec::new(),
+            reason,
+        }
+    }
+
+    /// A decision made without data (no window yet).
+    pub fn no_data(reason: &str) -> Self {
+        Self {
+            verdict: Verdict::InsufficientData,
+            kind: None,
+            bottleneck: None,
+            delegated_to: Vec::new(),
+            percentile: 95.0,
+            observed_total_us: 0,
+            slo_us: None,
+            requests: 0,
+            compared: Vec::new(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub fn to_proto(&self) -> proto::Decision {
+        proto::Decision {
+            verdict: self.verdict.to_proto() as i32,
+            kind: self.kind.unwrap_or_default().to_string(),
+            bottleneck: self.bottleneck.as_ref().map(wait_point_to_proto),
+            delegated_to: self.delegated_to.iter().map(|callee| callee.to_string()).collect(),
+            evidence: Some(proto::Evidence {
+                percentile: self.percentile,
+                observed_total_us: self.observed_total_us,
+                slo_us: self.slo_us.unwrap_or(0),
+                requests: self.requests,
+                compared: self
+                    .compared
+                    .iter()
+                    .map(|compared| proto::ComparedWait {
+                        point: Some(wait_point_to_proto(&compared.point)),
+                        value_us: compared.us,
+                        via_callee: compared.via.as_deref().unwrap_or_default().to_string(),
+                    })
+                    .collect(),
+                reason: self.reason.clone(),
+            }),
+        }
+    }
+}
+
+fn at(histogram: &Histogram, percentile: f64) -> u64 {
+    histogram.percentile_us(percentile).unwrap_or(0)
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.1}ms", us as f64 / 1000.0)
+}
+
+/// The waits a triggered service compares, largest first.
+fn candidates(input: &PolicyInput<'_>, config: &PolicyConfig, percentile: f64) -> Vec<Compared> {
+    let stats = input.stats;
+    let own: Arc<str> = input.service.into();
+    let mut compared = vec![Compared {
+        point: WaitPoint::Local { service: own.clone() },
+        us: at(&stats.local_wait, percentile),
+        via: None,
+    }];
+    let mut edges: Vec<_> = stats.outbound.iter().filter(|(_, edge)| edge.calls >= config.min_edge_calls).collect();
+    edges.sort_by(|a, b| a.0.cmp(b.0));
+    for (callee, edge) in edges {
+        if !edge.net_wait.is_empty() {
+            compared.push(Compared {
+                point: WaitPoint::Net { from: own.clone(), to: callee.clone() },
+                us: at(&edge.net_wait, percentile),
+                via: Some(callee.clone()),
+            });
+        }
+        // Where the callee's subtree waited most often; the callee itself when it did not say.
+        let point = edge
+            .remote_wait_at
+            .iter()
+            .max_by_key(|(_, count, max_us)| (*count, *max_us))
+            .map(|(point, _, _)| point.clone())
+            .unwrap_or_else(|| WaitPoint::Local { service: callee.clone() });
+        compared.push(Compared { point, us: at(&edge.remote_wait, percentile), via: Some(callee.clone()) });
+    }
+    compared.sort_by(|a, b| b.us.cmp(&a.us));
+    compared
+}
+
+/// Runs the rule on one closed window.
+pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
+    let stats = input.stats;
+    let percentile =
+        input.slo.map(|slo| slo.percentile).or_else(|| input.delegations.first().map(|d| d.percentile)).unwrap_or(95.0);
+    let observed = at(&stats.total, percentile);
+    if stats.requests < config.min_requests {
+        return Decision::new(
+            Verdict::InsufficientData,
+            input,
+            percentile,
+            observed,
+            format!("{} requests in the window, fewer than the {} needed", stats.requests, config.min_requests),
+        );
+    }
+    let slo_trigger = input.slo.filter(|slo| observed as f64 >= config.trigger_fraction * slo.latency_us as f64);
+    if slo_trigger.is_none() && input.delegations.is_empty() {
+        let target = config.target_utilization;
+        let (verdict, reason) = if input.utilization > target {
+            (
+                Verdict::Saturated,
+                format!("utilisation {:.0}% above the {:.0}% target", input.utilization * 100.0, target * 100.0),
+            )
+        } else if input.idle_throughout {
+            (
+                Verdict::Idle,
+                format!(
+                    "utilisation below {:.0}% for the whole scale-down window (now {:.0}%)",
+                    config.idle_fraction * target * 100.0,
+                    input.utilization * 100.0
+                ),
+            )
+        } else {
+            let reason = match input.slo {
+                Some(slo) => format!(
+                    "p{percentile} {} within {:.0}% of the {} SLO",
+                    ms(observed),
+                    config.trigger_fraction * 100.0,
+                    ms(slo.latency_us)
+                ),
+                None => "no SLO here and nothing delegated".to_string(),
+            };
+            (Verdict::Healthy, reason)
+        };
+        return Decision::new(verdict, input, percentile, observed, reason);
+    }
+    let trigger = match (slo_trigger, input.delegations.first()) {
+        (Some(slo), _) => format!(
+            "p{percentile} {} passed {:.0}% of the {} SLO",
+            ms(observed),
+            config.trigger_fraction * 100.0,
+            ms(slo.latency_us)
+        ),
+        (None, Some(delegation)) => format!("delegated by {}", delegation.from),
+        (None, None) => String::new(),
+    };
+    let compared = candidates(input, config, percentile);
+    let mut decision = Decision::new(Verdict::Healthy, input, percentile, observed, String::new());
+    let chosen: Vec<&Compared> = match config.mode {
+        AggregationMode::Max => {
+            let top = &compared[0];
+            // Every callee through which the same wait point is reached (a diamond reaches one bottleneck twice).
+            compared
+                .iter()
+                .filter(|c| {
+                    c.via.is_some()
+                        && c.point == top.point
+                        && !matches!(c.point, WaitPoint::Net { .. })
+                        && c.us * 2 >= top.us
+                })
+                .chain(std::iter::once(top))
+                .collect()
+        }
+        AggregationMode::Sum => {
+            let threshold = (config.sum_threshold * observed as f64) as u64;
+            let over: Vec<&Compared> = compared.iter().filter(|c| c.us >= threshold && c.us > 0).collect();
+            if over.is_empty() { vec![&compared[0]] } else { over }
+        }
+    };
+    let own_point = &compared.iter().find(|c| c.via.is_none()).map(|c| c.point.clone());
+    let mut own = false;
+    let mut network = None;
+    for choice in &chosen {
+        match (&choice.point, &choice.via) {
+            (point, None) if Some(point) == own_point.as_ref() => own = true,
+            (WaitPoint::Net { from, to }, Some(via)) if &**from == input.service && to == via => {
+                network.get_or_insert_with(|| choice.point.clone());
+            }
+            (_, Some(via)) => {
+                if !decision.delegated_to.contains(via) {
+                    decision.delegated_to.push(via.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    decision.delegated_to.sort();
+    let top = chosen[0];
+    decision.compared = compared.clone();
+    let stale: Vec<&Arc<str>> = decision.delegated_to.iter().filter(|c| input.stale_callees.contains(&***c)).collect();
+    if !stale.is_empty() {
+        decision.verdict = Verdict::InsufficientData;
+        decision.reason = format!(
+            "{trigger}; the largest wait is behind {}, whose agent did not answer",
+            stale.iter().map(|c| &***c).collect::<Vec<_>>().join(", ")
+        );
+        decision.delegated_to.clear();
+        return decision;
+    }
+    if own {
+        decision.verdict = Verdict::RootCause;
+        // CPU when the service's own work (busy) and its wait for a thread make up most of its time.
+        let cpu_share = (stats.busy.mean_us() + stats.cpu_wait.mean_us())
+            / (stats.busy.mean_us() + stats.local_wait.mean_us()).max(1.0);
+        decision.kind = Some(if cpu_share >= 0.5 { "cpu" } else { "local" });
+        decision.bottleneck = own_point.clone();
+    } else if !decision.delegated_to.is_empty() {
+        decision.verdict = Verdict::Delegated;
+        decision.bottleneck = Some(top.point.clone());
+    } else if let Some(link) = network {
+        decision.verdict = Verdict::Network;
+        decision.bottleneck = Some(link);
+    }
+    let largest = format!("{} {}", top.point, ms(top.us));
+    decision.reason = match decision.verdict {
+        Verdict::RootCause => format!("{trigger}; the largest wait is this service's own ({largest})"),
+        Verdict::Delegated => {
+            let names: Vec<&str> = decision.delegated_to.iter().map(|c| &**c).collect();
+            format!("{trigger}; the largest wait ({largest}) is behind {}", names.join(", "))
+        }
+        Verdict::Network => format!("{trigger}; the largest wait is the link ({largest})"),
+        _ => format!("{trigger}; no wait stands out"),
+    };
+    decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::stats::OutboundStats;
+
+    fn histogram(value_us: u64, count: u64) -> Histogram {
+        let mut histogram = Histogram::new();
+        for _ in 0..count {
+            histogram.record(value_us);
+        }
+        histogram
+    }
+
+    fn window(total_us: u64, local_us: u64, busy_us: u64) -> WindowStats {
+        let mut stats = WindowStats::new(1);
+        stats.requests = 100;
+        stats.total = histogram(total_us, 100);
+        stats.local_wait = histogram(local_us, 100);
+        stats.busy = histogram(busy_us, 100);
+        stats.cpu_wait = histogram(0, 100);
+        stats
+    }
+
+    fn edge(stats: &mut WindowStats, callee: &str, net_us: u64, remote_us: u64, at: WaitPoint) {
+        stats.outbound.insert(
+            callee.into(),
+            OutboundStats {
+                calls: 100,
+                net_wait: histogram(net_us, 100),
+                remote_wait: histogram(remote_us, 100),
+                remote_wait_at: vec![(at, 100, remote_us)],
+                ..OutboundStats::default()
+            },
+        );
+    }
+
+    fn local(service: &str) -> WaitPoint {
+        WaitPoint::Local { service: service.into() }
+    }
+
+    fn run(stats: &WindowStats, slo_ms: Option<u64>, delegations: &[Delegated], mode: AggregationMode) -> Decision {
+        let stale = HashSet::new();
+        let input = PolicyInput {
+            service: "a",
+            stats,
+            window_ms: 5000,
+            slo: slo_ms.map(|ms| Slo { latency_us: ms * 1000, percentile: 95.0 }),
+            delegations,
+            stale_callees: &stale,
+            utilization: 0.3,
+            idle_throughout: false,
+        };
+        decide(&input, &PolicyConfig { mode, ..PolicyConfig::default() })
+    }
+
+    #[test]
+    fn below_the_trigger_an_entry_is_healthy() {
+        let stats = window(70_000, 60_000, 1_000);
+        assert_eq!(run(&stats, Some(100), &[], AggregationMode::Max).verdict, Verdict::Healthy);
+    }
+
+    #[test]
+    fn its_own_wait_makes_a_root_cause() {
+        let mut stats = window(90_000, 60_000, 1_000);
+        edge(&mut stats, "b", 500, 20_000, local("b"));
+        let decision = run(&stats, Some(100), &[], AggregationMode::Max);
+        assert_eq!(decision.verdict, Verdict::RootCause);
+        assert_eq!(decision.kind, Some("local"));
+        assert_eq!(decision.bottleneck, Some(local("a")));
+        assert!(decision.delegated_to.is_empty());
+    }
+
+    #[test]
+    fn a_larger_remote_wait_delegates_to_every_callee_it_is_reached_through() {
+        // A diamond: d is slow, reached through b and c.
+        let mut stats = window(90_000, 1_000, 500);
+        edge(&mut stats, "b", 500, 80_000, local("d"));
+        edge(&mut stats, "c", 500, 78_000, local("d"));
+        edge(&mut stats, "e", 500, 2_000, local("e"));
+        let decision = run(&stats, Some(100), &[], AggregationMode::Max);
+        assert_eq!(decision.verdict, Verdict::Delegated);
+        assert_eq!(decision.delegated_to, vec![Arc::from("b"), Arc::from("c")]);
+        assert_eq!(decision.bottleneck, Some(local("d")));
+    }
+
+    #[test]
+    fn a_slow_link_is_a_network_verdict() {
+        let mut stats = window(90_000, 1_000, 500);
+        edge(&mut stats, "b", 70_000, 5_000, local("b"));
+        let decision = run(&stats, Some(100), &[], AggregationMode::Max);
+        assert_eq!(decision.verdict, Verdict::Network);
+        assert_eq!(decision.bottleneck, Some(WaitPoint::Net { from: "a".into(), to: "b".into() }));
+    }
+
+    #[test]
+    fn a_delegation_triggers_a_service_without_an_slo() {
+        let stats = window(50_000, 45_000, 1_000);
+        let delegation = Delegated { from: "entry".into(), percentile: 95.0, path: vec!["entry".into()] };
+        assert_eq!(run(&stats, None, &[], AggregationMode::Max).verdict, Verdict::Healthy);
+        assert_eq!(run(&stats, None, &[delegation], AggregationMode::Max).verdict, Verdict::RootCause);
+    }
+
+    #[test]
+    fn sum_mode_acts_on_every_large_wait() {
+        let mut stats = window(90_000, 1_000, 500);
+        edge(&mut stats, "b", 500, 80_000, local("b"));
+        edge(&mut stats, "c", 500, 60_000, local("c"));
+        edge(&mut stats, "e", 500, 2_000, local("e"));
+        assert_eq!(run(&stats, Some(100), &[], AggregationMode::Max).delegated_to, vec![Arc::from("b")]);
+        let decision = run(&stats, Some(100), &[], AggregationMode::Sum);
+        assert_eq!(decision.verdict, Verdict::Delegated);
+        assert_eq!(decision.delegated_to, vec![Arc::from("b"), Arc::from("c")]);
+    }
+
+    #[test]
+    fn too_few_requests_or_a_stale_callee_is_insufficient_data() {
+        let mut stats = window(90_000, 1_000, 500);
+        edge(&mut stats, "b", 500, 80_000, local("b"));
+        let mut few = stats.clone();
+        few.requests = 3;
+        assert_eq!(run(&few, Some(100), &[], AggregationMode::Max).verdict, Verdict::InsufficientData);
+        let stale: HashSet<String> = ["b".to_string()].into();
+        let input = PolicyInput {
+            service: "a",
+            stats: &stats,
+            window_ms: 5000,
+            slo: Some(Slo { latency_us: 100_000, percentile: 95.0 }),
+            delegations: &[],
+            stale_callees: &stale,
+            utilization: 0.3,
+            idle_throughout: false,
+        };
+        let decision = decide(&input, &PolicyConfig::default());
+        assert_eq!(decision.verdict, Verdict::InsufficientData);
+        assert!(decision.delegated_to.is_empty());
+    }
+
+    #[test]
+    fn saturated_and_idle_come_from_utilisation_alone() {
+        let stats = window(10_000, 1_000, 500);
+        let stale = HashSet::new();
+        let mut input = PolicyInput {
+            service: "a",
+            stats: &stats,
+            window_ms: 5000,
+            slo: Some(Slo { latency_us: 100_000, percentile: 95.0 }),
+            delegations: &[],
+            stale_callees: &stale,
+            utilization: 0.9,
+            idle_throughout: false,
+        };
+        assert_eq!(decide(&input, &PolicyConfig::default()).verdict, Verdict::Saturated);
+        input.utilization = 0.1;
+        input.idle_throughout = true;
+        assert_eq!(decide(&input, &PolicyConfig::default()).verdict, Verdict::Idle);
+    }
+}

@@ -1,0 +1,200 @@
+//! How many replicas this replica's load calls for (DESIGN.md 1.5).
+//!
+//! - Utilisation law: CPU demand = arrival rate × busy time per request, against the cores this replica has
+//!   (cgroup v2 `cpu.max`, else the runtime's workers).
+//! - Little's law, for pool-bound services that declare their per-replica concurrency: requests in flight on
+//!   average (Σ total / window) against that concurrency. When the pool is full the backlog says nothing about
+//!   demand, so the arrival rate over the completion rate (the pool's throughput) is used instead.
+//!
+//! The larger wins. Each replica answers for the whole Deployment, as if every replica carried its load; the
+//! operator combines the answers.
+
+use crate::{aggregate::WindowStats, decide::policy::Verdict};
+
+/// What one replica has.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Capacity {
+    /// CPU cores available to the replica.
+    pub cores: f64,
+    /// Requests one replica serves at once (its worker or connection pool), if declared.
+    pub concurrency: Option<f64>,
+}
+
+impl Capacity {
+    /// Cores from cgroup v2 `cpu.max` (quota / period) where present, else the runtime's worker threads (or the
+    /// machine's parallelism outside a runtime).
+    pub fn detect(concurrency: Option<f64>) -> Self {
+        let from_cgroup = std::fs::read_to_string("/sys/fs/cgroup/cpu.max").ok().and_then(|text| parse_cpu_max(&text));
+        let cores = from_cgroup.unwrap_or_else(|| {
+            tokio::runtime::Handle::try_current()
+                .map(|handle| handle.metrics().num_workers() as f64)
+                .unwrap_or_else(|_| std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64))
+        });
+        Self { cores: cores.max(0.01), concurrency }
+    }
+}
+
+/// Parses cgroup v2 `cpu.max` ("max 100000" is unlimited, "200000 100000" is 2 cores).
+pub fn parse_cpu_max(text: &str) -> Option<f64> {
+    let mut fields = text.split_whitespace();
+    let quota = fields.next()?;
+    let period: f64 = fields.next()?.parse().ok()?;
+    if quota == "max" || period <= 0.0 {
+        return None;
+    }
+    let quota: f64 = quota.parse().ok()?;
+    (quota > 0.0).then(|| quota / period)
+}
+
+/// A replica's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recommendation {
+    pub desired_replicas: u32,
+    pub cpu_demand_cores: f64,
+    pub cpu_capacity_cores: f64,
+    pub mean_in_flight: f64,
+    pub concurrency_per_replica: f64,
+    /// This replica's utilisation (the larger of CPU and pool), 0 when unknown.
+    pub utilization: f64,
+    pub reason: String,
+}
+
+impl Recommendation {
+    pub fn to_proto(&self) -> rootscale_proto::v1::Recommendation {
+        rootscale_proto::v1::Recommendation {
+            desired_replicas: self.desired_replicas,
+            cpu_demand_cores: self.cpu_demand_cores,
+            cpu_capacity_cores: self.cpu_capacity_cores,
+            mean_in_flight: self.mean_in_flight,
+            concurrency_per_replica: self.concurrency_per_replica,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// The utilisation of one replica over a window, by the two laws.
+pub fn utilization(stats: &WindowStats, window_ms: u64, capacity: Capacity) -> (f64, f64, f64, f64) {
+    let seconds = (window_ms as f64 / 1000.0).max(0.001);
+    let arrival_rate = stats.arrivals.max(stats.requests) as f64 / seconds;
+    let completion_rate = stats.requests as f64 / seconds;
+    let cpu_demand = arrival_rate * stats.busy.mean_us() / 1e6;
+    let cpu_utilization = cpu_demand / capacity.cores;
+    let mean_in_flight = stats.total.sum_us() as f64 / 1e6 / seconds;
+    let pool_utilization = match capacity.concurrency {
+        Some(concurrency) if concurrency > 0.0 => {
+            if mean_in_flight >= 0.95 * concurrency && completion_rate > 0.0 {
+                // Full: throughput is the pool's capacity; arrivals beyond it are unserved demand.
+                arrival_rate / completion_rate
+            } else {
+                mean_in_flight / concurrency
+            }
+        }
+        _ => 0.0,
+    };
+    (cpu_utilization, pool_utilization, cpu_demand, mean_in_flight)
+}
+
+/// Desired replicas for the whole Deployment, from this replica's window. Only a root cause, a saturated or an
+/// idle service moves away from `current`; a root cause or saturated service never asks for fewer, an idle one
+/// never for more.
+pub fn recommend(
+    verdict: Verdict,
+    stats: &WindowStats,
+    window_ms: u64,
+    current_replicas: u32,
+    target_utilization: f64,
+    capacity: Capacity,
+) -> Recommendation {
+    let (cpu_utilization, pool_utilization, cpu_demand, mean_in_flight) = utilization(stats, window_ms, capacity);
+    let utilization = cpu_utilization.max(pool_utilization);
+    let current = current_replicas.max(1);
+    let target = if target_utilization > 0.0 && target_utilization.is_finite() { target_utilization } else { 0.7 };
+    let wanted = |load: f64| -> u32 {
+        let replicas = (f64::from(current) * load / target).ceil();
+        if replicas.is_finite() { replicas.clamp(1.0, 10_000.0) as u32 } else { current }
+    };
+    let (by_cpu, by_pool) = (wanted(cpu_utilization), wanted(pool_utilization));
+    let (desired, law) =
+        if by_pool > by_cpu { (by_pool, "Little's law (pool)") } else { (by_cpu, "utilisation law (CPU)") };
+    let desired = match verdict {
+        Verdict::RootCause | Verdict::Saturated => desired.max(current),
+        Verdict::Idle => desired.min(current),
+        _ => current,
+    };
+    let reason = if desired == current {
+        format!("{} replicas: utilisation {:.0}% against a {:.0}% target", current, utilization * 100.0, target * 100.0)
+    } else {
+        format!(
+            "{desired} replicas by {law}: CPU {:.0}%, pool {:.0}% of {current} replica(s) against a {:.0}% target",
+            cpu_utilization * 100.0,
+            pool_utilization * 100.0,
+            target * 100.0
+        )
+    };
+    Recommendation {
+        desired_replicas: desired,
+        cpu_demand_cores: cpu_demand,
+        cpu_capacity_cores: capacity.cores,
+        mean_in_flight,
+        concurrency_per_replica: capacity.concurrency.unwrap_or(0.0),
+        utilization,
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::histogram::Histogram;
+
+    fn stats(arrivals: u64, requests: u64, busy_us: u64, total_us: u64) -> WindowStats {
+        let mut stats = WindowStats::new(1);
+        stats.arrivals = arrivals;
+        stats.requests = requests;
+        let (mut busy, mut total) = (Histogram::new(), Histogram::new());
+        for _ in 0..requests {
+            busy.record(busy_us);
+            total.record(total_us);
+        }
+        (stats.busy, stats.total) = (busy, total);
+        stats
+    }
+
+    #[test]
+    fn cpu_demand_by_the_utilisation_law() {
+        // 500 req/s × 4 ms of CPU = 2 cores, on a 1-core replica at a 100% target: 2 replicas.
+        let window = stats(2500, 2500, 4000, 5000);
+        let capacity = Capacity { cores: 1.0, concurrency: None };
+        let recommendation = recommend(Verdict::RootCause, &window, 5000, 1, 1.0, capacity);
+        assert_eq!(recommendation.desired_replicas, 2);
+        assert!((recommendation.cpu_demand_cores - 2.0).abs() < 0.1);
+    }
+
+    #[test]
+    fn a_full_pool_at_three_times_its_capacity_asks_for_three_times_the_replicas() {
+        // Pool of 2, 10 ms each: 200 req/s. 600 req/s arrive, 200 complete, the backlog grows.
+        let window = stats(3000, 1000, 100, 900_000);
+        let capacity = Capacity { cores: 1.0, concurrency: Some(2.0) };
+        assert_eq!(recommend(Verdict::RootCause, &window, 5000, 1, 1.0, capacity).desired_replicas, 3);
+        assert_eq!(recommend(Verdict::RootCause, &window, 5000, 2, 1.0, capacity).desired_replicas, 6);
+    }
+
+    #[test]
+    fn only_some_verdicts_move_and_never_the_wrong_way() {
+        let busy = stats(2500, 2500, 4000, 5000);
+        let idle = stats(50, 50, 1000, 2000);
+        let capacity = Capacity { cores: 1.0, concurrency: None };
+        assert_eq!(recommend(Verdict::Delegated, &busy, 5000, 3, 1.0, capacity).desired_replicas, 3);
+        assert_eq!(recommend(Verdict::InsufficientData, &busy, 5000, 3, 1.0, capacity).desired_replicas, 3);
+        assert_eq!(recommend(Verdict::Idle, &idle, 5000, 4, 0.7, capacity).desired_replicas, 1);
+        assert_eq!(recommend(Verdict::RootCause, &idle, 5000, 4, 0.7, capacity).desired_replicas, 4);
+    }
+
+    #[test]
+    fn cgroup_cpu_max() {
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max("200000 100000\n"), Some(2.0));
+        assert_eq!(parse_cpu_max("50000 100000"), Some(0.5));
+        assert_eq!(parse_cpu_max("garbage"), None);
+    }
+}
