@@ -270,7 +270,7 @@ fn candidates(input: &PolicyInput<'_>, config: &PolicyConfig, percentile: f64) -
             .unwrap_or_else(|| WaitPoint::Local { service: callee.clone() });
         compared.push(Compared { point, us: at(&edge.remote_wait, percentile), via: Some(callee.clone()) });
     }
-    compared.sort_by(|a, b| b.us.cmp(&a.us));
+    compared.sort_by_key(|c| std::cmp::Reverse(c.us));
     compared
 }
 
@@ -362,11 +362,7 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
             (WaitPoint::Net { from, to }, Some(via)) if &**from == input.service && to == via => {
                 network.get_or_insert_with(|| choice.point.clone());
             }
-            (_, Some(via)) => {
-                if !decision.delegated_to.contains(via) {
-                    decision.delegated_to.push(via.clone());
-                }
-            }
+            (_, Some(via)) if !decision.delegated_to.contains(via) => decision.delegated_to.push(via.clone()),
             _ => {}
         }
     }
