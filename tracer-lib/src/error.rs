@@ -14,6 +14,12 @@ pub enum Error {
     InvalidWindow(Duration),
     #[error("invalid edge cap {0}: use between 1 and 4096")]
     InvalidEdgeCap(usize),
+    #[error("agent configuration: {0}")]
+    Config(String),
+    #[error("cannot bind the agent's port {addr}: {error}")]
+    Bind { addr: std::net::SocketAddr, error: std::io::Error },
+    #[error("agent TLS: {0}")]
+    Tls(String),
 }
 
 impl Error {
@@ -24,6 +30,9 @@ impl Error {
             Error::InvalidAgentAddress(_) => "invalid_agent_address",
             Error::InvalidWindow(_) => "invalid_window",
             Error::InvalidEdgeCap(_) => "invalid_edge_cap",
+            Error::Config(_) => "config",
+            Error::Bind { .. } => "bind",
+            Error::Tls(_) => "tls",
         }
     }
 }

@@ -23,13 +23,16 @@
 //! # }
 //! ```
 
+pub mod agent;
 pub mod aggregate;
 pub mod decide;
 mod error;
+pub mod exchange;
 pub mod measure;
 pub mod metrics;
 mod tracer;
 
+pub use agent::{Agent, AgentBuilder, AgentView};
 pub use error::Error;
 pub use measure::{
     client::{ClientLayer, TraceClient},

@@ -289,6 +289,24 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
             format!("{} requests in the window, fewer than the {} needed", stats.requests, config.min_requests),
         );
     }
+    // A callee this window called whose agent stopped answering: its subtree is unknown, so nothing here is
+    // decided on a partial picture.
+    let mut stale: Vec<&str> = stats
+        .outbound
+        .iter()
+        .filter(|(callee, edge)| edge.calls > 0 && input.stale_callees.contains(&***callee))
+        .map(|(callee, _)| &**callee)
+        .collect();
+    if !stale.is_empty() {
+        stale.sort_unstable();
+        return Decision::new(
+            Verdict::InsufficientData,
+            input,
+            percentile,
+            observed,
+            format!("the agent of {} did not answer the last report", stale.join(", ")),
+        );
+    }
     let slo_trigger = input.slo.filter(|slo| observed as f64 >= config.trigger_fraction * slo.latency_us as f64);
     if slo_trigger.is_none() && input.delegations.is_empty() {
         let target = config.target_utilization;

@@ -1,0 +1,119 @@
+//! The agent: one per service replica. It closes the tracer's windows, trades reports with its neighbours
+//! ([`crate::exchange`]), runs the local rule ([`crate::decide`]) and answers the operator's `Advisor` calls, all on
+//! its own gRPC port (with gRPC health, server reflection and HTTP `/metrics`).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), rootscale_tracer::Error> {
+//! // Service name, port, window, SLO… from the environment (ROOTSCALE_SERVICE, ROOTSCALE_AGENT_LISTEN, …),
+//! // overridable in code.
+//! let agent = rootscale_tracer::Agent::from_env()?.start().await?;
+//! let app: axum::Router = axum::Router::new().layer(agent.server_layer());
+//! # let _ = app;
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod grpc;
+mod metrics;
+mod state;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+pub use config::{AgentBuilder, TlsFiles};
+pub use state::AgentSnapshot;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{ClientLayer, ServerLayer, Tracer, decide::Decision};
+
+/// A running agent. Dropping it stops nothing; call [`Agent::shutdown`].
+pub struct Agent {
+    tracer: Tracer,
+    state: Arc<state::AgentState>,
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// A builder with defaults from the environment (see [`AgentBuilder::from_env`]).
+    pub fn from_env() -> Result<AgentBuilder, crate::Error> {
+        AgentBuilder::from_env()
+    }
+
+    /// A builder for `service` with the built-in defaults, ignoring the environment.
+    pub fn builder(service: &str) -> AgentBuilder {
+        AgentBuilder::new(service)
+    }
+
+    /// The tracer whose windows this agent closes.
+    pub fn tracer(&self) -> &Tracer {
+        &self.tracer
+    }
+
+    pub fn server_layer(&self) -> ServerLayer {
+        self.tracer.server_layer()
+    }
+
+    pub fn client_layer(&self) -> ClientLayer {
+        self.tracer.client_layer()
+    }
+
+    /// Where the agent's gRPC port is bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The decision for the latest closed window.
+    pub fn decision(&self) -> Decision {
+        self.state.decision()
+    }
+
+    /// Everything the agent knows now.
+    pub fn snapshot(&self) -> AgentSnapshot {
+        self.state.snapshot()
+    }
+
+    /// Stops serving and closing windows, waiting up to `grace` for in-flight gRPC calls.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(grace, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+
+    /// A cheap handle for reading the agent's decisions from elsewhere (another thread, a dashboard).
+    pub fn view(&self) -> AgentView {
+        AgentView { state: self.state.clone() }
+    }
+}
+
+/// Reads a running agent's state. Made by [`Agent::view`].
+#[derive(Clone)]
+pub struct AgentView {
+    state: Arc<state::AgentState>,
+}
+
+impl AgentView {
+    pub fn service(&self) -> &str {
+        &self.state.service
+    }
+
+    /// The decision for the latest closed window.
+    pub fn decision(&self) -> Decision {
+        self.state.decision()
+    }
+
+    /// Everything the agent knows now.
+    pub fn snapshot(&self) -> AgentSnapshot {
+        self.state.snapshot()
+    }
+
+    /// Reports sent so far and their encoded bytes.
+    pub fn reports_sent(&self) -> (u64, u64) {
+        self.state.metrics.reports_sent()
+    }
+}

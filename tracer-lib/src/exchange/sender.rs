@@ -1,0 +1,82 @@
+//! Sends reports to neighbour agents: concurrently, each bounded by a timeout, over cached gRPC channels, with the
+//! shared token and TLS when configured. Runs on the agent's tasks, never on the request path.
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use futures_util::future::join_all;
+use rootscale_proto::v1::{NeighborReport, neighbor_client::NeighborClient};
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Channel, ClientTlsConfig, Endpoint},
+};
+
+/// Channels kept at most; past that the cache starts over.
+const MAX_CHANNELS: usize = 512;
+
+/// Sends reports to agents.
+pub struct Sender {
+    timeout: Duration,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    tls: Option<ClientTlsConfig>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Sender {
+    pub fn new(timeout: Duration, token: Option<&str>, tls: Option<ClientTlsConfig>) -> Result<Self, crate::Error> {
+        let token = match token {
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| crate::Error::Config("the agent token must be visible ASCII".into()))?,
+            ),
+            None => None,
+        };
+        Ok(Self { timeout, token, tls, channels: Mutex::new(HashMap::new()) })
+    }
+
+    fn channel(&self, agent: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(channel) = channels.get(agent) {
+            return Ok(channel.clone());
+        }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{agent}"))
+            .map_err(|error| format!("bad agent address {agent}: {error}"))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|error| format!("TLS for {agent}: {error}"))?;
+        }
+        let channel = endpoint.connect_lazy();
+        if channels.len() >= MAX_CHANNELS {
+            channels.clear();
+        }
+        channels.insert(agent.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Sends one report; `Err` says why the agent did not take it.
+    pub async fn send(&self, agent: &str, report: NeighborReport) -> Result<(), String> {
+        let channel = self.channel(agent)?;
+        let mut request = tonic::Request::new(report);
+        request.set_timeout(self.timeout);
+        if let Some(token) = &self.token {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        let mut client = NeighborClient::new(channel);
+        match tokio::time::timeout(self.timeout, client.exchange(request)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        }
+    }
+
+    /// Sends every report at once; returns each outcome in order.
+    pub async fn send_all(&self, reports: Vec<(String, NeighborReport)>) -> Vec<(String, Result<(), String>)> {
+        join_all(reports.into_iter().map(|(agent, report)| async move {
+            let outcome = self.send(&agent, report).await;
+            (agent, outcome)
+        }))
+        .await
+    }
+}
