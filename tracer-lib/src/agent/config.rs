@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::{
     Error, Observer, Tracer,
@@ -242,9 +242,55 @@ impl AgentBuilder {
         Ok(())
     }
 
-    /// Binds the agent's port, builds the service's tracer and starts the agent's tasks.
+    /// Binds the agent's port, builds the service's tracer and starts the agent on a thread of its own, so a
+    /// service that saturates its own runtime cannot starve the agent that is to report it.
     pub async fn start(self) -> Result<Agent, Error> {
         self.check()?;
+        // Measured on the caller's runtime: the service's own CPU, not the agent's thread.
+        let capacity = Capacity::detect(self.concurrency);
+        let (ready, started) = oneshot::channel();
+        let (stop, stopped) = watch::channel(false);
+        let (finished, done) = oneshot::channel();
+        let thread = std::thread::Builder::new().name(format!("rootscale-agent-{}", self.service));
+        thread
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = ready.send(Err(Error::Config(format!("cannot start the agent's runtime: {error}"))));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let mut stopped_after = stopped.clone();
+                    match self.launch(capacity, stopped).await {
+                        Ok((tracer, state, local_addr, tasks)) => {
+                            let _ = ready.send(Ok((tracer, state, local_addr)));
+                            let _ = stopped_after.wait_for(|stop| *stop).await;
+                            for task in tasks {
+                                let _ = task.await;
+                            }
+                        }
+                        Err(error) => {
+                            let _ = ready.send(Err(error));
+                        }
+                    }
+                });
+                let _ = finished.send(());
+            })
+            .map_err(|error| Error::Config(format!("cannot start the agent's thread: {error}")))?;
+        let (tracer, state, local_addr) =
+            started.await.map_err(|_| Error::Config("the agent's thread ended while starting".into()))??;
+        Ok(Agent { tracer, state, local_addr, stop, done })
+    }
+
+    /// Runs on the agent's own runtime: binds, builds the tracer, spawns the window closer, the window task and the
+    /// gRPC server.
+    async fn launch(
+        self,
+        capacity: Capacity,
+        stopped: watch::Receiver<bool>,
+    ) -> Result<(Tracer, Arc<AgentState>, SocketAddr, Vec<tokio::task::JoinHandle<()>>), Error> {
         let listener = tokio::net::TcpListener::bind(self.listen)
             .await
             .map_err(|error| Error::Bind { addr: self.listen, error })?;
@@ -267,14 +313,7 @@ impl AgentBuilder {
             None => None,
         };
         let sender = Sender::new(self.exchange_timeout, self.token.as_deref(), tls.as_ref().map(grpc::Tls::client))?;
-        let state = Arc::new(AgentState::new(
-            tracer.clone(),
-            &self,
-            advertise.clone(),
-            Capacity::detect(self.concurrency),
-            sender,
-        ));
-        let (stop, stopped) = watch::channel(false);
+        let state = Arc::new(AgentState::new(tracer.clone(), &self, advertise.clone(), capacity, sender));
         let mut tasks = Vec::new();
         let closer = tracer.run_window_closer();
         let mut closer_stopped = stopped.clone();
@@ -288,6 +327,6 @@ impl AgentBuilder {
         let server = grpc::serve(state.clone(), listener, self.token.clone(), tls, stopped)?;
         tasks.push(tokio::spawn(server));
         tracing::info!(service = %self.service, agent = %advertise, %local_addr, "rootscale agent started");
-        Ok(Agent { tracer, state, local_addr, stop, tasks })
+        Ok((tracer, state, local_addr, tasks))
     }
 }

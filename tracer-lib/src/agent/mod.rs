@@ -22,7 +22,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use config::{AgentBuilder, TlsFiles};
 pub use state::AgentSnapshot;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::{oneshot, watch};
 
 use crate::{ClientLayer, ServerLayer, Tracer, decide::Decision};
 
@@ -32,7 +32,8 @@ pub struct Agent {
     state: Arc<state::AgentState>,
     local_addr: SocketAddr,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Resolves when the agent's thread has finished.
+    done: oneshot::Receiver<()>,
 }
 
 impl Agent {
@@ -74,15 +75,10 @@ impl Agent {
         self.state.snapshot()
     }
 
-    /// Stops serving and closing windows, waiting up to `grace` for in-flight gRPC calls.
+    /// Stops serving and closing windows, waiting up to `grace` for in-flight gRPC calls to finish.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.stop.send(true);
-        for task in self.tasks {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(grace, task).await.is_err() {
-                abort.abort();
-            }
-        }
+        let _ = tokio::time::timeout(grace, self.done).await;
     }
 
     /// A cheap handle for reading the agent's decisions from elsewhere (another thread, a dashboard).

@@ -5,7 +5,7 @@
 //! by the request path, and never held across an `.await`.
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -114,8 +114,7 @@ impl AgentState {
             None => inner.config_slo,
         };
         let target = advice.map_or(self.policy.target_utilization, |advice| advice.target_utilization);
-        let (cpu, pool, _, _) = utilization(stats, self.window_ms, self.capacity);
-        let now_utilization = cpu.max(pool);
+        let load = utilization(stats, self.window_ms, self.capacity);
         let stabilization = advice.map_or(Duration::from_secs(300), |advice| advice.stabilization);
         let needed = (stabilization.as_millis() as u64).div_ceil(self.window_ms.max(1)).max(1) as usize;
         let idle_below = self.policy.idle_fraction * target;
@@ -123,6 +122,8 @@ impl AgentState {
             && inner.utilization.iter().rev().take(needed).all(|(_, value)| *value < idle_below);
         let stale: HashSet<String> =
             inner.neighbors.iter().filter(|(_, n)| n.stale()).map(|(name, _)| name.clone()).collect();
+        let neighbor_cpu: HashMap<String, f64> =
+            inner.neighbors.iter().filter_map(|(name, n)| n.utilization.map(|u| (name.clone(), u))).collect();
         let delegations = inner.delegations.get(&stats.window_id).cloned().unwrap_or_default();
         let policy = PolicyConfig { target_utilization: target, ..self.policy.clone() };
         let input = PolicyInput {
@@ -132,7 +133,9 @@ impl AgentState {
             slo,
             delegations: &delegations,
             stale_callees: &stale,
-            utilization: now_utilization,
+            neighbor_cpu: &neighbor_cpu,
+            cpu_utilization: load.cpu,
+            utilization: load.max(),
             idle_throughout,
         };
         let decision = decide(&input, &policy);
@@ -148,7 +151,7 @@ impl AgentState {
         let Some(window) = &inner.window else { return Vec::new() };
         let stats = &window.stats;
         let decision = inner.decision.to_proto();
-        let summary = report::summary(stats);
+        let summary = report::summary(stats, utilization(stats, self.window_ms, self.capacity).cpu);
         let head = ReportHead {
             service: &self.service,
             agent: &self.advertise,
@@ -198,8 +201,8 @@ impl AgentState {
                 inner.neighbors.learn(callee, agent);
             }
         }
-        let (cpu, pool, _, _) = utilization(stats, self.window_ms, self.capacity);
-        inner.utilization.push_back((stats.window_id, cpu.max(pool)));
+        let load = utilization(stats, self.window_ms, self.capacity).max();
+        inner.utilization.push_back((stats.window_id, load));
         while inner.utilization.len() > MAX_HISTORY {
             inner.utilization.pop_front();
         }
@@ -247,7 +250,13 @@ impl AgentState {
         }
         self.metrics.received("accepted");
         let mut inner = self.lock();
-        inner.neighbors.heard_from(&report.from_service, &report.from_agent, report.window_id, report.decision);
+        inner.neighbors.heard_from(
+            &report.from_service,
+            &report.from_agent,
+            report.window_id,
+            report.decision,
+            report.utilization,
+        );
         let Some(delegation) = report.delegation else { return (true, Vec::new()) };
         if delegation.path.contains(&self.service) {
             // A loop in the call graph: this service already passed the question on.

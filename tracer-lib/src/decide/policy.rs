@@ -14,7 +14,10 @@
 //! Missing data never scales anything: too few requests, or a stale neighbour on the path, gives
 //! `insufficient-data`.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use rootscale_proto::v1 as proto;
 
@@ -68,6 +71,9 @@ pub struct PolicyConfig {
     pub target_utilization: f64,
     /// `idle` when utilisation stays below this fraction of the target (default 0.5).
     pub idle_fraction: f64,
+    /// A service at or above this utilisation delays reading requests and responses (default 0.9); a net wait
+    /// on a link with a saturated end is that end's CPU, not the link.
+    pub saturation: f64,
 }
 
 impl Default for PolicyConfig {
@@ -80,6 +86,7 @@ impl Default for PolicyConfig {
             sum_threshold: 0.25,
             target_utilization: 0.7,
             idle_fraction: 0.5,
+            saturation: 0.9,
         }
     }
 }
@@ -104,6 +111,10 @@ pub struct PolicyInput<'a> {
     pub delegations: &'a [Delegated],
     /// Callees whose agents did not answer the last exchange.
     pub stale_callees: &'a HashSet<String>,
+    /// Neighbours' CPU utilisation, from their last reports.
+    pub neighbor_cpu: &'a HashMap<String, f64>,
+    /// This replica's CPU utilisation over the window.
+    pub cpu_utilization: f64,
     /// This replica's utilisation over the window (the larger of CPU and pool), 0 when unknown.
     pub utilization: f64,
     /// Whether utilisation stayed below `idle_fraction × target` for the whole scale-down window.
@@ -374,11 +385,25 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
     let own_point = &compared.iter().find(|c| c.via.is_none()).map(|c| c.point.clone());
     let mut own = false;
     let mut network = None;
+    // Why a net wait was not taken for the link: "caller" (this service is saturated) or the saturated callee.
+    let mut saturated_end: Option<String> = None;
     for choice in &chosen {
         match (&choice.point, &choice.via) {
             (point, None) if Some(point) == own_point.as_ref() => own = true,
             (WaitPoint::Net { from, to }, Some(via)) if &**from == input.service && to == via => {
-                network.get_or_insert_with(|| choice.point.clone());
+                // A saturated end of the link delays reading what crossed it: that is CPU, not the network.
+                let callee_cpu = input.neighbor_cpu.get(&**via).copied().unwrap_or(0.0);
+                if input.cpu_utilization >= config.saturation {
+                    own = true;
+                    saturated_end = Some("this service".to_string());
+                } else if callee_cpu >= config.saturation {
+                    if !decision.delegated_to.contains(via) {
+                        decision.delegated_to.push(via.clone());
+                    }
+                    saturated_end = Some(via.to_string());
+                } else {
+                    network.get_or_insert_with(|| choice.point.clone());
+                }
             }
             (_, Some(via)) if !decision.delegated_to.contains(via) => decision.delegated_to.push(via.clone()),
             _ => {}
@@ -412,11 +437,19 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
         decision.bottleneck = Some(link);
     }
     let largest = format!("{} {}", top.point, ms(top.us));
+    let saturated = match &saturated_end {
+        Some(end) => format!(" ({end} is saturated, so the link's wait is its CPU)"),
+        None => String::new(),
+    };
     decision.reason = match decision.verdict {
+        Verdict::RootCause if saturated_end.is_some() => {
+            decision.kind = Some("cpu");
+            format!("{trigger}; the largest wait ({largest}) is this service's own{saturated}")
+        }
         Verdict::RootCause => format!("{trigger}; the largest wait is this service's own ({largest})"),
         Verdict::Delegated => {
             let names: Vec<&str> = decision.delegated_to.iter().map(|c| &**c).collect();
-            format!("{trigger}; the largest wait ({largest}) is behind {}", names.join(", "))
+            format!("{trigger}; the largest wait ({largest}) is behind {}{saturated}", names.join(", "))
         }
         Verdict::Network => format!("{trigger}; the largest wait is the link ({largest})"),
         _ => format!("{trigger}; no wait stands out"),
@@ -473,6 +506,8 @@ mod tests {
             slo: slo_ms.map(|ms| Slo { latency_us: ms * 1000, percentile: 95.0 }),
             delegations,
             stale_callees: &stale,
+            neighbor_cpu: &HashMap::new(),
+            cpu_utilization: 0.3,
             utilization: 0.3,
             idle_throughout: false,
         };
@@ -519,6 +554,33 @@ mod tests {
     }
 
     #[test]
+    fn a_net_wait_with_a_saturated_end_is_that_end_s_cpu() {
+        let mut stats = window(90_000, 1_000, 500);
+        edge(&mut stats, "b", 70_000, 5_000, local("b"));
+        let stale = HashSet::new();
+        let busy_callee: HashMap<String, f64> = [("b".to_string(), 1.2)].into();
+        let mut input = PolicyInput {
+            service: "a",
+            stats: &stats,
+            window_ms: 5000,
+            slo: Some(Slo { latency_us: 100_000, percentile: 95.0 }),
+            delegations: &[],
+            stale_callees: &stale,
+            neighbor_cpu: &busy_callee,
+            cpu_utilization: 0.3,
+            utilization: 0.3,
+            idle_throughout: false,
+        };
+        let decision = decide(&input, &PolicyConfig::default());
+        assert_eq!((decision.verdict, decision.delegated_to.clone()), (Verdict::Delegated, vec![Arc::from("b")]));
+        let nobody_busy = HashMap::new();
+        input.neighbor_cpu = &nobody_busy;
+        input.cpu_utilization = 1.3;
+        let decision = decide(&input, &PolicyConfig::default());
+        assert_eq!((decision.verdict, decision.kind), (Verdict::RootCause, Some("cpu")));
+    }
+
+    #[test]
     fn a_delegation_triggers_a_service_without_an_slo() {
         let stats = window(50_000, 45_000, 1_000);
         let delegation = Delegated { from: "entry".into(), percentile: 95.0, path: vec!["entry".into()] };
@@ -553,6 +615,8 @@ mod tests {
             slo: Some(Slo { latency_us: 100_000, percentile: 95.0 }),
             delegations: &[],
             stale_callees: &stale,
+            neighbor_cpu: &HashMap::new(),
+            cpu_utilization: 0.3,
             utilization: 0.3,
             idle_throughout: false,
         };
@@ -572,6 +636,8 @@ mod tests {
             slo: Some(Slo { latency_us: 100_000, percentile: 95.0 }),
             delegations: &[],
             stale_callees: &stale,
+            neighbor_cpu: &HashMap::new(),
+            cpu_utilization: 0.3,
             utilization: 0.9,
             idle_throughout: false,
         };

@@ -72,14 +72,35 @@ impl Recommendation {
     }
 }
 
+/// One replica's load over a window, by the two laws.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Utilization {
+    /// CPU demand over the cores the replica has.
+    pub cpu: f64,
+    /// Requests in its own hands over its declared concurrency (0 when none is declared).
+    pub pool: f64,
+    pub cpu_demand_cores: f64,
+    /// Requests in flight on average, counting only time spent in the service itself (not waiting on callees).
+    pub mean_in_flight: f64,
+}
+
+impl Utilization {
+    /// The larger of the two.
+    pub fn max(&self) -> f64 {
+        self.cpu.max(self.pool)
+    }
+}
+
 /// The utilisation of one replica over a window, by the two laws.
-pub fn utilization(stats: &WindowStats, window_ms: u64, capacity: Capacity) -> (f64, f64, f64, f64) {
+pub fn utilization(stats: &WindowStats, window_ms: u64, capacity: Capacity) -> Utilization {
     let seconds = (window_ms as f64 / 1000.0).max(0.001);
     let arrival_rate = stats.arrivals.max(stats.requests) as f64 / seconds;
     let completion_rate = stats.requests as f64 / seconds;
     let cpu_demand = arrival_rate * stats.busy.mean_us() / 1e6;
     let cpu_utilization = cpu_demand / capacity.cores;
-    let mean_in_flight = stats.total.sum_us() as f64 / 1e6 / seconds;
+    // Time waiting on callees holds nothing of this service's (in an async service): leave it out.
+    let own_us = stats.total.sum_us().saturating_sub(stats.downstream.sum_us());
+    let mean_in_flight = own_us as f64 / 1e6 / seconds;
     let pool_utilization = match capacity.concurrency {
         Some(concurrency) if concurrency > 0.0 => {
             if mean_in_flight >= 0.95 * concurrency && completion_rate > 0.0 {
@@ -91,7 +112,7 @@ pub fn utilization(stats: &WindowStats, window_ms: u64, capacity: Capacity) -> (
         }
         _ => 0.0,
     };
-    (cpu_utilization, pool_utilization, cpu_demand, mean_in_flight)
+    Utilization { cpu: cpu_utilization, pool: pool_utilization, cpu_demand_cores: cpu_demand, mean_in_flight }
 }
 
 /// Desired replicas for the whole Deployment, from this replica's window. Only a root cause, a saturated or an
@@ -105,8 +126,10 @@ pub fn recommend(
     target_utilization: f64,
     capacity: Capacity,
 ) -> Recommendation {
-    let (cpu_utilization, pool_utilization, cpu_demand, mean_in_flight) = utilization(stats, window_ms, capacity);
-    let utilization = cpu_utilization.max(pool_utilization);
+    let load = utilization(stats, window_ms, capacity);
+    let (cpu_utilization, pool_utilization) = (load.cpu, load.pool);
+    let (cpu_demand, mean_in_flight) = (load.cpu_demand_cores, load.mean_in_flight);
+    let utilization = load.max();
     let current = current_replicas.max(1);
     let target = if target_utilization > 0.0 && target_utilization.is_finite() { target_utilization } else { 0.7 };
     let wanted = |load: f64| -> u32 {

@@ -18,6 +18,8 @@ pub struct Neighbor {
     /// The last window it sent us a report for, and its decision then.
     pub last_window: Option<u64>,
     pub last_decision: Option<proto::Decision>,
+    /// Its utilisation in that window.
+    pub utilization: Option<f64>,
 }
 
 impl Neighbor {
@@ -64,13 +66,23 @@ impl Neighbors {
     }
 
     /// A report arrived from `service`'s agent `agent`: it is alive.
-    pub fn heard_from(&mut self, service: &str, agent: &str, window_id: u64, decision: Option<proto::Decision>) {
+    pub fn heard_from(
+        &mut self,
+        service: &str,
+        agent: &str,
+        window_id: u64,
+        decision: Option<proto::Decision>,
+        utilization: Option<f64>,
+    ) {
         self.learn(service, agent);
         if let Some(neighbor) = self.by_service.get_mut(service) {
             neighbor.failed.remove(agent);
             neighbor.last_window = Some(neighbor.last_window.map_or(window_id, |w| w.max(window_id)));
             if decision.is_some() {
                 neighbor.last_decision = decision;
+            }
+            if utilization.is_some() {
+                neighbor.utilization = utilization;
             }
         }
     }
@@ -120,7 +132,7 @@ mod tests {
         assert!(!neighbors.is_stale("b"), "one replica still answers");
         neighbors.sent("b", "10.0.0.3:9797", false);
         assert!(neighbors.is_stale("b"));
-        neighbors.heard_from("b", "10.0.0.3:9797", 5, None);
+        neighbors.heard_from("b", "10.0.0.3:9797", 5, None, Some(0.5));
         assert!(!neighbors.is_stale("b"));
     }
 

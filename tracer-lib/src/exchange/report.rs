@@ -41,9 +41,10 @@ fn quantiles(histogram: &Histogram) -> proto::Quantiles {
     }
 }
 
-/// A service's own waits, as a few quantiles.
-pub fn summary(stats: &WindowStats) -> proto::WaitSummary {
+/// A service's own waits, as a few quantiles, and its utilisation.
+pub fn summary(stats: &WindowStats, cpu_utilization: f64) -> proto::WaitSummary {
     proto::WaitSummary {
+        cpu_utilization,
         requests: stats.requests,
         errors: stats.errors,
         arrivals: stats.arrivals,
@@ -128,6 +129,8 @@ pub struct ValidReport {
     pub from_service: String,
     pub from_agent: String,
     pub window_id: u64,
+    /// The sender's utilisation over that window.
+    pub utilization: Option<f64>,
     pub decision: Option<proto::Decision>,
     pub delegation: Option<Delegated>,
 }
@@ -182,6 +185,9 @@ fn check_wait_point(point: Option<&proto::WaitPoint>, what: &str) -> Result<(), 
 }
 
 fn check_summary(summary: &proto::WaitSummary) -> Result<(), ReportError> {
+    if !(summary.cpu_utilization.is_finite() && (0.0..=1000.0).contains(&summary.cpu_utilization)) {
+        return Err(invalid(format!("summary.cpu_utilization {} is not a utilisation", summary.cpu_utilization)));
+    }
     check_count(summary.requests, "summary.requests")?;
     check_count(summary.errors, "summary.errors")?;
     check_count(summary.arrivals, "summary.arrivals")?;
@@ -308,6 +314,7 @@ pub fn validate(report: &proto::NeighborReport, window_ms: u64) -> Result<ValidR
         from_service: report.from_service.clone(),
         from_agent: report.from_agent.clone(),
         window_id: report.window_id,
+        utilization: report.summary.as_ref().map(|summary| summary.cpu_utilization),
         decision: report.decision.clone(),
         delegation,
     })
