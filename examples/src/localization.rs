@@ -369,6 +369,8 @@ fn start_service(
                     .window(settings.window)
                     .mode(settings.mode)
                     .concurrency(spec.pool as u32)
+                    // Each service runs on one thread: one core, whatever the machine or container has.
+                    .cpu_cores(1.0)
                     .exchange_timeout(Duration::from_millis(500));
                 if entry {
                     agent = agent.slo(settings.slo, 95.0);
@@ -693,11 +695,18 @@ pub fn localized(
             (at.to_string(), topology.ancestors(at))
         }
     };
+    // Every verdict must be about the same window.
+    let windows: BTreeSet<u64> = verdicts.values().map(|seen| seen.window_id).collect();
+    if windows.len() != 1 {
+        return Err(format!("verdicts from different windows: {windows:?}"));
+    }
     for ancestor in &ancestors {
         let seen = verdicts.get(ancestor).ok_or("ancestor missing")?;
         let toward: BTreeSet<String> =
             topology.callees(ancestor).into_iter().filter(|c| *c == culprit || ancestors.contains(c)).collect();
-        if seen.verdict != WireVerdict::Delegated || !seen.delegated_to.iter().any(|d| toward.contains(d)) {
+        // Delegated toward the culprit, and only toward it.
+        let only_toward = !seen.delegated_to.is_empty() && seen.delegated_to.iter().all(|d| toward.contains(d));
+        if seen.verdict != WireVerdict::Delegated || !only_toward {
             return Err(format!(
                 "{ancestor} says {:?} to {:?} ({}), not delegated toward {culprit}",
                 seen.verdict, seen.delegated_to, seen.reason

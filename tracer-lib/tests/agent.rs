@@ -109,14 +109,16 @@ async fn bad_reports_and_bad_questions_are_refused_and_change_nothing() {
     assert_eq!(neighbor.exchange(huge).await.unwrap_err().code(), Code::InvalidArgument);
     assert!(agent.snapshot().neighbors.is_empty(), "no refused report may add a neighbour");
 
-    // A well-formed report from a far-away window is answered but not used.
-    let mut old = report(&agent);
-    old.window_id -= 100;
-    let ack = neighbor.exchange(old).await.unwrap().into_inner();
-    assert!(!ack.accepted);
+    // Well-formed reports from a far-away window, or from a service this one never exchanged traffic with, are
+    // answered but not used.
+    for window_id in [report(&agent).window_id - 100, u64::MAX, 0] {
+        let mut far = report(&agent);
+        far.window_id = window_id;
+        assert!(!neighbor.exchange(far).await.unwrap().into_inner().accepted);
+    }
     let ack = neighbor.exchange(report(&agent)).await.unwrap().into_inner();
-    assert!(ack.accepted);
-    assert_eq!(agent.snapshot().neighbors.len(), 1);
+    assert!(!ack.accepted, "svc-caller is not a neighbour");
+    assert!(agent.snapshot().neighbors.is_empty());
 
     let mut advisor = AdvisorClient::new(channel(&agent).await);
     let bad = RecommendRequest { slo_percentile: 150.0, ..Default::default() };
@@ -151,20 +153,31 @@ async fn a_token_guards_the_agent_calls_but_not_health() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_when_certificates_are_given() {
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
-    let files =
-        TlsFiles { cert: fixtures.join("agent.pem"), key: fixtures.join("agent.key"), ca: fixtures.join("ca.pem") };
+    let files = TlsFiles {
+        cert: fixtures.join("agent.pem"),
+        key: fixtures.join("agent.key"),
+        ca: fixtures.join("ca.pem"),
+        server_name: Some("localhost".into()),
+    };
     let agent = Agent::builder("svc-a").listen("127.0.0.1:0".parse().unwrap()).tls(files).start().await.unwrap();
     let port = agent.local_addr().port();
-    let ca = tonic::transport::Certificate::from_pem(std::fs::read(fixtures.join("ca.pem")).unwrap());
-    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost");
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let read = |name: &str| std::fs::read(fixtures.join(name)).unwrap();
+    let ca = tonic::transport::Certificate::from_pem(read("ca.pem"));
+    let identity = tonic::transport::Identity::from_pem(read("agent.pem"), read("agent.key"));
+    let connect = |tls: tonic::transport::ClientTlsConfig| async move {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}")).unwrap();
+        endpoint.tls_config(tls).unwrap().connect().await
+    };
+    // Mutual TLS: a client with a certificate from the CA gets in.
+    let tls =
+        tonic::transport::ClientTlsConfig::new().ca_certificate(ca.clone()).identity(identity).domain_name("localhost");
+    let channel = connect(tls).await.unwrap();
     assert!(AdvisorClient::new(channel).snapshot(SnapshotRequest {}).await.is_ok());
+    // Without a client certificate it does not.
+    let anonymous = tonic::transport::ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost");
+    if let Ok(channel) = connect(anonymous).await {
+        assert!(AdvisorClient::new(channel).snapshot(SnapshotRequest {}).await.is_err());
+    }
     // Plain text is refused.
     let plain = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await;
     if let Ok(plain) = plain {

@@ -37,8 +37,11 @@ pub const DEFAULT_AGENT_PORT: u16 = 9797;
 pub struct TlsFiles {
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
-    /// The CA that signed the other agents' certificates.
+    /// The CA that signed the other agents' certificates (and theirs: TLS is mutual).
     pub ca: std::path::PathBuf,
+    /// The name other agents' certificates are checked against; without it, the address dialled (which then
+    /// needs an IP SAN for every pod).
+    pub server_name: Option<String>,
 }
 
 /// Builds and starts an [`Agent`].
@@ -56,6 +59,7 @@ pub struct AgentBuilder {
     pub(crate) exchange_timeout: Duration,
     pub(crate) max_neighbors: usize,
     pub(crate) observer: Option<Arc<dyn Observer>>,
+    pub(crate) cpu_cores: Option<f64>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -93,6 +97,7 @@ impl AgentBuilder {
             exchange_timeout: Duration::from_secs(1),
             max_neighbors: 256,
             observer: None,
+            cpu_cores: None,
         }
     }
 
@@ -136,7 +141,12 @@ impl AgentBuilder {
         match (env("ROOTSCALE_AGENT_TLS_CERT"), env("ROOTSCALE_AGENT_TLS_KEY"), env("ROOTSCALE_AGENT_TLS_CA")) {
             (None, None, None) => {}
             (Some(cert), Some(key), Some(ca)) => {
-                builder.tls = Some(TlsFiles { cert: cert.into(), key: key.into(), ca: ca.into() })
+                builder.tls = Some(TlsFiles {
+                    cert: cert.into(),
+                    key: key.into(),
+                    ca: ca.into(),
+                    server_name: env("ROOTSCALE_AGENT_TLS_SERVER_NAME"),
+                })
             }
             _ => {
                 return Err(Error::Config(
@@ -215,6 +225,12 @@ impl AgentBuilder {
         self
     }
 
+    /// The CPU one replica has, in cores (default: cgroup `cpu.max`, else the runtime's worker threads).
+    pub fn cpu_cores(mut self, cores: f64) -> Self {
+        self.cpu_cores = Some(cores);
+        self
+    }
+
     pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = Some(observer);
         self
@@ -236,6 +252,9 @@ impl AgentBuilder {
         {
             return Err(Error::Config(format!("SLO {slo:?} needs a latency above 0 and a percentile in (0, 100]")));
         }
+        if self.cpu_cores.is_some_and(|cores| !(cores.is_finite() && cores > 0.0)) {
+            return Err(Error::Config(format!("cpu cores {:?} must be a positive number", self.cpu_cores)));
+        }
         if self.token.as_ref().is_some_and(|token| token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic())) {
             return Err(Error::Config("the agent token must be non-empty visible ASCII".into()));
         }
@@ -247,7 +266,15 @@ impl AgentBuilder {
     pub async fn start(self) -> Result<Agent, Error> {
         self.check()?;
         // Measured on the caller's runtime: the service's own CPU, not the agent's thread.
-        let capacity = Capacity::detect(self.concurrency);
+        let mut capacity = Capacity::detect(self.concurrency);
+        if let Some(cores) = self.cpu_cores {
+            capacity.cores = cores;
+        }
+        if self.token.is_some() && self.tls.is_none() {
+            tracing::warn!(
+                "the agent token travels in clear text to agent addresses learned in-band; configure TLS to protect it"
+            );
+        }
         let (ready, started) = oneshot::channel();
         let (stop, stopped) = watch::channel(false);
         let (finished, done) = oneshot::channel();
@@ -266,7 +293,7 @@ impl AgentBuilder {
                     match self.launch(capacity, stopped).await {
                         Ok((tracer, state, local_addr, tasks)) => {
                             let _ = ready.send(Ok((tracer, state, local_addr)));
-                            let _ = stopped_after.wait_for(|stop| *stop).await;
+                            crate::agent::stop_requested(&mut stopped_after).await;
                             for task in tasks {
                                 let _ = task.await;
                             }
@@ -320,7 +347,7 @@ impl AgentBuilder {
         tasks.push(tokio::spawn(async move {
             tokio::select! {
                 () = closer => {}
-                _ = closer_stopped.wait_for(|stop| *stop) => {}
+                () = crate::agent::stop_requested(&mut closer_stopped) => {}
             }
         }));
         tasks.push(tokio::spawn(crate::agent::state::run_windows(state.clone(), stopped.clone())));

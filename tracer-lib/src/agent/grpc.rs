@@ -27,15 +27,19 @@ use crate::{
     exchange::report::validate,
 };
 
-/// Decoded messages larger than this are refused by tonic before validation; reports have their own, smaller
-/// limit (`MAX_REPORT_BYTES`), refused with `InvalidArgument`.
-const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Messages larger than this are refused by tonic before they are decoded (`OUT_OF_RANGE`), so a flood of large
+/// messages costs little memory; reports have their own, smaller limit (`MAX_REPORT_BYTES`), and one between the
+/// two is refused with `INVALID_ARGUMENT`.
+const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Concurrent calls per connection to the agent's port.
+const MAX_CONCURRENT_CALLS: usize = 32;
 
 /// TLS material, loaded once.
 #[derive(Clone)]
 pub(crate) struct Tls {
     identity: Identity,
     ca: Certificate,
+    server_name: Option<String>,
 }
 
 impl Tls {
@@ -46,15 +50,23 @@ impl Tls {
         Ok(Self {
             identity: Identity::from_pem(read(&files.cert)?, read(&files.key)?),
             ca: Certificate::from_pem(read(&files.ca)?),
+            server_name: files.server_name.clone(),
         })
     }
 
+    /// Mutual TLS toward other agents: verify them against the CA (by `server_name` when given, else by the
+    /// address dialled) and present this agent's certificate.
     pub fn client(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new().ca_certificate(self.ca.clone())
+        let config = ClientTlsConfig::new().ca_certificate(self.ca.clone()).identity(self.identity.clone());
+        match &self.server_name {
+            Some(name) => config.domain_name(name.clone()),
+            None => config,
+        }
     }
 
+    /// Serve with this agent's certificate and require one signed by the CA from every caller.
     fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(self.identity.clone())
+        ServerTlsConfig::new().identity(self.identity.clone()).client_ca_root(self.ca.clone())
     }
 }
 
@@ -210,7 +222,7 @@ pub(crate) fn serve(
         .add_service(reflection)
         .into_axum_router()
         .route("/metrics", metrics);
-    let mut server = Server::builder().accept_http1(true);
+    let mut server = Server::builder().accept_http1(true).concurrency_limit_per_connection(MAX_CONCURRENT_CALLS);
     if let Some(tls) = &tls {
         server = server.tls_config(tls.server()).map_err(|error| Error::Tls(error.to_string()))?;
     }
@@ -219,7 +231,7 @@ pub(crate) fn serve(
     Ok(async move {
         health_reporter.set_serving::<NeighborServer<NeighborService>>().await;
         let signal = async move {
-            let _ = stop.wait_for(|stop| *stop).await;
+            crate::agent::stop_requested(&mut stop).await;
         };
         if let Err(error) = router.serve_with_incoming_shutdown(incoming, signal).await {
             tracing::error!(%error, "the agent's gRPC server stopped");

@@ -28,6 +28,7 @@ pub(crate) struct AgentMetrics {
     sent_failed: AtomicU64,
     received_accepted: AtomicU64,
     received_stale_window: AtomicU64,
+    received_not_a_neighbor: AtomicU64,
     received_invalid: AtomicU64,
     received_unauthenticated: AtomicU64,
     report_bytes: AtomicU64,
@@ -51,6 +52,7 @@ impl AgentMetrics {
         match outcome {
             "accepted" => &self.received_accepted,
             "stale_window" => &self.received_stale_window,
+            "not_a_neighbor" => &self.received_not_a_neighbor,
             "unauthenticated" => &self.received_unauthenticated,
             _ => &self.received_invalid,
         }
@@ -113,6 +115,7 @@ impl AgentMetrics {
         for (result, count) in [
             ("accepted", &self.received_accepted),
             ("stale_window", &self.received_stale_window),
+            ("not_a_neighbor", &self.received_not_a_neighbor),
             ("invalid", &self.received_invalid),
             ("unauthenticated", &self.received_unauthenticated),
         ] {

@@ -15,6 +15,14 @@
 
 mod config;
 mod grpc;
+
+/// Resolves when `stop` turns true. If the [`Agent`] handle was dropped without [`Agent::shutdown`], it never
+/// resolves: dropping the handle leaves the agent running with the service.
+pub(crate) async fn stop_requested(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
 mod metrics;
 mod state;
 
@@ -26,7 +34,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{ClientLayer, ServerLayer, Tracer, decide::Decision};
 
-/// A running agent. Dropping it stops nothing; call [`Agent::shutdown`].
+/// A running agent. Dropping the handle leaves it running with the service; call [`Agent::shutdown`] to stop it.
 pub struct Agent {
     tracer: Tracer,
     state: Arc<state::AgentState>,

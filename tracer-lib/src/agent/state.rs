@@ -17,11 +17,11 @@ use crate::{
     ClosedWindow, Tracer,
     agent::{config::AgentBuilder, metrics::AgentMetrics},
     decide::{
-        Capacity, Decision, Delegated, PolicyConfig, PolicyInput, Recommendation, Slo, Verdict, decide, recommend,
+        Capacity, Decision, Delegated, PolicyConfig, PolicyInput, Recommendation, Slo, decide, recommend,
         recommend::utilization,
     },
     exchange::{
-        neighbors::Neighbors,
+        neighbors::{EXPIRE_AFTER, Neighbors},
         report::{self, ReportHead, ValidReport},
         sender::Sender,
     },
@@ -116,14 +116,15 @@ impl AgentState {
         let target = advice.map_or(self.policy.target_utilization, |advice| advice.target_utilization);
         let load = utilization(stats, self.window_ms, self.capacity);
         let stabilization = advice.map_or(Duration::from_secs(300), |advice| advice.stabilization);
-        let needed = (stabilization.as_millis() as u64).div_ceil(self.window_ms.max(1)).max(1) as usize;
+        let needed =
+            ((stabilization.as_millis() as u64).div_ceil(self.window_ms.max(1)).max(1) as usize).min(MAX_HISTORY);
         let idle_below = self.policy.idle_fraction * target;
         let idle_throughout = inner.utilization.len() >= needed
             && inner.utilization.iter().rev().take(needed).all(|(_, value)| *value < idle_below);
         let stale: HashSet<String> =
             inner.neighbors.iter().filter(|(_, n)| n.stale()).map(|(name, _)| name.clone()).collect();
         let neighbor_cpu: HashMap<String, f64> =
-            inner.neighbors.iter().filter_map(|(name, n)| n.utilization.map(|u| (name.clone(), u))).collect();
+            inner.neighbors.iter().filter_map(|(name, n)| n.cpu_utilization.map(|u| (name.clone(), u))).collect();
         let delegations = inner.delegations.get(&stats.window_id).cloned().unwrap_or_default();
         let policy = PolicyConfig { target_utilization: target, ..self.policy.clone() };
         let input = PolicyInput {
@@ -146,8 +147,8 @@ impl AgentState {
     }
 
     /// The reports for the latest window: one to each agent of each neighbour on an edge with traffic; a
-    /// delegation goes with the reports to callees the decision names. With `only_delegations`, just those.
-    fn outbox_locked(&self, inner: &Inner, only_delegations: bool) -> Outbox {
+    /// delegation goes with the reports to callees the decision names. With `only_to`, just to those callees.
+    fn outbox_locked(&self, inner: &Inner, only_to: Option<&[Arc<str>]>) -> Outbox {
         let Some(window) = &inner.window else { return Vec::new() };
         let stats = &window.stats;
         let decision = inner.decision.to_proto();
@@ -163,12 +164,14 @@ impl AgentState {
         let mut path: Vec<String> =
             inner.delegations.get(&stats.window_id).and_then(|d| d.first()).map(|d| d.path.clone()).unwrap_or_default();
         path.push(self.service.clone());
+        // A full path means a loop or an absurd depth: stop passing the question on.
+        let may_delegate = path.len() <= report::MAX_DELEGATION_PATH;
         let mut outbox = Vec::new();
         for (callee, edge) in &stats.outbound {
-            let delegated = inner.decision.delegated_to.iter().any(|c| c == callee);
-            if only_delegations && !delegated {
+            if only_to.is_some_and(|only| !only.contains(callee)) {
                 continue;
             }
+            let delegated = may_delegate && inner.decision.delegated_to.contains(callee);
             let delegation = delegated.then(|| {
                 let remote_wait_us = edge.remote_wait.percentile_us(inner.decision.percentile).unwrap_or(0);
                 report::delegation(&inner.decision, &path, remote_wait_us)
@@ -177,7 +180,7 @@ impl AgentState {
                 outbox.push((callee.to_string(), agent.to_string(), head.to_callee(callee, edge, delegation.clone())));
             }
         }
-        if !only_delegations {
+        if only_to.is_none() {
             for (caller, edge) in &stats.inbound {
                 for agent in &edge.caller_agents {
                     outbox.push((caller.to_string(), agent.to_string(), head.to_caller(caller, edge)));
@@ -193,14 +196,15 @@ impl AgentState {
         let stats = &window.stats;
         for (caller, edge) in &stats.inbound {
             for agent in &edge.caller_agents {
-                inner.neighbors.learn(caller, agent);
+                inner.neighbors.learn(caller, agent, stats.window_id);
             }
         }
         for (callee, edge) in &stats.outbound {
             for agent in &edge.callee_agents {
-                inner.neighbors.learn(callee, agent);
+                inner.neighbors.learn(callee, agent, stats.window_id);
             }
         }
+        inner.neighbors.expire(stats.window_id.saturating_sub(EXPIRE_AFTER));
         let load = utilization(stats, self.window_ms, self.capacity).max();
         inner.utilization.push_back((stats.window_id, load));
         while inner.utilization.len() > MAX_HISTORY {
@@ -218,7 +222,7 @@ impl AgentState {
             reason = %inner.decision.reason,
             "window decided"
         );
-        self.outbox_locked(&inner, false)
+        self.outbox_locked(&inner, None)
     }
 
     /// Sends reports and notes which neighbours answered.
@@ -244,42 +248,64 @@ impl AgentState {
     /// A valid report arrived. Returns whether it was used, and reports to pass a delegation on.
     pub fn on_report(&self, report: ValidReport) -> (bool, Outbox) {
         let current = self.tracer.window_clock().window_id(Instant::now());
-        if report.window_id + DELEGATION_WINDOWS < current || report.window_id > current + 1 {
+        // Window ids are untrusted: compare without overflowing.
+        if report.window_id.saturating_add(DELEGATION_WINDOWS) < current || report.window_id > current.saturating_add(1)
+        {
             self.metrics.received("stale_window");
             return (false, Vec::new());
         }
-        self.metrics.received("accepted");
         let mut inner = self.lock();
-        inner.neighbors.heard_from(
+        let known = inner.neighbors.heard_from(
             &report.from_service,
             &report.from_agent,
             report.window_id,
             report.decision,
             report.utilization,
         );
-        let Some(delegation) = report.delegation else { return (true, Vec::new()) };
+        if !known {
+            self.metrics.received("not_a_neighbor");
+            return (false, Vec::new());
+        }
+        self.metrics.received("accepted");
+        // A delegation counts only when the report is about the edge from its sender to this service.
+        let Some(delegation) =
+            report.delegation.filter(|_| report.addressed_to.as_deref() == Some(self.service.as_str()))
+        else {
+            return (true, Vec::new());
+        };
         if delegation.path.contains(&self.service) {
             // A loop in the call graph: this service already passed the question on.
             return (true, Vec::new());
+        }
+        let decided_window = inner.window.as_ref().map_or(0, |w| w.stats.window_id);
+        if report.window_id < decided_window {
+            // This service already decided a later window: too late to act on.
+            return (false, Vec::new());
         }
         let entry = inner.delegations.entry(report.window_id).or_default();
         if entry.len() >= MAX_DELEGATIONS || entry.iter().any(|known| known.from == delegation.from) {
             return (true, Vec::new());
         }
         entry.push(delegation);
-        // Already decided this window without the delegation: decide again, and pass it on if it points further.
-        let decided_this_window = inner.window.as_ref().is_some_and(|w| w.stats.window_id == report.window_id);
-        if !decided_this_window {
+        if report.window_id != decided_window {
+            // For a window not closed here yet: used when it closes.
             return (true, Vec::new());
         }
+        // Already decided this window without the delegation: decide again, and pass it on to any callee it now
+        // points at (whatever the verdict: in sum mode a root cause may also delegate).
         let before = inner.decision.clone();
         self.decide_locked(&mut inner);
         if inner.decision.verdict != before.verdict {
             self.metrics.decided(inner.decision.verdict);
         }
-        let newly_delegated = inner.decision.verdict == Verdict::Delegated
-            && inner.decision.delegated_to.iter().any(|callee| !before.delegated_to.contains(callee));
-        let outbox = if newly_delegated { self.outbox_locked(&inner, true) } else { Vec::new() };
+        let new_callees: Vec<Arc<str>> = inner
+            .decision
+            .delegated_to
+            .iter()
+            .filter(|callee| !before.delegated_to.contains(callee))
+            .cloned()
+            .collect();
+        let outbox = if new_callees.is_empty() { Vec::new() } else { self.outbox_locked(&inner, Some(&new_callees)) };
         (true, outbox)
     }
 
@@ -316,11 +342,11 @@ impl AgentState {
                 .neighbors
                 .iter()
                 .flat_map(|(service, neighbor)| {
-                    neighbor.agents.iter().map(move |agent| proto::NeighborStatus {
+                    neighbor.agents.iter().map(move |(agent, state)| proto::NeighborStatus {
                         service: service.clone(),
                         agent: agent.clone(),
                         last_window_id: neighbor.last_window.unwrap_or(0),
-                        stale: neighbor.failed.contains(agent),
+                        stale: state.failed,
                         last_decision: neighbor.last_decision.clone(),
                     })
                 })
@@ -350,7 +376,7 @@ pub(crate) async fn run_windows(state: Arc<AgentState>, mut stop: watch::Receive
                 let sender = state.clone();
                 tokio::spawn(async move { sender.send(outbox).await });
             }
-            _ = stop.wait_for(|stop| *stop) => return,
+            () = crate::agent::stop_requested(&mut stop) => return,
         }
     }
 }

@@ -74,6 +74,9 @@ pub struct PolicyConfig {
     /// A service at or above this utilisation delays reading requests and responses (default 0.9); a net wait
     /// on a link with a saturated end is that end's CPU, not the link.
     pub saturation: f64,
+    /// A triggered service names a bottleneck only when the largest wait is at least this fraction of its
+    /// observed latency (default 0.1); below that no wait stands out.
+    pub min_share: f64,
 }
 
 impl Default for PolicyConfig {
@@ -87,6 +90,7 @@ impl Default for PolicyConfig {
             target_utilization: 0.7,
             idle_fraction: 0.5,
             saturation: 0.9,
+            min_share: 0.1,
         }
     }
 }
@@ -230,19 +234,30 @@ impl Decision {
                 observed_total_us: self.observed_total_us,
                 slo_us: self.slo_us.unwrap_or(0),
                 requests: self.requests,
+                // Bounded so every report passes its receiver's limits (64 entries, 1 KiB of reason).
                 compared: self
                     .compared
                     .iter()
+                    .take(64)
                     .map(|compared| proto::ComparedWait {
                         point: Some(wait_point_to_proto(&compared.point)),
                         value_us: compared.us,
                         via_callee: compared.via.as_deref().unwrap_or_default().to_string(),
                     })
                     .collect(),
-                reason: self.reason.clone(),
+                reason: truncate(&self.reason, 1000),
             }),
         }
     }
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncate(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 fn at(histogram: &Histogram, percentile: f64) -> u64 {
@@ -291,7 +306,8 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
     let percentile =
         input.slo.map(|slo| slo.percentile).or_else(|| input.delegations.first().map(|d| d.percentile)).unwrap_or(95.0);
     let observed = at(&stats.total, percentile);
-    if stats.requests < config.min_requests {
+    // Arrivals count too: an overloaded service completes few requests exactly when it matters.
+    if stats.requests.max(stats.arrivals) < config.min_requests {
         return Decision::new(
             Verdict::InsufficientData,
             input,
@@ -361,6 +377,16 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
     };
     let compared = candidates(input, config, percentile);
     let mut decision = Decision::new(Verdict::Healthy, input, percentile, observed, String::new());
+    if (compared[0].us as f64) < config.min_share * observed as f64 {
+        decision.reason = format!(
+            "{trigger}; no wait stands out (the largest, {} {}, is under {:.0}% of the latency)",
+            compared[0].point,
+            ms(compared[0].us),
+            config.min_share * 100.0
+        );
+        decision.compared = compared;
+        return decision;
+    }
     let chosen: Vec<&Compared> = match config.mode {
         AggregationMode::Max => {
             let top = &compared[0];
@@ -385,8 +411,9 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
     let own_point = &compared.iter().find(|c| c.via.is_none()).map(|c| c.point.clone());
     let mut own = false;
     let mut network = None;
-    // Why a net wait was not taken for the link: "caller" (this service is saturated) or the saturated callee.
-    let mut saturated_end: Option<String> = None;
+    // Net waits not taken for the link because an end of it is CPU-saturated: this service, or callees.
+    let mut own_saturated = false;
+    let mut saturated_callees: Vec<String> = Vec::new();
     for choice in &chosen {
         match (&choice.point, &choice.via) {
             (point, None) if Some(point) == own_point.as_ref() => own = true,
@@ -395,12 +422,12 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
                 let callee_cpu = input.neighbor_cpu.get(&**via).copied().unwrap_or(0.0);
                 if input.cpu_utilization >= config.saturation {
                     own = true;
-                    saturated_end = Some("this service".to_string());
+                    own_saturated = true;
                 } else if callee_cpu >= config.saturation {
                     if !decision.delegated_to.contains(via) {
                         decision.delegated_to.push(via.clone());
                     }
-                    saturated_end = Some(via.to_string());
+                    saturated_callees.push(via.to_string());
                 } else {
                     network.get_or_insert_with(|| choice.point.clone());
                 }
@@ -410,7 +437,7 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
         }
     }
     decision.delegated_to.sort();
-    let top = chosen[0];
+    let top = &compared[0];
     decision.compared = compared.clone();
     let stale: Vec<&Arc<str>> = decision.delegated_to.iter().filter(|c| input.stale_callees.contains(&***c)).collect();
     if !stale.is_empty() {
@@ -431,20 +458,25 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
         decision.bottleneck = own_point.clone();
     } else if !decision.delegated_to.is_empty() {
         decision.verdict = Verdict::Delegated;
-        decision.bottleneck = Some(top.point.clone());
+        // The largest chosen wait that sits behind a delegated callee.
+        let behind = chosen.iter().find(|c| c.via.as_ref().is_some_and(|via| decision.delegated_to.contains(via)));
+        decision.bottleneck = behind.map(|c| c.point.clone());
     } else if let Some(link) = network {
         decision.verdict = Verdict::Network;
         decision.bottleneck = Some(link);
     }
     let largest = format!("{} {}", top.point, ms(top.us));
-    let saturated = match &saturated_end {
-        Some(end) => format!(" ({end} is saturated, so the link's wait is its CPU)"),
-        None => String::new(),
+    let saturated = if saturated_callees.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} saturated, so the link's wait is CPU)", saturated_callees.join(", "))
     };
     decision.reason = match decision.verdict {
-        Verdict::RootCause if saturated_end.is_some() => {
+        Verdict::RootCause if own_saturated => {
             decision.kind = Some("cpu");
-            format!("{trigger}; the largest wait ({largest}) is this service's own{saturated}")
+            format!(
+                "{trigger}; the largest wait ({largest}) is this service's own (it is CPU-saturated, so its link waits are its CPU)"
+            )
         }
         Verdict::RootCause => format!("{trigger}; the largest wait is this service's own ({largest})"),
         Verdict::Delegated => {

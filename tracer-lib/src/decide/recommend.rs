@@ -11,6 +11,9 @@
 
 use crate::{aggregate::WindowStats, decide::policy::Verdict};
 
+/// The most a full pool's arrivals-over-completions may say about demand in one window.
+const MAX_POOL_RATIO: f64 = 10.0;
+
 /// What one replica has.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Capacity {
@@ -104,8 +107,9 @@ pub fn utilization(stats: &WindowStats, window_ms: u64, capacity: Capacity) -> U
     let pool_utilization = match capacity.concurrency {
         Some(concurrency) if concurrency > 0.0 => {
             if mean_in_flight >= 0.95 * concurrency && completion_rate > 0.0 {
-                // Full: throughput is the pool's capacity; arrivals beyond it are unserved demand.
-                arrival_rate / completion_rate
+                // Full: throughput is the pool's capacity; arrivals beyond it are unserved demand. Capped, so one
+                // burst window cannot ask for a hundredfold.
+                (arrival_rate / completion_rate).min(MAX_POOL_RATIO)
             } else {
                 mean_in_flight / concurrency
             }

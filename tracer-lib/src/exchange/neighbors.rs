@@ -1,31 +1,43 @@
-//! The neighbour table: every service this one exchanged reports with, its agents (one per replica), what it last
-//! said, and whether it stopped answering. Bounded: at most `cap` neighbours and 8 agents each; more are refused
-//! and counted.
+//! The neighbour table: the services this one called or was called by in recent windows, their agents (one per
+//! replica), what they last said, and which agents stopped answering.
+//!
+//! Only this service's own windows add neighbours and agents (from the edges it measured); a report from a
+//! service that is not a neighbour is answered but not tracked, so made-up senders cannot fill the table or tell
+//! it anything. Bounded: at most `cap` neighbours and 8 agents each, and agents not seen on an edge for
+//! [`EXPIRE_AFTER`] windows are dropped (a rollout replaces pod addresses).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use rootscale_proto::v1 as proto;
 
 use crate::aggregate::stats::AGENTS_PER_EDGE;
 
+/// Windows after which an agent no edge mentioned is forgotten.
+pub const EXPIRE_AFTER: u64 = 12;
+
+/// One agent of a neighbour.
+#[derive(Clone, Debug, Default)]
+pub struct AgentState {
+    /// The last window in which one of our edges named it.
+    pub last_seen: u64,
+    /// It did not answer the last report sent to it.
+    pub failed: bool,
+}
+
 /// One neighbour service.
 #[derive(Clone, Debug, Default)]
 pub struct Neighbor {
-    /// Its agents, as learned from in-band headers and reports.
-    pub agents: BTreeSet<String>,
-    /// Agents that did not answer the last report sent to them.
-    pub failed: BTreeSet<String>,
-    /// The last window it sent us a report for, and its decision then.
+    pub agents: BTreeMap<String, AgentState>,
+    /// The last window it sent us a report for, its decision and CPU utilisation then.
     pub last_window: Option<u64>,
     pub last_decision: Option<proto::Decision>,
-    /// Its utilisation in that window.
-    pub utilization: Option<f64>,
+    pub cpu_utilization: Option<f64>,
 }
 
 impl Neighbor {
     /// Stale: every agent we know of failed to answer the last report.
     pub fn stale(&self) -> bool {
-        !self.agents.is_empty() && self.agents.iter().all(|agent| self.failed.contains(agent))
+        !self.agents.is_empty() && self.agents.values().all(|agent| agent.failed)
     }
 }
 
@@ -34,7 +46,7 @@ impl Neighbor {
 pub struct Neighbors {
     cap: usize,
     by_service: BTreeMap<String, Neighbor>,
-    /// Neighbours or agents refused because the table was full.
+    /// Neighbours or agents refused because the table was full, and reports from services that are not neighbours.
     pub refused: u64,
 }
 
@@ -43,58 +55,64 @@ impl Neighbors {
         Self { cap, by_service: BTreeMap::new(), refused: 0 }
     }
 
-    /// The entry for `service`, created if there is room.
-    fn entry(&mut self, service: &str) -> Option<&mut Neighbor> {
+    /// One of our edges in `window_id` named `service`'s agent at `agent`.
+    pub fn learn(&mut self, service: &str, agent: &str, window_id: u64) {
         if !self.by_service.contains_key(service) {
             if self.by_service.len() >= self.cap {
                 self.refused += 1;
-                return None;
+                return;
             }
             self.by_service.insert(service.to_string(), Neighbor::default());
         }
-        self.by_service.get_mut(service)
-    }
-
-    /// Learns that `service` has an agent at `agent`.
-    pub fn learn(&mut self, service: &str, agent: &str) {
-        let Some(neighbor) = self.entry(service) else { return };
-        if neighbor.agents.len() < AGENTS_PER_EDGE || neighbor.agents.contains(agent) {
-            neighbor.agents.insert(agent.to_string());
-        } else {
-            self.refused += 1;
+        let Some(neighbor) = self.by_service.get_mut(service) else { return };
+        let room = neighbor.agents.len() < AGENTS_PER_EDGE;
+        match neighbor.agents.get_mut(agent) {
+            Some(known) => known.last_seen = known.last_seen.max(window_id),
+            None if room => {
+                neighbor.agents.insert(agent.to_string(), AgentState { last_seen: window_id, failed: false });
+            }
+            None => self.refused += 1,
         }
     }
 
-    /// A report arrived from `service`'s agent `agent`: it is alive.
+    /// Forgets agents no edge named since `oldest_kept`, and neighbours left with none.
+    pub fn expire(&mut self, oldest_kept: u64) {
+        for neighbor in self.by_service.values_mut() {
+            neighbor.agents.retain(|_, agent| agent.last_seen >= oldest_kept);
+        }
+        self.by_service.retain(|_, neighbor| !neighbor.agents.is_empty());
+    }
+
+    /// A report arrived from `service`. Returns false (and tracks nothing) if it is not a neighbour.
     pub fn heard_from(
         &mut self,
         service: &str,
         agent: &str,
         window_id: u64,
         decision: Option<proto::Decision>,
-        utilization: Option<f64>,
-    ) {
-        self.learn(service, agent);
-        if let Some(neighbor) = self.by_service.get_mut(service) {
-            neighbor.failed.remove(agent);
-            neighbor.last_window = Some(neighbor.last_window.map_or(window_id, |w| w.max(window_id)));
-            if decision.is_some() {
-                neighbor.last_decision = decision;
-            }
-            if utilization.is_some() {
-                neighbor.utilization = utilization;
-            }
+        cpu_utilization: Option<f64>,
+    ) -> bool {
+        let Some(neighbor) = self.by_service.get_mut(service) else {
+            self.refused += 1;
+            return false;
+        };
+        if let Some(known) = neighbor.agents.get_mut(agent) {
+            known.failed = false;
         }
+        neighbor.last_window = Some(neighbor.last_window.map_or(window_id, |w| w.max(window_id)));
+        if decision.is_some() {
+            neighbor.last_decision = decision;
+        }
+        if cpu_utilization.is_some() {
+            neighbor.cpu_utilization = cpu_utilization;
+        }
+        true
     }
 
-    /// The outcome of sending a report to `service`'s agent `agent`.
+    /// The outcome of sending a report to `service`'s agent `agent` (only known agents are marked).
     pub fn sent(&mut self, service: &str, agent: &str, answered: bool) {
-        if let Some(neighbor) = self.by_service.get_mut(service) {
-            if answered {
-                neighbor.failed.remove(agent);
-            } else {
-                neighbor.failed.insert(agent.to_string());
-            }
+        if let Some(known) = self.by_service.get_mut(service).and_then(|n| n.agents.get_mut(agent)) {
+            known.failed = !answered;
         }
     }
 
@@ -126,27 +144,41 @@ mod tests {
     #[test]
     fn a_neighbour_is_stale_when_every_agent_failed_and_fresh_again_when_heard_from() {
         let mut neighbors = Neighbors::new(2);
-        neighbors.learn("b", "10.0.0.2:9797");
-        neighbors.learn("b", "10.0.0.3:9797");
+        neighbors.learn("b", "10.0.0.2:9797", 1);
+        neighbors.learn("b", "10.0.0.3:9797", 1);
         neighbors.sent("b", "10.0.0.2:9797", false);
         assert!(!neighbors.is_stale("b"), "one replica still answers");
         neighbors.sent("b", "10.0.0.3:9797", false);
+        neighbors.sent("b", "10.9.9.9:9797", true); // not a known agent: ignored
         assert!(neighbors.is_stale("b"));
-        neighbors.heard_from("b", "10.0.0.3:9797", 5, None, Some(0.5));
+        assert!(neighbors.heard_from("b", "10.0.0.3:9797", 5, None, Some(0.5)));
         assert!(!neighbors.is_stale("b"));
+        assert_eq!(neighbors.get("b").unwrap().cpu_utilization, Some(0.5));
     }
 
     #[test]
-    fn the_table_is_bounded() {
+    fn the_table_is_bounded_and_strangers_are_not_tracked() {
         let mut neighbors = Neighbors::new(2);
         for service in ["a", "b", "c", "d"] {
-            neighbors.learn(service, "10.0.0.2:9797");
+            neighbors.learn(service, "10.0.0.2:9797", 1);
         }
         assert_eq!(neighbors.len(), 2);
-        assert_eq!(neighbors.refused, 2);
         for i in 0..20 {
-            neighbors.learn("a", &format!("10.0.0.{i}:9797"));
+            neighbors.learn("a", &format!("10.0.0.{i}:9797"), 1);
         }
         assert_eq!(neighbors.get("a").unwrap().agents.len(), AGENTS_PER_EDGE);
+        assert!(!neighbors.heard_from("stranger", "10.0.0.9:9797", 1, None, Some(5.0)));
+        assert!(neighbors.get("stranger").is_none());
+    }
+
+    #[test]
+    fn agents_no_edge_mentions_are_forgotten() {
+        let mut neighbors = Neighbors::new(8);
+        neighbors.learn("b", "10.0.0.2:9797", 1);
+        neighbors.learn("b", "10.0.0.3:9797", 20);
+        neighbors.learn("c", "10.0.0.4:9797", 2);
+        neighbors.expire(10);
+        assert_eq!(neighbors.get("b").unwrap().agents.keys().collect::<Vec<_>>(), ["10.0.0.3:9797"]);
+        assert!(neighbors.get("c").is_none());
     }
 }

@@ -131,6 +131,8 @@ pub struct ValidReport {
     pub window_id: u64,
     /// The sender's utilisation over that window.
     pub utilization: Option<f64>,
+    /// For a report from a caller: the callee the edge is about (should be the receiver).
+    pub addressed_to: Option<String>,
     pub decision: Option<proto::Decision>,
     pub delegation: Option<Delegated>,
 }
@@ -315,6 +317,7 @@ pub fn validate(report: &proto::NeighborReport, window_ms: u64) -> Result<ValidR
         from_agent: report.from_agent.clone(),
         window_id: report.window_id,
         utilization: report.summary.as_ref().map(|summary| summary.cpu_utilization),
+        addressed_to: report.edge.as_ref().and_then(|edge| edge.as_caller.as_ref()).map(|edge| edge.callee.clone()),
         decision: report.decision.clone(),
         delegation,
     })
@@ -366,6 +369,31 @@ mod tests {
         let valid = validate(&good(), 5000).unwrap();
         assert_eq!(valid.from_service, "svc-a");
         assert_eq!(valid.delegation.unwrap().path, vec!["svc-a".to_string()]);
+    }
+
+    #[test]
+    fn a_report_from_the_busiest_allowed_window_passes_its_receiver() {
+        use crate::{decide::policy::Compared, measure::record::WaitPoint};
+        let mut decision = Decision::no_data(&"a very long reason ".repeat(200));
+        decision.compared = (0..129)
+            .map(|i| Compared {
+                point: WaitPoint::Local { service: format!("callee-{i:03}-{}", "x".repeat(50)).into() },
+                us: 1000,
+                via: Some(format!("callee-{i:03}").into()),
+            })
+            .collect();
+        let summary = proto::WaitSummary::default();
+        let decision = decision.to_proto();
+        let head = ReportHead {
+            service: "svc-a",
+            agent: "10.0.0.1:9797",
+            window_id: 7,
+            window_ms: 5000,
+            summary: &summary,
+            decision: &decision,
+        };
+        let report = head.to_callee("svc-b", &OutboundStats::default(), None);
+        validate(&report, 5000).expect("an agent's own report passes another agent's checks");
     }
 
     #[test]
