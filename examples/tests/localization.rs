@@ -5,11 +5,21 @@
 //! Stated tolerances: "within 2 windows" means in the first or second full window after the one the fault began
 //! in; the replica recommendation for a pool at 3× its capacity must be 3 ± 1.
 
-use std::time::Duration;
+use std::{
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
 
 use rootscale_examples::localization::{Fault, Running, ServiceSpec, Settings, Topology, run_scenario};
 use rootscale_proto::v1::{RecommendRequest, Verdict, advisor_client::AdvisorClient};
 use rootscale_tracer::decide::AggregationMode;
+
+/// Scenarios share the machine's two cores: one at a time, or a CPU-bound fault in one would starve another.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// A worker pool of one slot (100 requests/s at 10 ms) against 150 requests/s; a handler that burns 9 ms of CPU
 /// per request on its one thread (1.35 cores of demand).
@@ -34,21 +44,25 @@ fn check_every_service(topology: Topology) {
 
 #[test]
 fn chain_of_four_every_service_every_fault() {
+    let _serial = serial();
     check_every_service(Topology::chain4());
 }
 
 #[test]
 fn diamond_every_service_every_fault() {
+    let _serial = serial();
     check_every_service(Topology::diamond());
 }
 
 #[test]
 fn fan_out_with_parallel_calls_every_service_every_fault() {
+    let _serial = serial();
     check_every_service(Topology::fanout());
 }
 
 #[test]
 fn a_slowed_link_is_network_at_the_caller() {
+    let _serial = serial();
     let topology = Topology::chain4();
     for (from, to) in [("svc-b", "svc-c"), ("svc-a", "svc-b")] {
         let fault = Fault::Link { from: from.into(), to: to.into(), delay: Duration::from_millis(150) };
@@ -61,6 +75,7 @@ fn a_slowed_link_is_network_at_the_caller() {
 
 #[test]
 fn a_healthy_run_under_moderate_load_has_no_root_cause() {
+    let _serial = serial();
     for topology in [Topology::chain4(), Topology::diamond(), Topology::fanout()] {
         let running = Running::start(topology.clone(), Settings::default()).expect("starts");
         let first = running.window_now();
@@ -84,6 +99,7 @@ fn a_healthy_run_under_moderate_load_has_no_root_cause() {
 
 #[test]
 fn sum_mode_finds_two_simultaneous_bottlenecks() {
+    let _serial = serial();
     let topology = Topology::fanout();
     let settings = Settings { mode: AggregationMode::Sum, ..Settings::default() };
     let running = Running::start(topology, settings).expect("starts");
@@ -114,6 +130,7 @@ fn sum_mode_finds_two_simultaneous_bottlenecks() {
 
 #[test]
 fn a_killed_neighbour_leaves_the_request_path_alone_and_degrades_the_verdict() {
+    let _serial = serial();
     let topology = Topology::chain4();
     let mut running = Running::start(topology, Settings::default()).expect("starts");
     running.wait_for_window(running.window_now());
@@ -130,12 +147,14 @@ fn a_killed_neighbour_leaves_the_request_path_alone_and_degrades_the_verdict() {
     assert!(snapshot.neighbors.iter().any(|n| n.service == "svc-d" && n.stale), "{:?}", snapshot.neighbors);
     // The request path: every request still gets an answer (an error from svc-c), promptly.
     let (sent, ok, failed, _) = running.load();
-    assert!(sent > 200 && ok == 0 && failed + 10 >= sent, "{sent} sent, {ok} ok, {failed} failed");
+    // (A few requests sent just before the kill may still succeed.)
+    assert!(sent > 200 && ok <= 5 && ok + failed + 10 >= sent, "{sent} sent, {ok} ok, {failed} failed");
     running.stop();
 }
 
 #[test]
 fn a_pool_at_three_times_its_capacity_asks_for_about_three_times_the_replicas() {
+    let _serial = serial();
     // svc-b: one slot for 20 ms = 50 requests/s; 150 requests/s arrive.
     let topology = Topology {
         name: "pool".into(),
