@@ -1,2 +1,10 @@
-//! rootscale's Kubernetes operator. It asks each pod's agent for its recommendation and applies it to annotated
-//! Deployments. Not built yet: this crate holds the workspace slot until the operator issue lands.
+//! rootscale's operator: it asks each pod's agent for its recommendation and applies it to annotated Deployments.
+//!
+//! So far: [`engine`], the decision engine, a library with no Kubernetes in it — combine the replicas'
+//! recommendations, then HPA's behaviour (tolerance, stabilisation, rate policies, bounds) — and the
+//! [`engine::ScaleTarget`] trait it drives. The Kubernetes controller is still to come.
+
+pub mod engine;
+mod error;
+
+pub use error::Error;

@@ -1,0 +1,423 @@
+//! HPA's behaviour on top of the combined recommendation (autoscaling/v2, `pkg/controller/podautoscaler`):
+//! tolerance, stabilisation windows, rate policies over their periods, and min/max bounds — in that order, with
+//! HPA's arithmetic (a Percent scale-up rounds up, a Percent scale-down limit truncates).
+
+use std::time::{Duration, Instant};
+
+use crate::{
+    Error,
+    engine::{
+        behavior::{Behavior, PolicyKind, Rules, Select},
+        combine::{Advice, combine},
+        target::ScaleTarget,
+    },
+};
+
+/// A managed target's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetConfig {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// No change while desired / current is within 1 ± tolerance (HPA: 0.1).
+    pub tolerance: f64,
+    pub behavior: Behavior,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        Self { min_replicas: 1, max_replicas: 10, tolerance: 0.1, behavior: Behavior::default() }
+    }
+}
+
+impl TargetConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.min_replicas == 0 {
+            return Err(Error::InvalidConfig("min replicas must be at least 1".into()));
+        }
+        if self.min_replicas > self.max_replicas {
+            return Err(Error::InvalidConfig(format!(
+                "min replicas {} above max replicas {}",
+                self.min_replicas, self.max_replicas
+            )));
+        }
+        if !(self.tolerance.is_finite() && (0.0..1.0).contains(&self.tolerance)) {
+            return Err(Error::InvalidConfig(format!("tolerance {} is not in [0, 1)", self.tolerance)));
+        }
+        self.behavior.validate()
+    }
+}
+
+/// Why the result differs from the recommendation (HPA's `ScalingLimited` reasons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    TooFewReplicas,
+    TooManyReplicas,
+    ScaleUpLimit,
+    ScaleDownLimit,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::TooFewReplicas => "TooFewReplicas",
+            Limit::TooManyReplicas => "TooManyReplicas",
+            Limit::ScaleUpLimit => "ScaleUpLimit",
+            Limit::ScaleDownLimit => "ScaleDownLimit",
+        }
+    }
+}
+
+/// One decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub current: u32,
+    /// What the replicas asked for, after the tolerance band.
+    pub recommended: u32,
+    /// After stabilisation.
+    pub stabilized: u32,
+    /// After rate policies and bounds: what to apply.
+    pub desired: u32,
+    pub limited: Option<Limit>,
+    pub reason: String,
+}
+
+/// The per-target memory HPA keeps: recent recommendations (for stabilisation) and scale events (for rate
+/// policies).
+#[derive(Debug, Default)]
+pub struct Engine {
+    recommendations: Vec<(Instant, u32)>,
+    scale_ups: Vec<(Instant, u32)>,
+    scale_downs: Vec<(Instant, u32)>,
+}
+
+/// Replicas added (or removed) by events within `period` before `now`.
+fn change_in_period(events: &[(Instant, u32)], now: Instant, period: Duration) -> u32 {
+    events.iter().filter(|(at, _)| now.saturating_duration_since(*at) < period).map(|(_, change)| change).sum()
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn scale_up_limit(&self, now: Instant, current: u32, rules: &Rules) -> u32 {
+        let (mut result, pick): (i64, fn(i64, i64) -> i64) = match rules.select {
+            Select::Disabled => return current,
+            Select::Min => (i64::MAX, i64::min),
+            Select::Max => (i64::MIN, i64::max),
+        };
+        for policy in &rules.policies {
+            let added = i64::from(change_in_period(&self.scale_ups, now, policy.period));
+            let deleted = i64::from(change_in_period(&self.scale_downs, now, policy.period));
+            let start = i64::from(current) - added + deleted;
+            let proposed = match policy.kind {
+                PolicyKind::Pods => start + i64::from(policy.value),
+                PolicyKind::Percent => (start as f64 * (1.0 + f64::from(policy.value) / 100.0)).ceil() as i64,
+            };
+            result = pick(result, proposed);
+        }
+        result.clamp(0, i64::from(u32::MAX)) as u32
+    }
+
+    fn scale_down_limit(&self, now: Instant, current: u32, rules: &Rules) -> u32 {
+        // For a scale-down, "the largest change" is the smallest replica count.
+        let (mut result, pick): (i64, fn(i64, i64) -> i64) = match rules.select {
+            Select::Disabled => return current,
+            Select::Min => (i64::MIN, i64::max),
+            Select::Max => (i64::MAX, i64::min),
+        };
+        for policy in &rules.policies {
+            let added = i64::from(change_in_period(&self.scale_ups, now, policy.period));
+            let deleted = i64::from(change_in_period(&self.scale_downs, now, policy.period));
+            let start = i64::from(current) - added + deleted;
+            let proposed = match policy.kind {
+                PolicyKind::Pods => start - i64::from(policy.value),
+                PolicyKind::Percent => (start as f64 * (1.0 - f64::from(policy.value) / 100.0)) as i64,
+            };
+            result = pick(result, proposed);
+        }
+        result.clamp(0, i64::from(u32::MAX)) as u32
+    }
+
+    /// Decides the new replica count for a target that has `current` replicas, given one answer per ready
+    /// replica (`None`: its agent could not be asked). Records the recommendation for stabilisation; call
+    /// [`Engine::record_scale`] once a change has been applied.
+    pub fn decide(&mut self, now: Instant, config: &TargetConfig, current: u32, answers: &[Option<Advice>]) -> Outcome {
+        let behavior = &config.behavior;
+        // Outside the bounds: come back inside first (HPA does the same before looking at metrics).
+        if current > config.max_replicas || current < config.min_replicas {
+            let desired = current.clamp(config.min_replicas, config.max_replicas);
+            let limited = if current > config.max_replicas { Limit::TooManyReplicas } else { Limit::TooFewReplicas };
+            return Outcome {
+                current,
+                recommended: desired,
+                stabilized: desired,
+                desired,
+                limited: Some(limited),
+                reason: format!("{current} replicas is outside {}..={}", config.min_replicas, config.max_replicas),
+            };
+        }
+        let combined = combine(current, answers);
+        let mut recommended = combined.desired;
+        let mut reason = combined.reason;
+        // (The epsilon keeps an exact 10 % step, like 10 → 11, inside a 0.1 band despite float rounding.)
+        if current > 0 && (f64::from(recommended) / f64::from(current) - 1.0).abs() <= config.tolerance + 1e-9 {
+            if recommended != current {
+                reason = format!("{reason}; within the {:.0}% tolerance", config.tolerance * 100.0);
+            }
+            recommended = current;
+        }
+        if combined.missing_data && recommended < current {
+            recommended = current;
+        }
+        // Stabilisation: the lowest recommendation in the scale-up window, the highest in the scale-down window.
+        let horizon = behavior.scale_up.stabilization_window.max(behavior.scale_down.stabilization_window);
+        self.recommendations.retain(|(at, _)| now.saturating_duration_since(*at) <= horizon);
+        let mut up = recommended;
+        let mut down = recommended;
+        for (at, past) in &self.recommendations {
+            let age = now.saturating_duration_since(*at);
+            if age < behavior.scale_up.stabilization_window {
+                up = up.min(*past);
+            }
+            if age < behavior.scale_down.stabilization_window {
+                down = down.max(*past);
+            }
+        }
+        self.recommendations.push((now, recommended));
+        let stabilized = current.max(up).min(down);
+        if stabilized != recommended {
+            reason = format!("{reason}; stabilised at {stabilized} (recent recommendations)");
+        }
+        // Rate policies and bounds.
+        let mut limited = None;
+        let desired = if stabilized > current {
+            let limit = self.scale_up_limit(now, current, &behavior.scale_up).max(current);
+            let (ceiling, why) = if config.max_replicas > limit {
+                (limit, Limit::ScaleUpLimit)
+            } else {
+                (config.max_replicas, Limit::TooManyReplicas)
+            };
+            if stabilized > ceiling {
+                limited = Some(why);
+                ceiling
+            } else {
+                stabilized
+            }
+        } else if stabilized < current {
+            let limit = self.scale_down_limit(now, current, &behavior.scale_down).min(current);
+            let (floor, why) = if config.min_replicas < limit {
+                (limit, Limit::ScaleDownLimit)
+            } else {
+                (config.min_replicas, Limit::TooFewReplicas)
+            };
+            if stabilized < floor {
+                limited = Some(why);
+                floor
+            } else {
+                stabilized
+            }
+        } else {
+            current
+        };
+        if let Some(limit) = limited {
+            reason = format!("{reason}; limited to {desired} ({})", limit.as_str());
+        }
+        Outcome { current, recommended, stabilized, desired, limited, reason }
+    }
+
+    /// A change from `from` to `to` replicas was applied at `now` (rate policies count it).
+    pub fn record_scale(&mut self, now: Instant, from: u32, to: u32) {
+        let keep = Duration::from_secs(1800);
+        self.scale_ups.retain(|(at, _)| now.saturating_duration_since(*at) <= keep);
+        self.scale_downs.retain(|(at, _)| now.saturating_duration_since(*at) <= keep);
+        if to > from {
+            self.scale_ups.push((now, to - from));
+        } else if from > to {
+            self.scale_downs.push((now, from - to));
+        }
+    }
+
+    /// Reads the target, decides, applies a change if there is one and records it.
+    pub async fn run(
+        &mut self,
+        now: Instant,
+        config: &TargetConfig,
+        target: &impl ScaleTarget,
+        answers: &[Option<Advice>],
+    ) -> Result<Outcome, Error> {
+        let current = target.current_replicas().await?;
+        let outcome = self.decide(now, config, current, answers);
+        if outcome.desired != current {
+            target.set_replicas(outcome.desired).await?;
+            self.record_scale(now, current, outcome.desired);
+        }
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{
+        behavior::ScalingPolicy,
+        combine::{Advice, Verdict},
+    };
+
+    fn all(verdict: Verdict, desired: u32, replicas: u32) -> Vec<Option<Advice>> {
+        vec![Some(Advice { verdict, desired_replicas: desired }); replicas as usize]
+    }
+
+    fn config(min: u32, max: u32) -> TargetConfig {
+        TargetConfig { min_replicas: min, max_replicas: max, ..TargetConfig::default() }
+    }
+
+    #[test]
+    fn tolerance_band() {
+        let mut engine = Engine::new();
+        let now = Instant::now();
+        // 10 → 11 is within 10 %: no change. 10 → 12 is not.
+        assert_eq!(engine.decide(now, &config(1, 50), 10, &all(Verdict::RootCause, 11, 10)).desired, 10);
+        assert_eq!(engine.decide(now, &config(1, 50), 10, &all(Verdict::RootCause, 12, 10)).desired, 12);
+    }
+
+    #[test]
+    fn scale_up_is_rate_limited_like_hpa() {
+        let mut engine = Engine::new();
+        let start = Instant::now();
+        let config = config(1, 100);
+        // From 2, max(+100 %, +4 pods) per 15 s: at most 6.
+        let outcome = engine.decide(start, &config, 2, &all(Verdict::RootCause, 40, 2));
+        assert_eq!((outcome.desired, outcome.limited), (6, Some(Limit::ScaleUpLimit)));
+        engine.record_scale(start, 2, 6);
+        // 5 s later, still in the same period: the period started at 2, so the limit is still 6.
+        let later = start + Duration::from_secs(5);
+        assert_eq!(engine.decide(later, &config, 6, &all(Verdict::RootCause, 40, 6)).desired, 6);
+        // After the period: from 6, +100 % → 12.
+        let next = start + Duration::from_secs(16);
+        assert_eq!(engine.decide(next, &config, 6, &all(Verdict::RootCause, 40, 6)).desired, 12);
+    }
+
+    #[test]
+    fn scale_down_waits_for_the_highest_recommendation_in_the_window() {
+        let mut engine = Engine::new();
+        let start = Instant::now();
+        let config = config(1, 20);
+        assert_eq!(engine.decide(start, &config, 8, &all(Verdict::RootCause, 8, 8)).desired, 8);
+        // Idle now, asking for 2: the recommendation of 8 from a minute ago holds it at 8 for 5 minutes.
+        let minute = start + Duration::from_secs(60);
+        let outcome = engine.decide(minute, &config, 8, &all(Verdict::Idle, 2, 8));
+        assert_eq!((outcome.recommended, outcome.desired), (2, 8));
+        // Past the window (only idle recommendations left in it): down to 2.
+        let later = start + Duration::from_secs(301);
+        assert_eq!(engine.decide(later, &config, 8, &all(Verdict::Idle, 2, 8)).desired, 2);
+    }
+
+    #[test]
+    fn bounds() {
+        let mut engine = Engine::new();
+        let now = Instant::now();
+        let outcome = engine.decide(now, &config(2, 5), 4, &all(Verdict::RootCause, 9, 4));
+        assert_eq!((outcome.desired, outcome.limited), (5, Some(Limit::TooManyReplicas)));
+        let relaxed = TargetConfig {
+            behavior: Behavior {
+                scale_down: Rules { stabilization_window: Duration::ZERO, ..Behavior::default().scale_down },
+                ..Behavior::default()
+            },
+            ..config(2, 5)
+        };
+        let outcome = engine.decide(now, &relaxed, 4, &all(Verdict::Idle, 1, 4));
+        assert_eq!((outcome.desired, outcome.limited), (2, Some(Limit::TooFewReplicas)));
+        // Already outside: come back in.
+        assert_eq!(engine.decide(now, &config(2, 5), 9, &[]).desired, 5);
+        assert_eq!(engine.decide(now, &config(2, 5), 1, &[]).desired, 2);
+    }
+
+    #[test]
+    fn missing_data_never_scales_down() {
+        let mut engine = Engine::new();
+        let now = Instant::now();
+        let relaxed = TargetConfig {
+            behavior: Behavior {
+                scale_down: Rules { stabilization_window: Duration::ZERO, ..Behavior::default().scale_down },
+                ..Behavior::default()
+            },
+            ..config(1, 10)
+        };
+        let mut answers = all(Verdict::Idle, 1, 4);
+        answers[2] = None;
+        assert_eq!(engine.decide(now, &relaxed, 4, &answers).desired, 4);
+        assert_eq!(engine.decide(now, &relaxed, 4, &all(Verdict::Idle, 1, 4)).desired, 1);
+    }
+
+    #[test]
+    fn percent_scale_down_truncates_and_select_min_picks_the_smaller_change() {
+        let mut engine = Engine::new();
+        let now = Instant::now();
+        let period = Duration::from_secs(60);
+        let rules = Rules {
+            stabilization_window: Duration::ZERO,
+            select: Select::Min,
+            policies: vec![
+                ScalingPolicy { kind: PolicyKind::Percent, value: 30, period },
+                ScalingPolicy { kind: PolicyKind::Pods, value: 1, period },
+            ],
+        };
+        let config =
+            TargetConfig { behavior: Behavior { scale_down: rules.clone(), ..Behavior::default() }, ..config(1, 20) };
+        // From 10: Percent 30 → 7, Pods 1 → 9; Min selects the smaller change, 9.
+        assert_eq!(engine.decide(now, &config, 10, &all(Verdict::Idle, 1, 10)).desired, 9);
+        let max = TargetConfig {
+            behavior: Behavior { scale_down: Rules { select: Select::Max, ..rules.clone() }, ..Behavior::default() },
+            ..config.clone()
+        };
+        // Max selects the larger change: 10 × 0.7 = 7.
+        assert_eq!(Engine::new().decide(now, &max, 10, &all(Verdict::Idle, 1, 10)).desired, 7);
+        let disabled = TargetConfig {
+            behavior: Behavior { scale_down: Rules { select: Select::Disabled, ..rules }, ..Behavior::default() },
+            ..config
+        };
+        assert_eq!(Engine::new().decide(now, &disabled, 10, &all(Verdict::Idle, 1, 10)).desired, 10);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        assert!(config(5, 2).validate().is_err());
+        assert!(config(0, 2).validate().is_err());
+        assert!(TargetConfig { tolerance: f64::NAN, ..config(1, 2) }.validate().is_err());
+        assert!(config(1, 10).validate().is_ok());
+    }
+
+    struct Local(std::sync::Mutex<u32>);
+
+    impl ScaleTarget for Local {
+        async fn current_replicas(&self) -> Result<u32, Error> {
+            Ok(*self.0.lock().unwrap())
+        }
+        async fn set_replicas(&self, replicas: u32) -> Result<(), Error> {
+            *self.0.lock().unwrap() = replicas;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_engine_drives_a_scale_target() {
+        let target = Local(std::sync::Mutex::new(2));
+        let mut engine = Engine::new();
+        let outcome =
+            futures_executor(engine.run(Instant::now(), &config(1, 10), &target, &all(Verdict::RootCause, 5, 2)));
+        assert_eq!(outcome.unwrap().desired, 5);
+        assert_eq!(*target.0.lock().unwrap(), 5);
+    }
+
+    /// Polls a future that never waits (the local target answers at once).
+    fn futures_executor<F: std::future::Future>(future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut context) {
+                return output;
+            }
+        }
+    }
+}

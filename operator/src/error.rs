@@ -1,0 +1,22 @@
+//! The crate's one error type.
+
+/// What can go wrong in the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A behaviour or bound that cannot work (for example min above max).
+    #[error("invalid scaling configuration: {0}")]
+    InvalidConfig(String),
+    /// The scale target could not be read or changed.
+    #[error("scale target: {0}")]
+    Target(String),
+}
+
+impl Error {
+    /// A short label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidConfig(_) => "invalid_config",
+            Error::Target(_) => "target",
+        }
+    }
+}
