@@ -196,3 +196,40 @@ async fn bad_settings_fail_with_a_message_naming_them() {
     let error = Agent::builder("svc-a").listen(taken.local_addr().unwrap()).start().await.err().unwrap();
     assert!(error.to_string().contains("cannot bind"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_report_to_each_other_over_mutual_tls_with_the_token() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let files = TlsFiles {
+        cert: fixtures.join("agent.pem"),
+        key: fixtures.join("agent.key"),
+        ca: fixtures.join("ca.pem"),
+        server_name: Some("localhost".into()),
+    };
+    let agent = Agent::builder("svc-b")
+        .listen("127.0.0.1:0".parse().unwrap())
+        .window(Duration::from_millis(200))
+        .tls(files)
+        .token("s3cret")
+        .start()
+        .await
+        .unwrap();
+    let read = |name: &str| std::fs::read(fixtures.join(name)).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+        .identity(tonic::transport::Identity::from_pem(read("agent.pem"), read("agent.key")))
+        .domain_name("localhost");
+    let address = agent.local_addr().to_string();
+    // The same sender agents use for their reports.
+    let sender =
+        rootscale_tracer::exchange::sender::Sender::new(Duration::from_secs(2), Some("s3cret"), Some(tls.clone()))
+            .unwrap();
+    sender.send(&address, report(&agent)).await.expect("a report over mutual TLS with the token is taken");
+    let wrong_token =
+        rootscale_tracer::exchange::sender::Sender::new(Duration::from_secs(2), Some("guess"), Some(tls)).unwrap();
+    let error = wrong_token.send(&address, report(&agent)).await.unwrap_err();
+    assert!(error.contains("Unauthenticated") || error.contains("token"), "{error}");
+    let plain = rootscale_tracer::exchange::sender::Sender::new(Duration::from_secs(2), Some("s3cret"), None).unwrap();
+    assert!(plain.send(&address, report(&agent)).await.is_err(), "plain text is refused");
+    agent.shutdown(Duration::from_secs(1)).await;
+}

@@ -529,6 +529,26 @@ mod tests {
         WaitPoint::Local { service: service.into() }
     }
 
+    /// An entry service "a" with a 100 ms p95 SLO, 30 % busy, nothing stale, no neighbour reports.
+    fn entry<'a>(
+        stats: &'a WindowStats,
+        stale: &'a HashSet<String>,
+        neighbor_cpu: &'a HashMap<String, f64>,
+    ) -> PolicyInput<'a> {
+        PolicyInput {
+            service: "a",
+            stats,
+            window_ms: 5000,
+            slo: Some(Slo { latency_us: 100_000, percentile: 95.0 }),
+            delegations: &[],
+            stale_callees: stale,
+            neighbor_cpu,
+            cpu_utilization: 0.3,
+            utilization: 0.3,
+            idle_throughout: false,
+        }
+    }
+
     fn run(stats: &WindowStats, slo_ms: Option<u64>, delegations: &[Delegated], mode: AggregationMode) -> Decision {
         let stale = HashSet::new();
         let input = PolicyInput {
@@ -591,18 +611,7 @@ mod tests {
         edge(&mut stats, "b", 70_000, 5_000, local("b"));
         let stale = HashSet::new();
         let busy_callee: HashMap<String, f64> = [("b".to_string(), 1.2)].into();
-        let mut input = PolicyInput {
-            service: "a",
-            stats: &stats,
-            window_ms: 5000,
-            slo: Some(Slo { latency_us: 100_000, percentile: 95.0 }),
-            delegations: &[],
-            stale_callees: &stale,
-            neighbor_cpu: &busy_callee,
-            cpu_utilization: 0.3,
-            utilization: 0.3,
-            idle_throughout: false,
-        };
+        let mut input = entry(&stats, &stale, &busy_callee);
         let decision = decide(&input, &PolicyConfig::default());
         assert_eq!((decision.verdict, decision.delegated_to.clone()), (Verdict::Delegated, vec![Arc::from("b")]));
         let nobody_busy = HashMap::new();
@@ -640,18 +649,8 @@ mod tests {
         few.requests = 3;
         assert_eq!(run(&few, Some(100), &[], AggregationMode::Max).verdict, Verdict::InsufficientData);
         let stale: HashSet<String> = ["b".to_string()].into();
-        let input = PolicyInput {
-            service: "a",
-            stats: &stats,
-            window_ms: 5000,
-            slo: Some(Slo { latency_us: 100_000, percentile: 95.0 }),
-            delegations: &[],
-            stale_callees: &stale,
-            neighbor_cpu: &HashMap::new(),
-            cpu_utilization: 0.3,
-            utilization: 0.3,
-            idle_throughout: false,
-        };
+        let nobody = HashMap::new();
+        let input = entry(&stats, &stale, &nobody);
         let decision = decide(&input, &PolicyConfig::default());
         assert_eq!(decision.verdict, Verdict::InsufficientData);
         assert!(decision.delegated_to.is_empty());
@@ -661,18 +660,9 @@ mod tests {
     fn saturated_and_idle_come_from_utilisation_alone() {
         let stats = window(10_000, 1_000, 500);
         let stale = HashSet::new();
-        let mut input = PolicyInput {
-            service: "a",
-            stats: &stats,
-            window_ms: 5000,
-            slo: Some(Slo { latency_us: 100_000, percentile: 95.0 }),
-            delegations: &[],
-            stale_callees: &stale,
-            neighbor_cpu: &HashMap::new(),
-            cpu_utilization: 0.3,
-            utilization: 0.9,
-            idle_throughout: false,
-        };
+        let nobody = HashMap::new();
+        let mut input = entry(&stats, &stale, &nobody);
+        input.utilization = 0.9;
         assert_eq!(decide(&input, &PolicyConfig::default()).verdict, Verdict::Saturated);
         input.utilization = 0.1;
         input.idle_throughout = true;
