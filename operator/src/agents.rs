@@ -1,0 +1,178 @@
+//! Asking the agents: one `Advisor.Recommend` call to each ready pod's agent, all at once, each bounded by a
+//! timeout. An agent that does not answer, or answers garbage, counts as missing data — which never scales a
+//! Deployment down.
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures_util::future::join_all;
+use rootscale_proto::v1::{RecommendRequest, RecommendResponse, Verdict as WireVerdict, advisor_client::AdvisorClient};
+use tonic::transport::Endpoint;
+
+use crate::engine::{Advice, Verdict};
+
+/// Largest replica count an agent may ask for; more is garbage.
+const MAX_DESIRED: u32 = 10_000;
+
+/// What the operator tells every agent of a Deployment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    pub namespace: String,
+    pub deployment: String,
+    /// The entry service's SLO (latency, percentile), if the Deployment has one.
+    pub slo: Option<(Duration, f64)>,
+    pub target_utilization: f64,
+    pub current_replicas: u32,
+    pub scale_down_stabilization: Duration,
+}
+
+/// One pod's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    pub pod: String,
+    /// The agent's verdict and desired replicas, or why there is none.
+    pub advice: Result<Advice, String>,
+    /// The service's latency at the SLO percentile, if it answered.
+    pub observed_latency: Option<Duration>,
+    /// The agent's own explanation, and where it points.
+    pub reason: String,
+    pub suspect: Option<String>,
+}
+
+impl Answer {
+    /// The engine's input: `None` for missing data.
+    pub fn advice(&self) -> Option<Advice> {
+        self.advice.as_ref().ok().copied()
+    }
+}
+
+fn request(query: &Query) -> RecommendRequest {
+    RecommendRequest {
+        slo_latency_us: query.slo.map_or(0, |(latency, _)| u64::try_from(latency.as_micros()).unwrap_or(u64::MAX)),
+        slo_percentile: query.slo.map_or(0.0, |(_, percentile)| percentile),
+        target_utilization: query.target_utilization,
+        current_replicas: query.current_replicas,
+        scale_down_stabilization_s: u32::try_from(query.scale_down_stabilization.as_secs()).unwrap_or(u32::MAX),
+        namespace: query.namespace.clone(),
+        deployment: query.deployment.clone(),
+    }
+}
+
+/// Reads an agent's answer; anything out of range is garbage.
+fn interpret(pod: &str, response: RecommendResponse) -> Answer {
+    let reason =
+        response.decision.as_ref().and_then(|d| d.evidence.as_ref()).map(|e| e.reason.clone()).unwrap_or_default();
+    let suspect = response
+        .decision
+        .as_ref()
+        .and_then(|d| d.bottleneck.as_ref())
+        .map(|point| point.service.clone())
+        .filter(|service| !service.is_empty());
+    let verdict = response.decision.as_ref().map(|d| WireVerdict::try_from(d.verdict));
+    let verdict = match verdict {
+        Some(Ok(WireVerdict::Healthy)) => Ok(Verdict::Healthy),
+        Some(Ok(WireVerdict::RootCause)) => Ok(Verdict::RootCause),
+        Some(Ok(WireVerdict::Delegated)) => Ok(Verdict::Delegated),
+        Some(Ok(WireVerdict::Network)) => Ok(Verdict::Network),
+        Some(Ok(WireVerdict::Saturated)) => Ok(Verdict::Saturated),
+        Some(Ok(WireVerdict::Idle)) => Ok(Verdict::Idle),
+        Some(Ok(WireVerdict::InsufficientData)) => Ok(Verdict::InsufficientData),
+        Some(Ok(WireVerdict::Unspecified)) | Some(Err(_)) => {
+            Err("the agent answered with an unknown verdict".to_string())
+        }
+        None => Err("the agent answered without a decision".to_string()),
+    };
+    let desired = response.recommendation.as_ref().map(|r| r.desired_replicas);
+    let advice = match (verdict, desired) {
+        (Err(error), _) => Err(error),
+        (Ok(_), None) => Err("the agent answered without a recommendation".to_string()),
+        (Ok(_), Some(desired)) if desired == 0 || desired > MAX_DESIRED => {
+            Err(format!("the agent asked for {desired} replicas"))
+        }
+        (Ok(verdict), Some(desired)) => Ok(Advice { verdict, desired_replicas: desired }),
+    };
+    let observed = (response.observed_latency_us > 0).then(|| Duration::from_micros(response.observed_latency_us));
+    Answer { pod: pod.to_string(), advice, observed_latency: observed, reason, suspect }
+}
+
+async fn ask_one(
+    pod: &str,
+    agent: SocketAddr,
+    request: RecommendRequest,
+    timeout: Duration,
+    token: Option<&str>,
+) -> Answer {
+    let unanswered = |why: String| Answer {
+        pod: pod.to_string(),
+        advice: Err(why),
+        observed_latency: None,
+        reason: String::new(),
+        suspect: None,
+    };
+    let endpoint = match Endpoint::from_shared(format!("http://{agent}")) {
+        Ok(endpoint) => endpoint.connect_timeout(timeout).timeout(timeout),
+        Err(error) => return unanswered(format!("bad agent address {agent}: {error}")),
+    };
+    let call = async {
+        let channel =
+            endpoint.connect().await.map_err(|error| format!("cannot reach the agent at {agent}: {error}"))?;
+        let mut request = tonic::Request::new(request);
+        if let Some(token) = token {
+            let value =
+                format!("Bearer {token}").parse().map_err(|_| "the agent token is not visible ASCII".to_string())?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        AdvisorClient::new(channel)
+            .recommend(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| format!("the agent at {agent} refused: {}", status.message()))
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(response)) => interpret(pod, response),
+        Ok(Err(why)) => unanswered(why),
+        Err(_) => unanswered(format!("the agent at {agent} did not answer within {timeout:?}")),
+    }
+}
+
+/// Asks every pod's agent at once.
+pub async fn ask_all(
+    pods: &[(String, SocketAddr)],
+    query: &Query,
+    timeout: Duration,
+    token: Option<&str>,
+) -> Vec<Answer> {
+    let request = request(query);
+    join_all(pods.iter().map(|(pod, agent)| ask_one(pod, *agent, request.clone(), timeout, token))).await
+}
+
+#[cfg(test)]
+mod tests {
+    use rootscale_proto::v1::{Decision, Recommendation};
+
+    use super::*;
+
+    fn response(verdict: i32, desired: u32) -> RecommendResponse {
+        RecommendResponse {
+            decision: Some(Decision { verdict, ..Default::default() }),
+            recommendation: Some(Recommendation { desired_replicas: desired, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn garbage_answers_are_missing_data() {
+        let good = interpret("p", response(WireVerdict::RootCause as i32, 4));
+        assert_eq!(good.advice(), Some(Advice { verdict: Verdict::RootCause, desired_replicas: 4 }));
+        for (bad, why) in [
+            (response(42, 4), "unknown verdict"),
+            (response(0, 4), "unknown verdict"),
+            (response(WireVerdict::Idle as i32, 0), "0 replicas"),
+            (response(WireVerdict::RootCause as i32, 1_000_000), "1000000 replicas"),
+            (RecommendResponse::default(), "without a decision"),
+        ] {
+            let answer = interpret("p", bad);
+            assert!(answer.advice.as_ref().is_err_and(|e| e.contains(why)), "{why}: {answer:?}");
+            assert_eq!(answer.advice(), None);
+        }
+    }
+}
