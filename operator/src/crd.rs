@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const HISTORY: usize = 10;
 
 /// Which Deployment the decision is about.
+// kube's `printcolumn(...)` is repeated once per column by design; clippy reads that as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[kube(
     group = "rootscale.dev",
