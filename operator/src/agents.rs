@@ -125,7 +125,16 @@ async fn ask_one(
             .recommend(request)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|status| format!("the agent at {agent} refused: {}", status.message()))
+            .map_err(|status| match status.code() {
+                // tonic's own deadline can fire first; it is the same silence.
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                    format!("the agent at {agent} did not answer within {timeout:?}")
+                }
+                _ if status.message().contains("Timeout expired") => {
+                    format!("the agent at {agent} did not answer within {timeout:?}")
+                }
+                _ => format!("the agent at {agent} refused: {}", status.message()),
+            })
     };
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(response)) => interpret(pod, response),

@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod annotations;
+pub mod controller;
 pub mod crd;
 pub mod engine;
 mod error;
