@@ -121,11 +121,8 @@ async fn ask_one(
                 format!("Bearer {token}").parse().map_err(|_| "the agent token is not visible ASCII".to_string())?;
             request.metadata_mut().insert("authorization", value);
         }
-        AdvisorClient::new(channel)
-            .recommend(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|status| match status.code() {
+        AdvisorClient::new(channel).recommend(request).await.map(tonic::Response::into_inner).map_err(|status| {
+            match status.code() {
                 // tonic's own deadline can fire first; it is the same silence.
                 tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                     format!("the agent at {agent} did not answer within {timeout:?}")
@@ -134,7 +131,8 @@ async fn ask_one(
                     format!("the agent at {agent} did not answer within {timeout:?}")
                 }
                 _ => format!("the agent at {agent} refused: {}", status.message()),
-            })
+            }
+        })
     };
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(response)) => interpret(pod, response),

@@ -53,7 +53,7 @@ mod tests {
         Pod {
             metadata: ObjectMeta {
                 name: Some(name.into()),
-                deletion_timestamp: deleting.then(|| Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+                deletion_timestamp: deleting.then_some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
                 ..Default::default()
             },
             status: Some(PodStatus {
