@@ -9,6 +9,9 @@ pub enum Error {
     /// The scale target could not be read or changed.
     #[error("scale target: {0}")]
     Target(String),
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
 }
 
 impl Error {
@@ -17,6 +20,7 @@ impl Error {
         match self {
             Error::InvalidConfig(_) => "invalid_config",
             Error::Target(_) => "target",
+            Error::Kube(_) => "kube",
         }
     }
 }

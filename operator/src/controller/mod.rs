@@ -1,5 +1,6 @@
-//! The controller's pieces that need no API server: which pods to ask ([`pods`]) and what to write back
-//! ([`status`]). The reconcile loop that ties them to the Kubernetes API is still to come.
+//! The controller: [`reconcile`] ties the pieces to the Kubernetes API — which pods to ask ([`pods`]) and what
+//! to write back ([`status`]).
 
 pub mod pods;
+pub mod reconcile;
 pub mod status;

@@ -1,0 +1,200 @@
+//! One reconcile of one Deployment: read its annotations, ask its ready pods' agents, run the engine, patch
+//! `/scale` (in `enforce` mode, unless paused), and record the decision (the `ScalingDecision`, Events).
+//!
+//! Untested against a real cluster: exercised against request-level mocks of the Kubernetes API only.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+    },
+};
+use serde_json::json;
+
+use crate::{
+    Error,
+    agents::{Query, ask_all},
+    annotations::{self, Mode},
+    controller::{pods, status},
+    crd::{ScalingDecision, ScalingDecisionSpec, ScalingDecisionStatus, TargetRef},
+    engine::Engine,
+};
+
+/// The field manager of the operator's writes.
+pub const MANAGER: &str = "rootscale-operator";
+
+/// Settings that apply to every Deployment.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// How often each managed Deployment is reconciled (HPA's sync period).
+    pub resync: Duration,
+    pub agent_timeout: Duration,
+    pub agent_token: Option<String>,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self { resync: Duration::from_secs(15), agent_timeout: Duration::from_secs(2), agent_token: None }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub config: OperatorConfig,
+    /// Per Deployment (namespace/name): HPA's memory of recent recommendations and scale events.
+    pub engines: Mutex<HashMap<String, Engine>>,
+    /// Whether this instance holds the leader lease; only the leader acts.
+    pub leader: tokio::sync::watch::Receiver<bool>,
+}
+
+fn now_rfc3339() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+async fn publish(ctx: &Context, deployment: &Deployment, kind: EventType, reason: &str, note: String) {
+    let event =
+        Event { type_: kind, reason: reason.to_string(), note: Some(note), action: "Scaling".into(), secondary: None };
+    if let Err(error) = ctx.recorder.publish(&event, &deployment.object_ref(&())).await {
+        tracing::warn!(%error, reason, "could not publish an Event");
+    }
+}
+
+/// Creates or updates the Deployment's `ScalingDecision` (owned by it, so it goes when the Deployment goes).
+async fn record(ctx: &Context, deployment: &Deployment, status: ScalingDecisionStatus) -> Result<(), Error> {
+    let namespace = deployment.namespace().unwrap_or_default();
+    let name = deployment.name_any();
+    let api: Api<ScalingDecision> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut decision = ScalingDecision::new(
+        &name,
+        ScalingDecisionSpec {
+            target_ref: TargetRef { api_version: "apps/v1".into(), kind: "Deployment".into(), name: name.clone() },
+        },
+    );
+    decision.metadata.owner_references = deployment.controller_owner_ref(&()).map(|owner| vec![owner]);
+    let params = PatchParams::apply(MANAGER).force();
+    api.patch(&name, &params, &Patch::Apply(&decision)).await?;
+    let body = json!({
+        "apiVersion": "rootscale.dev/v1alpha1",
+        "kind": "ScalingDecision",
+        "status": status,
+    });
+    api.patch_status(&name, &params, &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+async fn previous_status(ctx: &Context, namespace: &str, name: &str) -> Option<ScalingDecisionStatus> {
+    let api: Api<ScalingDecision> = Api::namespaced(ctx.client.clone(), namespace);
+    api.get_opt(name).await.ok().flatten().and_then(|decision| decision.status)
+}
+
+/// Reconciles one Deployment.
+pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let settings = match annotations::parse(deployment.annotations()) {
+        Ok(None) => return Ok(Action::await_change()),
+        Ok(Some(settings)) => Ok(settings),
+        Err(error) => Err(error),
+    };
+    if !*ctx.leader.borrow() {
+        // Another instance leads; look again later in case leadership moves here.
+        return Ok(Action::requeue(ctx.config.resync));
+    }
+    let namespace = deployment.namespace().unwrap_or_default();
+    let name = deployment.name_any();
+    let key = format!("{namespace}/{name}");
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let scale = match deployments.get_scale(&name).await {
+        Ok(scale) => scale,
+        // Deleted while we were looking: nothing to do; its ScalingDecision goes with it.
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Action::await_change()),
+        Err(error) => return Err(error.into()),
+    };
+    let current = scale.spec.and_then(|spec| spec.replicas).and_then(|r| u32::try_from(r).ok()).unwrap_or(0);
+    let previous = previous_status(&ctx, &namespace, &name).await;
+    let settings = match settings {
+        Ok(settings) => settings,
+        Err(error) => {
+            tracing::warn!(deployment = %key, %error, "invalid annotation");
+            publish(&ctx, &deployment, EventType::Warning, "InvalidAnnotation", error.to_string()).await;
+            record(&ctx, &deployment, status::invalid(previous.as_ref(), &name, current, &error, &now_rfc3339()))
+                .await?;
+            return Ok(Action::requeue(ctx.config.resync));
+        }
+    };
+    let pods = match pods::selector(&deployment) {
+        Some(selector) => {
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+            api.list(&ListParams::default().labels(&selector)).await?.items
+        }
+        None => Vec::new(),
+    };
+    let agents = pods::ready_agents(&pods, settings.agent_port);
+    let query = Query {
+        namespace: namespace.clone(),
+        deployment: name.clone(),
+        slo: settings.slo,
+        target_utilization: settings.target_utilization,
+        current_replicas: current,
+        scale_down_stabilization: settings.scale_down_stabilization,
+    };
+    let answers = ask_all(&agents, &query, ctx.config.agent_timeout, ctx.config.agent_token.as_deref()).await;
+    if !answers.is_empty() && answers.iter().all(|answer| answer.advice().is_none()) {
+        let why = answers.iter().filter_map(|a| a.advice.as_ref().err()).next().cloned().unwrap_or_default();
+        publish(&ctx, &deployment, EventType::Warning, "AgentUnreachable", why).await;
+    }
+    let advices: Vec<_> = answers.iter().map(|answer| answer.advice()).collect();
+    let config = settings.target_config();
+    let outcome = {
+        let mut engines = ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        engines.entry(key.clone()).or_default().decide(Instant::now(), &config, current, &advices)
+    };
+    let mut applied = false;
+    let mut failed_update = None;
+    let acts = !settings.paused && settings.mode == Mode::Enforce;
+    if acts && outcome.desired != current {
+        let patch = json!({ "spec": { "replicas": outcome.desired } });
+        match deployments.patch_scale(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                applied = true;
+                {
+                    let mut engines = ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    engines.entry(key.clone()).or_default().record_scale(Instant::now(), current, outcome.desired);
+                }
+                let note = format!("New size: {}; reason: {}", outcome.desired, outcome.reason);
+                publish(&ctx, &deployment, EventType::Normal, "SuccessfulRescale", note).await;
+            }
+            Err(error) => {
+                let message = format!("failed to set replicas to {}: {error}", outcome.desired);
+                publish(&ctx, &deployment, EventType::Warning, "FailedRescale", message.clone()).await;
+                failed_update = Some(message);
+            }
+        }
+    }
+    let seen = status::Observation {
+        deployment: &name,
+        settings: &settings,
+        answers: &answers,
+        outcome: &outcome,
+        applied,
+        failed_update,
+    };
+    record(&ctx, &deployment, status::decided(previous.as_ref(), &seen, &now_rfc3339())).await?;
+    tracing::info!(deployment = %key, current, desired = outcome.desired, applied, reason = %outcome.reason, "reconciled");
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+/// On an error (an API call failed): try again soon; the next resync would anyway.
+pub fn error_policy(deployment: Arc<Deployment>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(deployment = %deployment.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
