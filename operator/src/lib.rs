@@ -11,5 +11,7 @@ pub mod controller;
 pub mod crd;
 pub mod engine;
 mod error;
+pub mod metrics;
+pub mod run;
 
 pub use error::Error;

@@ -159,6 +159,7 @@ fn context() -> (Arc<Context>, ApiServerVerifier) {
         config: OperatorConfig { agent_timeout: Duration::from_millis(500), ..OperatorConfig::default() },
         engines: Mutex::new(HashMap::new()),
         leader,
+        metrics: Arc::default(),
     };
     (Arc::new(context), ApiServerVerifier(handle))
 }

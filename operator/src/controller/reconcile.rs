@@ -27,6 +27,7 @@ use crate::{
     controller::{pods, status},
     crd::{ScalingDecision, ScalingDecisionSpec, ScalingDecisionStatus, TargetRef},
     engine::Engine,
+    metrics::{DirectionLabels, Metrics, ResultLabels, VerdictLabels},
 };
 
 /// The field manager of the operator's writes.
@@ -56,6 +57,7 @@ pub struct Context {
     pub engines: Mutex<HashMap<String, Engine>>,
     /// Whether this instance holds the leader lease; only the leader acts.
     pub leader: tokio::sync::watch::Receiver<bool>,
+    pub metrics: Arc<Metrics>,
 }
 
 fn now_rfc3339() -> String {
@@ -147,7 +149,9 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
         current_replicas: current,
         scale_down_stabilization: settings.scale_down_stabilization,
     };
+    let asked = Instant::now();
     let answers = ask_all(&agents, &query, ctx.config.agent_timeout, ctx.config.agent_token.as_deref()).await;
+    ctx.metrics.agent_call_seconds.observe(asked.elapsed().as_secs_f64());
     if !answers.is_empty() && answers.iter().all(|answer| answer.advice().is_none()) {
         let why = answers.iter().filter_map(|a| a.advice.as_ref().err()).next().cloned().unwrap_or_default();
         publish(&ctx, &deployment, EventType::Warning, "AgentUnreachable", why).await;
@@ -166,6 +170,8 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
         match deployments.patch_scale(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => {
                 applied = true;
+                let direction = if outcome.desired > current { "up" } else { "down" };
+                ctx.metrics.scale_actions.get_or_create(&DirectionLabels { direction: direction.into() }).inc();
                 {
                     let mut engines = ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                     engines.entry(key.clone()).or_default().record_scale(Instant::now(), current, outcome.desired);
@@ -188,13 +194,17 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
         applied,
         failed_update,
     };
-    record(&ctx, &deployment, status::decided(previous.as_ref(), &seen, &now_rfc3339())).await?;
+    let decided = status::decided(previous.as_ref(), &seen, &now_rfc3339());
+    ctx.metrics.decisions.get_or_create(&VerdictLabels { verdict: decided.verdict.clone() }).inc();
+    record(&ctx, &deployment, decided).await?;
+    ctx.metrics.reconciles.get_or_create(&ResultLabels { result: "ok".into() }).inc();
     tracing::info!(deployment = %key, current, desired = outcome.desired, applied, reason = %outcome.reason, "reconciled");
     Ok(Action::requeue(ctx.config.resync))
 }
 
 /// On an error (an API call failed): try again soon; the next resync would anyway.
-pub fn error_policy(deployment: Arc<Deployment>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(deployment: Arc<Deployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconciles.get_or_create(&ResultLabels { result: error.metric_label().into() }).inc();
     tracing::warn!(deployment = %deployment.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(5))
 }
