@@ -89,14 +89,30 @@ async fn shutdown_signal() {
 
 /// Runs until SIGTERM or Ctrl-C.
 pub async fn run(client: Client, config: RunConfig) -> Result<(), Error> {
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    run_until(client, config, stopped).await
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Runs until `stop` turns true.
+pub async fn run_until(client: Client, config: RunConfig, stop: watch::Receiver<bool>) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::default());
     let (ready_sender, ready) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .map_err(|error| Error::InvalidConfig(format!("cannot bind {}: {error}", config.http_addr)))?;
     let router = http_router(metrics.clone(), ready);
+    let http_stop = stop.clone();
     tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await {
+        if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(stopped(http_stop)).await {
             tracing::error!(%error, "the HTTP server stopped");
         }
     });
@@ -133,7 +149,7 @@ pub async fn run(client: Client, config: RunConfig) -> Result<(), Error> {
     let controllers = apis.into_iter().map(|api| {
         let context = context.clone();
         Controller::new(api, watcher::Config::default())
-            .graceful_shutdown_on(shutdown_signal())
+            .graceful_shutdown_on(stopped(stop.clone()))
             .run(reconcile, error_policy, context)
             .for_each(|result| async move {
                 if let Err(error) = result {

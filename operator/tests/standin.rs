@@ -1,0 +1,187 @@
+//! The operator's whole loop over HTTP against an in-process stand-in of the Kubernetes API (`support`), whose
+//! Pods point at real agents on loopback: two real services, svc-a → svc-b, with a worker pool in svc-b too small
+//! for the load. Only svc-b's `/scale` may be patched; the ScalingDecisions must say root-cause and delegated.
+//! Untested against a real cluster.
+
+mod support;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{Router, routing::get};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use rootscale_operator::{
+    controller::reconcile::OperatorConfig,
+    run::{RunConfig, run_until},
+};
+use rootscale_tracer::Agent;
+use serde_json::{Value, json};
+use support::ApiServer;
+use tower::{ServiceBuilder, ServiceExt};
+
+struct Service {
+    agent: Agent,
+    addr: std::net::SocketAddr,
+}
+
+/// An HTTP service with its agent; each request holds one of `slots` for 20 ms, then calls `callee`.
+async fn service(name: &str, slots: usize, callee: Option<std::net::SocketAddr>) -> Service {
+    let agent = Agent::builder(name)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .window(Duration::from_secs(1))
+        .concurrency(slots as u32)
+        .cpu_cores(1.0)
+        .start()
+        .await
+        .unwrap();
+    let pool = Arc::new(tokio::sync::Semaphore::new(slots));
+    let client = ServiceBuilder::new()
+        .layer(agent.client_layer())
+        .service(Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>());
+    let app = Router::new()
+        .route(
+            "/",
+            get(move || {
+                let (pool, client) = (pool.clone(), client.clone());
+                async move {
+                    {
+                        let _slot = pool.acquire().await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if let Some(callee) = callee {
+                        let request = http::Request::get(format!("http://{callee}/")).body(Empty::new()).unwrap();
+                        if let Ok(response) = client.oneshot(request).await {
+                            let _ = response.into_body().collect().await;
+                        }
+                    }
+                    "ok"
+                }
+            }),
+        )
+        .layer(agent.server_layer());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Service { agent, addr }
+}
+
+fn deployment(name: &str, agent_port: u16, extra: &[(&str, &str)]) -> Value {
+    let mut annotations = json!({"rootscale.dev/enabled": "true", "rootscale.dev/agent-port": agent_port.to_string(),
+                                 "rootscale.dev/max-replicas": "10"});
+    for (key, value) in extra {
+        annotations[format!("rootscale.dev/{key}")] = json!(value);
+    }
+    json!({"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+           "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                    "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": []}}}})
+}
+
+fn pod(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": format!("{name}-0"), "namespace": "shop", "labels": {"app": name}},
+           "status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+/// Open-loop load on svc-a until `until`.
+fn load(entry: std::net::SocketAddr, rate: f64, until: Instant) {
+    tokio::spawn(async move {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        while Instant::now() < until {
+            ticks.tick().await;
+            let client = client.clone();
+            tokio::spawn(async move {
+                if let Ok(response) = client.get(format!("http://{entry}/").parse().unwrap()).await {
+                    let _ = response.into_body().collect().await;
+                }
+            });
+        }
+    });
+}
+
+fn scale_patches(api: &ApiServer, name: &str) -> Vec<Value> {
+    let path = format!("/apis/apps/v1/namespaces/shop/deployments/{name}/scale");
+    api.log().into_iter().filter(|r| r.method == "PATCH" && r.path.starts_with(&path)).map(|r| r.body).collect()
+}
+
+async fn scenario(b_mode: &str) -> (ApiServer, Value, Value) {
+    let b = service("svc-b", 1, None).await;
+    let a = service("svc-a", 64, Some(b.addr)).await;
+    let api = ApiServer::start().await;
+    api.create("deployments", deployment("svc-a", a.agent.local_addr().port(), &[("slo-latency", "100ms")]));
+    api.create("deployments", deployment("svc-b", b.agent.local_addr().port(), &[("mode", b_mode)]));
+    api.create("pods", pod("svc-a"));
+    api.create("pods", pod("svc-b"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // svc-b serves 50 requests/s (one slot, 20 ms); 100 arrive.
+    load(a.addr, 100.0, deadline);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let config = RunConfig {
+        namespaces: vec!["shop".into()],
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        operator: OperatorConfig {
+            resync: Duration::from_secs(1),
+            agent_timeout: Duration::from_millis(800),
+            agent_token: None,
+        },
+        leader_election: None,
+    };
+    let operator = tokio::spawn(run_until(api.client(), config, stopped));
+    // Wait until svc-b's decision says it wants more replicas.
+    let mut b_status = Value::Null;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        b_status = api.get("scalingdecisions", "shop", "svc-b").map(|d| d["status"].clone()).unwrap_or(Value::Null);
+        if b_status["verdict"] == "root-cause"
+            && b_status["history"].as_array().is_some_and(|h| h.iter().any(|e| e["toReplicas"].as_u64() > Some(1)))
+        {
+            break;
+        }
+    }
+    let a_status = api.get("scalingdecisions", "shop", "svc-a").map(|d| d["status"].clone()).unwrap_or(Value::Null);
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), operator).await;
+    a.agent.shutdown(Duration::from_millis(200)).await;
+    b.agent.shutdown(Duration::from_millis(200)).await;
+    (api, a_status, b_status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_bottleneck_is_scaled_and_the_decisions_say_why() {
+    let (api, a_status, b_status) = scenario("enforce").await;
+    assert_eq!(b_status["verdict"], "root-cause", "svc-b: {b_status:#}");
+    assert_eq!(a_status["verdict"], "delegated", "svc-a: {a_status:#}");
+    assert_eq!(a_status["suspect"], "svc-b", "svc-a: {a_status:#}");
+    let patches = scale_patches(&api, "svc-b");
+    assert!(!patches.is_empty(), "svc-b's /scale was never patched");
+    // The first step is bounded by HPA's default scale-up policy from 1 replica (at most 5).
+    let first = patches[0]["spec"]["replicas"].as_u64().unwrap();
+    assert!((2..=5).contains(&first), "svc-b scaled to {first}");
+    assert!(scale_patches(&api, "svc-a").is_empty(), "svc-a's /scale must not be patched");
+    // (The stand-in starts no pods, so svc-b stays overloaded and later reconciles may ask for more.)
+    let last = patches.last().unwrap()["spec"]["replicas"].as_u64();
+    assert_eq!(api.get("deployments", "shop", "svc-b").unwrap()["spec"]["replicas"].as_u64(), last);
+    let events = api.list("events");
+    assert!(
+        events.iter().any(|e| e["reason"] == "SuccessfulRescale" && e["regarding"]["name"] == "svc-b"),
+        "{events:#?}"
+    );
+    // The ScalingDecision is owned by its Deployment, so it goes when the Deployment goes.
+    let decision = api.get("scalingdecisions", "shop", "svc-b").unwrap();
+    assert_eq!(decision["metadata"]["ownerReferences"][0]["name"], "svc-b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommend_mode_records_decisions_and_never_patches_scale() {
+    let (api, _, b_status) = scenario("recommend").await;
+    assert_eq!(b_status["verdict"], "root-cause", "svc-b: {b_status:#}");
+    assert_eq!(b_status["mode"], "recommend");
+    assert!(b_status["desiredReplicas"].as_u64() > Some(1), "{b_status:#}");
+    assert!(scale_patches(&api, "svc-b").is_empty() && scale_patches(&api, "svc-a").is_empty());
+    assert_eq!(api.get("deployments", "shop", "svc-b").unwrap()["spec"]["replicas"].as_u64(), Some(1));
+}

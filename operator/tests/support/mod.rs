@@ -1,0 +1,354 @@
+//! An in-process stand-in of the Kubernetes API, over real HTTP, for the operator's tests only. It keeps objects
+//! in memory with a resourceVersion counter and serves what the operator uses: list and watch (from a
+//! resourceVersion), get, merge and server-side-apply patches, the `/scale` and `/status` subresources, Events
+//! and Leases, with 409 Conflict on a stale resourceVersion. Every request is logged so tests can check what the
+//! operator did. It is no API server: no validation, no admission, no field ownership.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Request, State},
+    http::{Method, StatusCode},
+    response::{IntoResponse, Response},
+};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// One request the stand-in served.
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct Store {
+    version: u64,
+    /// By "resource/namespace/name".
+    objects: BTreeMap<String, Value>,
+    /// Every change: (resourceVersion, resource, watch event type, object).
+    changes: Vec<(u64, String, &'static str, Value)>,
+    log: Vec<Logged>,
+}
+
+#[derive(Clone)]
+pub struct ApiServer {
+    store: Arc<Mutex<Store>>,
+    changed: broadcast::Sender<u64>,
+    pub addr: SocketAddr,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                      "message": message, "reason": reason, "code": code});
+    (StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body)).into_response()
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
+    }
+}
+
+/// `/api/v1/...` or `/apis/<group>/<version>/...` → (resource, namespace, name, subresource).
+fn parse(path: &str) -> Option<(String, Option<String>, Option<String>, Option<String>)> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let rest = match parts.first()? {
+        &"api" => &parts[2..],
+        &"apis" => &parts[3..],
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", namespace, rest @ ..] if !rest.is_empty() => (Some(namespace.to_string()), rest),
+        rest => (None, rest),
+    };
+    let resource = rest.first()?.to_string();
+    Some((resource, namespace, rest.get(1).map(|s| s.to_string()), rest.get(2).map(|s| s.to_string())))
+}
+
+fn matches_selector(object: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|term| !term.is_empty()).all(|term| match term.split_once('=') {
+        Some((key, value)) => object["metadata"]["labels"][key].as_str() == Some(value),
+        None => true,
+    })
+}
+
+fn query(uri: &axum::http::Uri) -> BTreeMap<String, String> {
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("%3D", "=").replace("%2C", ",")))
+        .collect()
+}
+
+impl ApiServer {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (changed, _) = broadcast::channel(1024);
+        let server = Self { store: Arc::default(), changed, addr };
+        let app = Router::new().fallback(handle).with_state(server.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        server
+    }
+
+    /// A kube client for this stand-in.
+    pub fn client(&self) -> kube::Client {
+        let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// Stores an object (as `kubectl apply` would create it).
+    pub fn create(&self, resource: &str, mut object: Value) {
+        let mut store = self.store.lock().unwrap();
+        store.version += 1;
+        let version = store.version;
+        let namespace = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = json!(format!("uid-{resource}-{name}"));
+        }
+        object["metadata"]["creationTimestamp"] = json!("2026-11-27T00:00:00Z");
+        store.objects.insert(format!("{resource}/{namespace}/{name}"), object.clone());
+        store.changes.push((version, resource.to_string(), "ADDED", object));
+        drop(store);
+        let _ = self.changed.send(version);
+    }
+
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.store.lock().unwrap().objects.get(&format!("{resource}/{namespace}/{name}")).cloned()
+    }
+
+    pub fn list(&self, resource: &str) -> Vec<Value> {
+        let prefix = format!("{resource}/");
+        self.store
+            .lock()
+            .unwrap()
+            .objects
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Every request served so far.
+    pub fn log(&self) -> Vec<Logged> {
+        self.store.lock().unwrap().log.clone()
+    }
+
+    fn write(&self, key: String, resource: &str, kind: &'static str, mut object: Value) -> Value {
+        let mut store = self.store.lock().unwrap();
+        store.version += 1;
+        let version = store.version;
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        store.objects.insert(key, object.clone());
+        store.changes.push((version, resource.to_string(), kind, object.clone()));
+        drop(store);
+        let _ = self.changed.send(version);
+        object
+    }
+}
+
+async fn handle(State(api): State<ApiServer>, request: Request) -> Response {
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let content_type =
+        request.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let bytes: Bytes = axum::body::to_bytes(request.into_body(), 1 << 20).await.unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let path = uri.path().to_string();
+    api.store.lock().unwrap().log.push(Logged {
+        method: method.to_string(),
+        path: uri.to_string(),
+        body: body.clone(),
+    });
+    let Some((resource, namespace, name, subresource)) = parse(&path) else {
+        return status(404, "NotFound", "no such path");
+    };
+    let params = query(&uri);
+    let ns = namespace.clone().unwrap_or_default();
+    match (method, name, subresource.as_deref()) {
+        (Method::GET, None, _) if params.get("watch").map(String::as_str) == Some("true") => {
+            let since: u64 = params.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+            watch(api, resource, namespace, since)
+        }
+        (Method::GET, None, _) => {
+            let selector = params.get("labelSelector").cloned().unwrap_or_default();
+            let store = api.store.lock().unwrap();
+            let items: Vec<Value> = store
+                .objects
+                .iter()
+                .filter(|(key, _)| key.starts_with(&format!("{resource}/")))
+                .filter(|(key, _)| namespace.as_ref().is_none_or(|ns| key.starts_with(&format!("{resource}/{ns}/"))))
+                .map(|(_, object)| object.clone())
+                .filter(|object| matches_selector(object, &selector))
+                .collect();
+            let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": store.version.to_string()}, "items": items});
+            axum::Json(list).into_response()
+        }
+        (Method::POST, None, _) => {
+            let mut object = body;
+            let name = object["metadata"]["name"].as_str().map(str::to_string).unwrap_or_else(|| {
+                format!(
+                    "{}{}",
+                    object["metadata"]["generateName"].as_str().unwrap_or("object-"),
+                    api.store.lock().unwrap().version
+                )
+            });
+            let key = format!("{resource}/{ns}/{name}");
+            if api.store.lock().unwrap().objects.contains_key(&key) {
+                return status(409, "AlreadyExists", "already exists");
+            }
+            object["metadata"]["name"] = json!(name);
+            object["metadata"]["namespace"] = json!(ns);
+            (StatusCode::CREATED, axum::Json(api.write(key, &resource, "ADDED", object))).into_response()
+        }
+        (Method::GET, Some(name), sub) => {
+            let Some(object) = api.get(&resource, &ns, &name) else { return status(404, "NotFound", "not found") };
+            match sub {
+                Some("scale") => axum::Json(scale_of(&object)).into_response(),
+                _ => axum::Json(object).into_response(),
+            }
+        }
+        (Method::PUT, Some(name), _) => {
+            let key = format!("{resource}/{ns}/{name}");
+            let Some(existing) = api.get(&resource, &ns, &name) else { return status(404, "NotFound", "not found") };
+            if let Some(expected) = body["metadata"]["resourceVersion"].as_str()
+                && existing["metadata"]["resourceVersion"].as_str() != Some(expected)
+            {
+                return status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version",
+                );
+            }
+            axum::Json(api.write(key, &resource, "MODIFIED", body)).into_response()
+        }
+        (Method::PATCH, Some(name), sub) => {
+            let key = format!("{resource}/{ns}/{name}");
+            let existing = api.get(&resource, &ns, &name);
+            let apply = content_type.starts_with("application/apply-patch");
+            if let (Some(existing), Some(expected)) = (&existing, body["metadata"]["resourceVersion"].as_str())
+                && existing["metadata"]["resourceVersion"].as_str() != Some(expected)
+            {
+                return status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version",
+                );
+            }
+            let mut object = match existing {
+                Some(object) => object,
+                None if apply && sub.is_none() => {
+                    let mut object = json!({"metadata": {"name": name, "namespace": ns, "uid": format!("uid-{resource}-{name}"),
+                                                          "creationTimestamp": "2026-11-27T00:00:00Z"}});
+                    merge(&mut object, &json!({"apiVersion": body["apiVersion"], "kind": body["kind"]}));
+                    object
+                }
+                None => return status(404, "NotFound", "not found"),
+            };
+            match sub {
+                Some("scale") => {
+                    let replicas = body["spec"]["replicas"].clone();
+                    merge(&mut object, &json!({"spec": {"replicas": replicas}}));
+                    let object = api.write(key, &resource, "MODIFIED", object);
+                    axum::Json(scale_of(&object)).into_response()
+                }
+                Some("status") => {
+                    merge(&mut object, &json!({"status": body["status"]}));
+                    axum::Json(api.write(key, &resource, "MODIFIED", object)).into_response()
+                }
+                _ => {
+                    let mut patch = body.clone();
+                    if apply {
+                        // An apply owns what it sends; status goes through its subresource.
+                        if let Some(patch) = patch.as_object_mut() {
+                            patch.remove("status");
+                        }
+                    }
+                    merge(&mut object, &patch);
+                    axum::Json(api.write(key, &resource, "MODIFIED", object)).into_response()
+                }
+            }
+        }
+        _ => status(405, "MethodNotAllowed", "not supported by the stand-in"),
+    }
+}
+
+fn scale_of(deployment: &Value) -> Value {
+    let replicas = deployment["spec"]["replicas"].clone();
+    json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+           "metadata": {"name": deployment["metadata"]["name"], "namespace": deployment["metadata"]["namespace"],
+                        "resourceVersion": deployment["metadata"]["resourceVersion"]},
+           "spec": {"replicas": replicas}, "status": {"replicas": replicas}})
+}
+
+/// A watch: every change after `since`, then each new one as it happens, as newline-delimited JSON.
+fn watch(api: ApiServer, resource: String, namespace: Option<String>, since: u64) -> Response {
+    let mut changes = api.changed.subscribe();
+    let stream = async_stream(move |sender: tokio::sync::mpsc::UnboundedSender<Bytes>| async move {
+        let mut sent = since;
+        loop {
+            let pending: Vec<(u64, Value)> = {
+                let store = api.store.lock().unwrap();
+                store
+                    .changes
+                    .iter()
+                    .filter(|(version, kind, _, object)| {
+                        *version > sent
+                            && *kind == resource
+                            && namespace.as_ref().is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
+                    })
+                    .map(|(version, _, kind, object)| (*version, json!({"type": kind, "object": object})))
+                    .collect()
+            };
+            for (version, event) in pending {
+                let mut line = serde_json::to_vec(&event).unwrap_or_default();
+                line.push(b'\n');
+                if sender.send(Bytes::from(line)).is_err() {
+                    return;
+                }
+                sent = version;
+            }
+            if changes.recv().await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder().header("content-type", "application/json").body(stream).unwrap_or_default()
+}
+
+/// A streaming body fed by a task.
+fn async_stream<F, Fut>(producer: F) -> Body
+where
+    F: FnOnce(tokio::sync::mpsc::UnboundedSender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(producer(sender));
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|bytes| (Ok::<_, std::convert::Infallible>(bytes), receiver))
+    });
+    Body::from_stream(stream.boxed())
+}
