@@ -185,3 +185,52 @@ async fn recommend_mode_records_decisions_and_never_patches_scale() {
     assert!(scale_patches(&api, "svc-b").is_empty() && scale_patches(&api, "svc-a").is_empty());
     assert_eq!(api.get("deployments", "shop", "svc-b").unwrap()["spec"]["replicas"].as_u64(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_operators_only_the_leader_scales() {
+    let b = service("svc-b", 1, None).await;
+    let a = service("svc-a", 64, Some(b.addr)).await;
+    let api = ApiServer::start().await;
+    api.create("deployments", deployment("svc-a", a.agent.local_addr().port(), &[("slo-latency", "100ms")]));
+    api.create("deployments", deployment("svc-b", b.agent.local_addr().port(), &[]));
+    api.create("pods", pod("svc-a"));
+    api.create("pods", pod("svc-b"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    load(a.addr, 100.0, deadline);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut operators = Vec::new();
+    for identity in ["operator-1", "operator-2"] {
+        let config = RunConfig {
+            namespaces: vec!["shop".into()],
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            operator: OperatorConfig {
+                resync: Duration::from_secs(1),
+                agent_timeout: Duration::from_millis(800),
+                agent_token: None,
+            },
+            leader_election: Some(("shop".into(), identity.into())),
+        };
+        operators.push(tokio::spawn(run_until(api.client(), config, stopped.clone())));
+    }
+    while Instant::now() < deadline && scale_patches(&api, "svc-b").is_empty() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Give the follower several resyncs in which it must not act.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = stop.send(true);
+    for operator in operators {
+        let _ = tokio::time::timeout(Duration::from_secs(5), operator).await;
+    }
+    let leases = api.list("leases");
+    assert_eq!(leases.len(), 1, "{leases:#?}");
+    let holder = leases[0]["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string();
+    assert!(holder == "operator-1" || holder == "operator-2", "{leases:#?}");
+    assert!(!scale_patches(&api, "svc-b").is_empty(), "nobody scaled");
+    let rescales: Vec<Value> = api.list("events").into_iter().filter(|e| e["reason"] == "SuccessfulRescale").collect();
+    assert!(!rescales.is_empty());
+    for event in &rescales {
+        assert_eq!(event["reportingInstance"].as_str(), Some(holder.as_str()), "a rescale by the follower: {event:#}");
+    }
+    a.agent.shutdown(Duration::from_millis(200)).await;
+    b.agent.shutdown(Duration::from_millis(200)).await;
+}

@@ -69,12 +69,15 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-/// `/api/v1/...` or `/apis/<group>/<version>/...` → (resource, namespace, name, subresource).
-fn parse(path: &str) -> Option<(String, Option<String>, Option<String>, Option<String>)> {
+/// (resource, namespace, name, subresource)
+type Target = (String, Option<String>, Option<String>, Option<String>);
+
+/// `/api/v1/...` or `/apis/<group>/<version>/...`.
+fn parse(path: &str) -> Option<Target> {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let rest = match parts.first()? {
-        &"api" => &parts[2..],
-        &"apis" => &parts[3..],
+    let rest = match *parts.first()? {
+        "api" => parts.get(2..)?,
+        "apis" => parts.get(3..)?,
         _ => return None,
     };
     let (namespace, rest) = match rest {
