@@ -140,6 +140,7 @@ pub async fn run_until(client: Client, config: RunConfig, stop: watch::Receiver<
         engines: Mutex::new(HashMap::new()),
         leader,
         metrics,
+        failures: Mutex::new(HashMap::new()),
     });
     let apis: Vec<Api<Deployment>> = if config.namespaces.is_empty() {
         vec![Api::all(client.clone())]

@@ -80,7 +80,12 @@ fn not_found() -> Value {
 }
 
 fn scale(replicas: u32) -> Value {
-    json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "web", "namespace": "shop"},
+    scale_at(replicas, "41")
+}
+
+fn scale_at(replicas: u32, version: &str) -> Value {
+    json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+           "metadata": {"name": "web", "namespace": "shop", "resourceVersion": version},
            "spec": {"replicas": replicas}, "status": {"replicas": replicas}})
 }
 
@@ -160,6 +165,7 @@ fn context() -> (Arc<Context>, ApiServerVerifier) {
         engines: Mutex::new(HashMap::new()),
         leader,
         metrics: Arc::default(),
+        failures: Mutex::new(HashMap::new()),
     };
     (Arc::new(context), ApiServerVerifier(handle))
 }
@@ -177,7 +183,7 @@ async fn a_root_cause_scales_the_deployment_by_the_rate_policy_and_records_it() 
     api.expect("GET", "/api/v1/namespaces/shop/pods?&labelSelector=app%3Dweb", 200, pods("127.0.0.1")).await;
     // HPA's default scale-up from 2: max(+4 pods, +100 %) = 6, not the 9 asked for.
     let patch = api.expect("PATCH", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale(6)).await;
-    assert_eq!(patch, json!({"spec": {"replicas": 6}}));
+    assert_eq!(patch, json!({"metadata": {"resourceVersion": "41"}, "spec": {"replicas": 6}}));
     let event = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/shop/events", 201, json!({})).await;
     assert_eq!(event["reason"], "SuccessfulRescale");
     assert!(event["note"].as_str().unwrap().starts_with("New size: 6; reason:"), "{event}");
@@ -243,4 +249,50 @@ async fn unannotated_deployments_are_not_touched() {
     let (ctx, _api) = context();
     let action = reconcile(deployment(&[]), ctx).await.unwrap();
     assert_eq!(format!("{action:?}"), format!("{:?}", kube::runtime::controller::Action::await_change()));
+}
+
+#[tokio::test]
+async fn a_conflicting_write_is_retried_on_fresh_state() {
+    let agent = fixed_agent(9).await;
+    let (ctx, mut api) = context();
+    let port = agent.port().to_string();
+    let deployment = deployment(&[("enabled", "true"), ("max-replicas", "20"), ("agent-port", &port)]);
+    let reconcile = tokio::spawn(reconcile(deployment, ctx));
+    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale_at(2, "41")).await;
+    api.expect("GET", "/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web", 404, not_found()).await;
+    api.expect("GET", "/api/v1/namespaces/shop/pods?&labelSelector=app%3Dweb", 200, pods("127.0.0.1")).await;
+    let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                          "message": "the object has been modified"});
+    let first = api.expect("PATCH", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 409, conflict).await;
+    assert_eq!(first["metadata"]["resourceVersion"], "41");
+    // Someone set 3 replicas meanwhile: read again, decide again (from 3: max(+4, +100 %) = 7), write again.
+    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale_at(3, "42")).await;
+    let second =
+        api.expect("PATCH", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale_at(7, "43")).await;
+    assert_eq!(second, json!({"metadata": {"resourceVersion": "42"}, "spec": {"replicas": 7}}));
+    let event = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/shop/events", 201, json!({})).await;
+    assert!(event["note"].as_str().unwrap().starts_with("New size: 7;"), "{event}");
+    api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web?").await;
+    let status = api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web/status?").await;
+    assert_eq!(
+        (status["status"]["currentReplicas"].as_u64(), status["status"]["desiredReplicas"].as_u64()),
+        (Some(3), Some(7))
+    );
+    reconcile.await.unwrap().expect("the reconcile succeeds");
+}
+
+#[tokio::test]
+async fn server_errors_back_off_exponentially() {
+    use kube::runtime::controller::Action;
+    use rootscale_operator::controller::reconcile::error_policy;
+    let (ctx, _api) = context();
+    let deployment = deployment(&[("enabled", "true")]);
+    let error = || rootscale_operator::Error::Target("HTTP 503".into());
+    let backoffs: Vec<String> =
+        (0..8).map(|_| format!("{:?}", error_policy(deployment.clone(), &error(), ctx.clone()))).collect();
+    let expected: Vec<String> = [1u64, 2, 4, 8, 16, 32, 60, 60]
+        .iter()
+        .map(|s| format!("{:?}", Action::requeue(Duration::from_secs(*s))))
+        .collect();
+    assert_eq!(backoffs, expected);
 }

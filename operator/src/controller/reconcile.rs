@@ -58,7 +58,12 @@ pub struct Context {
     /// Whether this instance holds the leader lease; only the leader acts.
     pub leader: tokio::sync::watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
+    /// Consecutive failed reconciles per Deployment, for the backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
 }
+
+/// Writes of `/scale` tried before giving up on conflicts.
+const MAX_SCALE_ATTEMPTS: u32 = 3;
 
 fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
@@ -121,7 +126,11 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
         Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Action::await_change()),
         Err(error) => return Err(error.into()),
     };
-    let current = scale.spec.and_then(|spec| spec.replicas).and_then(|r| u32::try_from(r).ok()).unwrap_or(0);
+    let replicas_of = |scale: &k8s_openapi::api::autoscaling::v1::Scale| {
+        scale.spec.as_ref().and_then(|spec| spec.replicas).and_then(|r| u32::try_from(r).ok()).unwrap_or(0)
+    };
+    let mut current = replicas_of(&scale);
+    let mut scale_version = scale.metadata.resource_version.clone();
     let previous = previous_status(&ctx, &namespace, &name).await;
     let settings = match settings {
         Ok(settings) => settings,
@@ -158,16 +167,29 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
     }
     let advices: Vec<_> = answers.iter().map(|answer| answer.advice()).collect();
     let config = settings.target_config();
-    let outcome = {
+    let decide = |current: u32| {
         let mut engines = ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         engines.entry(key.clone()).or_default().decide(Instant::now(), &config, current, &advices)
     };
+    let mut outcome = decide(current);
     let mut applied = false;
     let mut failed_update = None;
     let acts = !settings.paused && settings.mode == Mode::Enforce;
-    if acts && outcome.desired != current {
-        let patch = json!({ "spec": { "replicas": outcome.desired } });
+    for attempt in 1..=MAX_SCALE_ATTEMPTS {
+        if !acts || outcome.desired == current {
+            break;
+        }
+        // The resourceVersion read makes the write conditional: a change by someone else in between is a 409.
+        let patch =
+            json!({ "metadata": { "resourceVersion": scale_version }, "spec": { "replicas": outcome.desired } });
         match deployments.patch_scale(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Err(kube::Error::Api(status)) if status.code == 409 && attempt < MAX_SCALE_ATTEMPTS => {
+                // Replicas changed since they were read: decide again on fresh state.
+                let fresh = deployments.get_scale(&name).await?;
+                current = replicas_of(&fresh);
+                scale_version = fresh.metadata.resource_version.clone();
+                outcome = decide(current);
+            }
             Ok(_) => {
                 applied = true;
                 let direction = if outcome.desired > current { "up" } else { "down" };
@@ -178,11 +200,13 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
                 }
                 let note = format!("New size: {}; reason: {}", outcome.desired, outcome.reason);
                 publish(&ctx, &deployment, EventType::Normal, "SuccessfulRescale", note).await;
+                break;
             }
             Err(error) => {
                 let message = format!("failed to set replicas to {}: {error}", outcome.desired);
                 publish(&ctx, &deployment, EventType::Warning, "FailedRescale", message.clone()).await;
                 failed_update = Some(message);
+                break;
             }
         }
     }
@@ -198,13 +222,24 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
     ctx.metrics.decisions.get_or_create(&VerdictLabels { verdict: decided.verdict.clone() }).inc();
     record(&ctx, &deployment, decided).await?;
     ctx.metrics.reconciles.get_or_create(&ResultLabels { result: "ok".into() }).inc();
+    ctx.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&key);
     tracing::info!(deployment = %key, current, desired = outcome.desired, applied, reason = %outcome.reason, "reconciled");
     Ok(Action::requeue(ctx.config.resync))
 }
 
 /// On an error (an API call failed): try again soon; the next resync would anyway.
+/// On an error (an API call failed, a 5xx): try again with exponential backoff, 1 s doubling up to 1 min, reset
+/// by the next success.
 pub fn error_policy(deployment: Arc<Deployment>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconciles.get_or_create(&ResultLabels { result: error.metric_label().into() }).inc();
-    tracing::warn!(deployment = %deployment.name_any(), %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+    let key = format!("{}/{}", deployment.namespace().unwrap_or_default(), deployment.name_any());
+    let failures = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = failures.entry(key).or_default();
+        *count = count.saturating_add(1);
+        *count
+    };
+    let backoff = Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60));
+    tracing::warn!(deployment = %deployment.name_any(), %error, failures, ?backoff, "reconcile failed");
+    Action::requeue(backoff)
 }
