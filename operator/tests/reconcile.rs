@@ -296,3 +296,22 @@ async fn server_errors_back_off_exponentially() {
         .collect();
     assert_eq!(backoffs, expected);
 }
+
+#[tokio::test]
+async fn a_paused_deployment_keeps_its_replicas() {
+    let agent = fixed_agent(9).await;
+    let (ctx, mut api) = context();
+    let port = agent.port().to_string();
+    let deployment = deployment(&[("enabled", "true"), ("paused", "true"), ("agent-port", &port)]);
+    let reconcile = tokio::spawn(reconcile(deployment, ctx));
+    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale(2)).await;
+    api.expect("GET", "/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web", 404, not_found()).await;
+    api.expect("GET", "/api/v1/namespaces/shop/pods?&labelSelector=app%3Dweb", 200, pods("127.0.0.1")).await;
+    // No PATCH of /scale: straight to the record, which says why.
+    api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web?").await;
+    let status = api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web/status?").await;
+    let active = &status["status"]["conditions"][1];
+    assert_eq!((active["status"].as_str(), active["reason"].as_str()), (Some("False"), Some("ScalingDisabled")));
+    assert_eq!(status["status"]["history"][0]["applied"], false);
+    reconcile.await.unwrap().expect("the reconcile succeeds");
+}
