@@ -137,4 +137,13 @@ mod tests {
         let text = yaml().unwrap();
         assert!(text.contains("kind: CustomResourceDefinition") && text.contains("openAPIV3Schema"), "{text}");
     }
+
+    #[test]
+    fn the_chart_ships_the_crd_the_operator_generates() {
+        let shipped = include_str!("../../charts/rootscale/crds/scalingdecisions.rootscale.dev.yaml");
+        assert!(
+            shipped == yaml().unwrap(),
+            "charts/rootscale/crds is stale: run `cargo run -p rootscale-operator -- crd > charts/rootscale/crds/scalingdecisions.rootscale.dev.yaml`"
+        );
+    }
 }

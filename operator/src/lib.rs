@@ -12,6 +12,7 @@ pub mod crd;
 pub mod engine;
 mod error;
 pub mod metrics;
+pub mod rbac;
 pub mod run;
 
 pub use error::Error;

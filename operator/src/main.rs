@@ -1,4 +1,5 @@
-//! `rootscale-operator run` runs the operator; `rootscale-operator crd` prints the ScalingDecision CRD.
+//! `rootscale-operator run` runs the operator; `crd` prints the ScalingDecision CRD; `api-calls` lists the API
+//! calls it makes (what RBAC must grant).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -21,6 +22,8 @@ enum Command {
     Run(RunArgs),
     /// Print the ScalingDecision CustomResourceDefinition as YAML.
     Crd,
+    /// Print the Kubernetes API calls the operator makes, one "group resource verb" a line (what RBAC must grant).
+    ApiCalls,
 }
 
 #[derive(clap::Args)]
@@ -79,6 +82,12 @@ async fn main() -> std::process::ExitCode {
                     std::process::ExitCode::FAILURE
                 }
             };
+        }
+        Command::ApiCalls => {
+            for (group, resource, verb, _) in rootscale_operator::rbac::API_CALLS {
+                println!("{group} {resource} {verb}");
+            }
+            return std::process::ExitCode::SUCCESS;
         }
         Command::Run(args) => args,
     };

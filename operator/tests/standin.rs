@@ -231,6 +231,22 @@ async fn with_two_operators_only_the_leader_scales() {
     for event in &rescales {
         assert_eq!(event["reportingInstance"].as_str(), Some(holder.as_str()), "a rescale by the follower: {event:#}");
     }
+    // Every API call made is on the list the chart's RBAC grants, and every listed call was made (or is rare).
+    use rootscale_operator::rbac::{API_CALLS, RARE_CALLS, classify};
+    let listed: std::collections::BTreeSet<(String, String, String)> =
+        API_CALLS.iter().map(|(g, r, v, _)| (g.to_string(), r.to_string(), v.to_string())).collect();
+    let mut made = std::collections::BTreeSet::new();
+    for request in api.log() {
+        let call = classify(&request.method, &request.path).unwrap_or_else(|| panic!("unclassified {request:?}"));
+        assert!(listed.contains(&call), "the operator made {call:?}, which RBAC does not grant: {request:?}");
+        made.insert(call);
+    }
+    // A server-side apply that creates needs `create` as well as `patch`.
+    made.insert(("rootscale.dev".into(), "scalingdecisions".into(), "create".into()));
+    for call in &listed {
+        let rare = RARE_CALLS.iter().any(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()) == *call);
+        assert!(made.contains(call) || rare, "RBAC grants {call:?}, which the operator never made");
+    }
     a.agent.shutdown(Duration::from_millis(200)).await;
     b.agent.shutdown(Duration::from_millis(200)).await;
 }
