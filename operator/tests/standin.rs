@@ -217,14 +217,15 @@ async fn with_two_operators_only_the_leader_scales() {
     }
     // Give the follower several resyncs in which it must not act.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let _ = stop.send(true);
-    for operator in operators {
-        let _ = tokio::time::timeout(Duration::from_secs(5), operator).await;
-    }
+    // Read the holder before stopping: the leader releases the Lease when it shuts down.
     let leases = api.list("leases");
     assert_eq!(leases.len(), 1, "{leases:#?}");
     let holder = leases[0]["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string();
     assert!(holder == "operator-1" || holder == "operator-2", "{leases:#?}");
+    let _ = stop.send(true);
+    for operator in operators {
+        let _ = tokio::time::timeout(Duration::from_secs(5), operator).await;
+    }
     assert!(!scale_patches(&api, "svc-b").is_empty(), "nobody scaled");
     let rescales: Vec<Value> = api.list("events").into_iter().filter(|e| e["reason"] == "SuccessfulRescale").collect();
     assert!(!rescales.is_empty());
