@@ -52,6 +52,20 @@ impl ApiServerVerifier {
         .await
     }
 
+    /// What every reconcile of a valid Deployment reads first: its /scale (answered with `scale`), its previous
+    /// ScalingDecision (none) and its pods (one, whose agent is on loopback).
+    async fn reads(&mut self, scale: Value) {
+        self.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale).await;
+        self.expect("GET", "/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web", 404, not_found()).await;
+        self.expect("GET", "/api/v1/namespaces/shop/pods?&labelSelector=app%3Dweb", 200, pods("127.0.0.1")).await;
+    }
+
+    /// What every reconcile writes last: the ScalingDecision, then its status; returns the status apply.
+    async fn records(&mut self) -> Value {
+        self.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web?").await;
+        self.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web/status?").await
+    }
+
     async fn expect_with(
         &mut self,
         method: &str,
@@ -178,9 +192,7 @@ async fn a_root_cause_scales_the_deployment_by_the_rate_policy_and_records_it() 
     let deployment =
         deployment(&[("enabled", "true"), ("max-replicas", "20"), ("slo-latency", "200ms"), ("agent-port", &port)]);
     let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale(2)).await;
-    api.expect("GET", "/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web", 404, not_found()).await;
-    api.expect("GET", "/api/v1/namespaces/shop/pods?&labelSelector=app%3Dweb", 200, pods("127.0.0.1")).await;
+    api.reads(scale(2)).await;
     // HPA's default scale-up from 2: max(+4 pods, +100 %) = 6, not the 9 asked for.
     let patch = api.expect("PATCH", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale(6)).await;
     assert_eq!(patch, json!({"metadata": {"resourceVersion": "41"}, "spec": {"replicas": 6}}));
@@ -205,12 +217,9 @@ async fn recommend_mode_records_the_decision_and_leaves_replicas_alone() {
     let port = agent.port().to_string();
     let deployment = deployment(&[("enabled", "true"), ("mode", "recommend"), ("agent-port", &port)]);
     let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale(2)).await;
-    api.expect("GET", "/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web", 404, not_found()).await;
-    api.expect("GET", "/api/v1/namespaces/shop/pods?&labelSelector=app%3Dweb", 200, pods("127.0.0.1")).await;
+    api.reads(scale(2)).await;
     // No PATCH of /scale and no SuccessfulRescale: straight to the record.
-    api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web?").await;
-    let status = api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web/status?").await;
+    let status = api.records().await;
     let status = &status["status"];
     assert_eq!((status["mode"].as_str(), status["desiredReplicas"].as_u64()), (Some("recommend"), Some(4)));
     assert_eq!(status["history"][0]["applied"], false);
@@ -227,8 +236,7 @@ async fn a_bad_annotation_leaves_the_deployment_alone_and_says_why() {
     let event = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/shop/events", 201, json!({})).await;
     assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("InvalidAnnotation")));
     assert!(event["note"].as_str().unwrap().contains("rootscale.dev/max-replicas=\"ten\""), "{event}");
-    api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web?").await;
-    let status = api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web/status?").await;
+    let status = api.records().await;
     assert_eq!(status["status"]["conditions"][0]["type"], "ScalingActive");
     assert_eq!(status["status"]["conditions"][0]["status"], "False");
     assert_eq!(status["status"]["conditions"][0]["reason"], "InvalidAnnotation");
@@ -258,9 +266,7 @@ async fn a_conflicting_write_is_retried_on_fresh_state() {
     let port = agent.port().to_string();
     let deployment = deployment(&[("enabled", "true"), ("max-replicas", "20"), ("agent-port", &port)]);
     let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale_at(2, "41")).await;
-    api.expect("GET", "/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web", 404, not_found()).await;
-    api.expect("GET", "/api/v1/namespaces/shop/pods?&labelSelector=app%3Dweb", 200, pods("127.0.0.1")).await;
+    api.reads(scale_at(2, "41")).await;
     let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
                           "message": "the object has been modified"});
     let first = api.expect("PATCH", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 409, conflict).await;
@@ -272,8 +278,7 @@ async fn a_conflicting_write_is_retried_on_fresh_state() {
     assert_eq!(second, json!({"metadata": {"resourceVersion": "42"}, "spec": {"replicas": 7}}));
     let event = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/shop/events", 201, json!({})).await;
     assert!(event["note"].as_str().unwrap().starts_with("New size: 7;"), "{event}");
-    api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web?").await;
-    let status = api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web/status?").await;
+    let status = api.records().await;
     assert_eq!(
         (status["status"]["currentReplicas"].as_u64(), status["status"]["desiredReplicas"].as_u64()),
         (Some(3), Some(7))
@@ -304,12 +309,9 @@ async fn a_paused_deployment_keeps_its_replicas() {
     let port = agent.port().to_string();
     let deployment = deployment(&[("enabled", "true"), ("paused", "true"), ("agent-port", &port)]);
     let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale(2)).await;
-    api.expect("GET", "/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web", 404, not_found()).await;
-    api.expect("GET", "/api/v1/namespaces/shop/pods?&labelSelector=app%3Dweb", 200, pods("127.0.0.1")).await;
+    api.reads(scale(2)).await;
     // No PATCH of /scale: straight to the record, which says why.
-    api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web?").await;
-    let status = api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web/status?").await;
+    let status = api.records().await;
     let active = &status["status"]["conditions"][1];
     assert_eq!((active["status"].as_str(), active["reason"].as_str()), (Some("False"), Some("ScalingDisabled")));
     assert_eq!(status["status"]["history"][0]["applied"], false);
