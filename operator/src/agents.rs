@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use futures_util::future::join_all;
-use rootscale_proto::v1::{RecommendRequest, RecommendResponse, Verdict as WireVerdict, advisor_client::AdvisorClient};
+use rootscale_proto::v1::{RecommendRequest, RecommendResponse, advisor_client::AdvisorClient};
 use tonic::transport::Endpoint;
 
 use crate::engine::{Advice, Verdict};
@@ -67,18 +67,9 @@ fn interpret(pod: &str, response: RecommendResponse) -> Answer {
         .and_then(|d| d.bottleneck.as_ref())
         .map(|point| point.service.clone())
         .filter(|service| !service.is_empty());
-    let verdict = response.decision.as_ref().map(|d| WireVerdict::try_from(d.verdict));
-    let verdict = match verdict {
-        Some(Ok(WireVerdict::Healthy)) => Ok(Verdict::Healthy),
-        Some(Ok(WireVerdict::RootCause)) => Ok(Verdict::RootCause),
-        Some(Ok(WireVerdict::Delegated)) => Ok(Verdict::Delegated),
-        Some(Ok(WireVerdict::Network)) => Ok(Verdict::Network),
-        Some(Ok(WireVerdict::Saturated)) => Ok(Verdict::Saturated),
-        Some(Ok(WireVerdict::Idle)) => Ok(Verdict::Idle),
-        Some(Ok(WireVerdict::InsufficientData)) => Ok(Verdict::InsufficientData),
-        Some(Ok(WireVerdict::Unspecified)) | Some(Err(_)) => {
-            Err("the agent answered with an unknown verdict".to_string())
-        }
+    let verdict = match response.decision.as_ref() {
+        Some(decision) => Verdict::from_proto(decision.verdict)
+            .ok_or_else(|| "the agent answered with an unknown verdict".to_string()),
         None => Err("the agent answered without a decision".to_string()),
     };
     let desired = response.recommendation.as_ref().map(|r| r.desired_replicas);
@@ -154,7 +145,7 @@ pub async fn ask_all(
 
 #[cfg(test)]
 mod tests {
-    use rootscale_proto::v1::{Decision, Recommendation};
+    use rootscale_proto::v1::{Decision, Recommendation, Verdict as WireVerdict};
 
     use super::*;
 

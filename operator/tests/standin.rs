@@ -109,17 +109,23 @@ fn scale_patches(api: &ApiServer, name: &str) -> Vec<Value> {
     api.log().into_iter().filter(|r| r.method == "PATCH" && r.path.starts_with(&path)).map(|r| r.body).collect()
 }
 
-async fn scenario(b_mode: &str) -> (ApiServer, Value, Value) {
+/// svc-a → svc-b with their agents, their Deployments (svc-b's with `b_annotations`) and Pods in the stand-in,
+/// and load on svc-a until the returned deadline: svc-b serves 50 requests/s (one slot, 20 ms); 100 arrive.
+async fn shop(b_annotations: &[(&str, &str)]) -> (Service, Service, ApiServer, Instant) {
     let b = service("svc-b", 1, None).await;
     let a = service("svc-a", 64, Some(b.addr)).await;
     let api = ApiServer::start().await;
     api.create("deployments", deployment("svc-a", a.agent.local_addr().port(), &[("slo-latency", "100ms")]));
-    api.create("deployments", deployment("svc-b", b.agent.local_addr().port(), &[("mode", b_mode)]));
+    api.create("deployments", deployment("svc-b", b.agent.local_addr().port(), b_annotations));
     api.create("pods", pod("svc-a"));
     api.create("pods", pod("svc-b"));
     let deadline = Instant::now() + Duration::from_secs(20);
-    // svc-b serves 50 requests/s (one slot, 20 ms); 100 arrive.
     load(a.addr, 100.0, deadline);
+    (a, b, api, deadline)
+}
+
+async fn scenario(b_mode: &str) -> (ApiServer, Value, Value) {
+    let (a, b, api, deadline) = shop(&[("mode", b_mode)]).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let config = RunConfig {
         namespaces: vec!["shop".into()],
@@ -188,15 +194,7 @@ async fn recommend_mode_records_decisions_and_never_patches_scale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_operators_only_the_leader_scales() {
-    let b = service("svc-b", 1, None).await;
-    let a = service("svc-a", 64, Some(b.addr)).await;
-    let api = ApiServer::start().await;
-    api.create("deployments", deployment("svc-a", a.agent.local_addr().port(), &[("slo-latency", "100ms")]));
-    api.create("deployments", deployment("svc-b", b.agent.local_addr().port(), &[]));
-    api.create("pods", pod("svc-a"));
-    api.create("pods", pod("svc-b"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    load(a.addr, 100.0, deadline);
+    let (a, b, api, deadline) = shop(&[]).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut operators = Vec::new();
     for identity in ["operator-1", "operator-2"] {

@@ -19,19 +19,6 @@ const PRIORITY: [Verdict; 7] = [
     Verdict::InsufficientData,
 ];
 
-/// The verdict's name as users see it.
-pub fn verdict_name(verdict: Verdict) -> &'static str {
-    match verdict {
-        Verdict::Healthy => "healthy",
-        Verdict::RootCause => "root-cause",
-        Verdict::Delegated => "delegated",
-        Verdict::Network => "network",
-        Verdict::Saturated => "saturated",
-        Verdict::Idle => "idle",
-        Verdict::InsufficientData => "insufficient-data",
-    }
-}
-
 /// The Deployment's verdict: the one most replicas gave (ties by weight), and where they point.
 pub fn combined_verdict(answers: &[Answer]) -> (Verdict, Option<String>) {
     let mut best = (Verdict::InsufficientData, 0usize);
@@ -170,12 +157,12 @@ pub fn decided(previous: Option<&ScalingDecisionStatus>, seen: &Observation<'_>,
     };
     let mut history = previous.map(|p| p.history.clone()).unwrap_or_default();
     let changed = outcome.desired != outcome.current;
-    if changed || previous.is_none_or(|p| p.verdict != verdict_name(verdict)) {
+    if changed || previous.is_none_or(|p| p.verdict != verdict.as_str()) {
         history.insert(
             0,
             HistoryEntry {
                 time: now.to_string(),
-                verdict: verdict_name(verdict).to_string(),
+                verdict: verdict.as_str().to_string(),
                 from_replicas: outcome.current,
                 to_replicas: outcome.desired,
                 applied: seen.applied,
@@ -187,7 +174,7 @@ pub fn decided(previous: Option<&ScalingDecisionStatus>, seen: &Observation<'_>,
     ScalingDecisionStatus {
         reference: format!("Deployment/{}", seen.deployment),
         targets,
-        verdict: verdict_name(verdict).to_string(),
+        verdict: verdict.as_str().to_string(),
         min_replicas: settings.min_replicas,
         max_replicas: settings.max_replicas,
         current_replicas: outcome.current,

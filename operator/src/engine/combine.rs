@@ -3,17 +3,8 @@
 //! Every replica answers for the whole Deployment, as if each replica carried its load (DESIGN.md 1.5), so the
 //! Deployment's demand is the mean of the answers: the replicas' shares summed.
 
-/// A replica's verdict, as its agent gave it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Healthy,
-    RootCause,
-    Delegated,
-    Network,
-    Saturated,
-    Idle,
-    InsufficientData,
-}
+/// A replica's verdict, as its agent gave it: the agents' own type.
+pub use rootscale_tracer::decide::Verdict;
 
 /// One replica's answer; `None` in the slice given to [`combine`] means its agent could not be asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -150,6 +150,20 @@ impl Verdict {
         }
     }
 
+    /// The verdict a wire value names; `None` for an unknown or unspecified one.
+    pub fn from_proto(wire: i32) -> Option<Self> {
+        match proto::Verdict::try_from(wire).ok()? {
+            proto::Verdict::Healthy => Some(Verdict::Healthy),
+            proto::Verdict::RootCause => Some(Verdict::RootCause),
+            proto::Verdict::Delegated => Some(Verdict::Delegated),
+            proto::Verdict::Network => Some(Verdict::Network),
+            proto::Verdict::Saturated => Some(Verdict::Saturated),
+            proto::Verdict::Idle => Some(Verdict::Idle),
+            proto::Verdict::InsufficientData => Some(Verdict::InsufficientData),
+            proto::Verdict::Unspecified => None,
+        }
+    }
+
     pub fn to_proto(self) -> proto::Verdict {
         match self {
             Verdict::Healthy => proto::Verdict::Healthy,
