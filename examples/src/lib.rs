@@ -2,7 +2,10 @@
 //!
 //! - [`localization`]: real services on loopback, each with its own rootscale agent, faults injected at run time,
 //!   and the check of who says what (the agent's tests and the `localize` command use it).
+//! - [`local`]: local mode — topologies from YAML files, replicas behind client-side balancing, load, faults and
+//!   a policy scaling the replicas (the `demo` and `compare` commands).
 
+pub mod local;
 pub mod localization;
 
 /// The example services' gRPC API (`proto/demo.proto`).

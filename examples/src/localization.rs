@@ -447,7 +447,9 @@ fn start_service(
                         let router = tonic::transport::Server::builder()
                             .layer(agent.server_layer())
                             .add_service(DemoServer::new(GrpcHandler(handler.clone())));
-                        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                        // Without TCP_NODELAY a response can sit out a delayed ACK, which callers measure as
+                        // network time.
+                        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                         tokio::spawn(async move {
                             let _ = router.serve_with_incoming(incoming).await;
                         })

@@ -10,6 +10,7 @@ pub enum Error {
     #[error("scale target: {0}")]
     Target(String),
     /// A Kubernetes API call failed.
+    #[cfg(feature = "kubernetes")]
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
 }
@@ -20,6 +21,7 @@ impl Error {
         match self {
             Error::InvalidConfig(_) => "invalid_config",
             Error::Target(_) => "target",
+            #[cfg(feature = "kubernetes")]
             Error::Kube(_) => "kube",
         }
     }

@@ -1,18 +1,25 @@
 //! rootscale's operator: it asks each pod's agent for its recommendation and applies it to annotated Deployments.
 //!
-//! So far: [`crd`], the `ScalingDecision` resource; [`agents`], asking each pod's agent for its recommendation; [`annotations`], the strict parsing of a Deployment's `rootscale.dev/*` annotations, and [`engine`], the
-//! decision engine, a library with no Kubernetes in it — combine the replicas'
-//! recommendations, then HPA's behaviour (tolerance, stabilisation, rate policies, bounds) — and the
-//! [`engine::ScaleTarget`] trait it drives. The Kubernetes controller is still to come.
+//! - [`engine`]: the decision engine, with no Kubernetes in it — combine the replicas' recommendations, then HPA's
+//!   behaviour (tolerance, stabilisation, rate policies, bounds) — and the [`engine::ScaleTarget`] it drives. The
+//!   local demo (`rootscale-examples`) drives its own replicas with it.
+//! - [`agents`]: asking each replica's agent for its recommendation (`Advisor.Recommend`).
+//! - [`annotations`]: the strict parsing of a Deployment's `rootscale.dev/*` annotations.
+//! - With the `kubernetes` feature (on by default): [`controller`] (the reconcile), [`crd`] (`ScalingDecision`),
+//!   [`rbac`] (every API call the operator makes) and [`run`] (leader election, probes, metrics, shutdown).
 
 pub mod agents;
 pub mod annotations;
+#[cfg(feature = "kubernetes")]
 pub mod controller;
+#[cfg(feature = "kubernetes")]
 pub mod crd;
 pub mod engine;
 mod error;
 pub mod metrics;
+#[cfg(feature = "kubernetes")]
 pub mod rbac;
+#[cfg(feature = "kubernetes")]
 pub mod run;
 
 pub use error::Error;

@@ -160,6 +160,32 @@ async fn a_streamed_body_counts_its_own_cpu_as_busy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_work_offloaded_to_another_pool_counts_as_busy_and_its_queue_as_cpu_wait() {
+    let (tracer, records) = traced("svc-offload");
+    let router = Router::new()
+        .route(
+            "/",
+            get(|| async {
+                // 40 ms off the request's task: 10 ms queued for the pool, 30 ms running there.
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                rootscale_tracer::RequestHandle::current()
+                    .record_offloaded_cpu(Duration::from_millis(30), Duration::from_millis(10));
+                "done"
+            }),
+        )
+        .layer(tracer.server_layer());
+    let addr = serve_router(router).await;
+    get_from_outside(&plain_client(), addr).await;
+    settle().await;
+    let request = &records.requests()[0];
+    assert!(request.busy >= Duration::from_millis(30) && request.busy < Duration::from_millis(35), "{request:?}");
+    assert!(request.cpu_wait >= Duration::from_millis(10), "{request:?}");
+    // What is left as local wait is the queueing (10 ms), not the work.
+    assert!(request.local_wait >= Duration::from_millis(9), "{request:?}");
+    assert!(request.local_wait < Duration::from_millis(25), "{request:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uninstrumented_callee_is_named_by_its_address_and_its_wait_travels_upstream() {
     let (a, _) = traced("svc-a");
     let (b, b_records) = traced("svc-b");

@@ -143,6 +143,33 @@ impl Engine {
     /// replica (`None`: its agent could not be asked). Records the recommendation for stabilisation; call
     /// [`Engine::record_scale`] once a change has been applied.
     pub fn decide(&mut self, now: Instant, config: &TargetConfig, current: u32, answers: &[Option<Advice>]) -> Outcome {
+        let combined = combine(current, answers);
+        self.decide_from(now, config, current, combined.desired, combined.missing_data, combined.reason)
+    }
+
+    /// The same rules for a replica count recommended by something other than the agents — the demo's HPA
+    /// baselines compute HPA's formula on a metric and hand the result here, so every policy goes through the
+    /// same behaviour.
+    pub fn decide_recommended(
+        &mut self,
+        now: Instant,
+        config: &TargetConfig,
+        current: u32,
+        recommended: u32,
+        reason: String,
+    ) -> Outcome {
+        self.decide_from(now, config, current, recommended, false, reason)
+    }
+
+    fn decide_from(
+        &mut self,
+        now: Instant,
+        config: &TargetConfig,
+        current: u32,
+        recommended: u32,
+        missing_data: bool,
+        mut reason: String,
+    ) -> Outcome {
         let behavior = &config.behavior;
         // Outside the bounds: come back inside first (HPA does the same before looking at metrics).
         if current > config.max_replicas || current < config.min_replicas {
@@ -157,9 +184,7 @@ impl Engine {
                 reason: format!("{current} replicas is outside {}..={}", config.min_replicas, config.max_replicas),
             };
         }
-        let combined = combine(current, answers);
-        let mut recommended = combined.desired;
-        let mut reason = combined.reason;
+        let mut recommended = recommended;
         // (The epsilon keeps an exact 10 % step, like 10 → 11, inside a 0.1 band despite float rounding.)
         if current > 0 && (f64::from(recommended) / f64::from(current) - 1.0).abs() <= config.tolerance + 1e-9 {
             if recommended != current {
@@ -167,7 +192,7 @@ impl Engine {
             }
             recommended = current;
         }
-        if combined.missing_data && recommended < current {
+        if missing_data && recommended < current {
             recommended = current;
         }
         // Stabilisation: the lowest recommendation in the scale-up window, the highest in the scale-down window.

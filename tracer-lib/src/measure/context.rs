@@ -40,6 +40,10 @@ pub(crate) struct RequestContext {
     made_calls: AtomicBool,
     /// Outbound calls in flight now: a copy of `Calls::in_flight` readable without the lock.
     in_flight: AtomicU32,
+    /// CPU work done for the request on another thread or pool, and the time it queued there, in nanoseconds
+    /// (see [`RequestHandle::record_offloaded_cpu`]).
+    offloaded_busy_ns: AtomicU64,
+    offloaded_queued_ns: AtomicU64,
     calls: Mutex<Calls>,
 }
 
@@ -62,6 +66,8 @@ impl RequestContext {
             task_waker: AtomicWaker::new(),
             made_calls: AtomicBool::new(false),
             in_flight: AtomicU32::new(0),
+            offloaded_busy_ns: AtomicU64::new(0),
+            offloaded_queued_ns: AtomicU64::new(0),
             calls: Mutex::new(Calls::default()),
         })
     }
@@ -102,6 +108,14 @@ impl RequestContext {
             calls.critical_wait = Some(wait());
         }
         true
+    }
+
+    /// CPU work done elsewhere for this request: (running, queued).
+    pub(crate) fn offloaded(&self) -> (Duration, Duration) {
+        (
+            Duration::from_nanos(self.offloaded_busy_ns.load(Ordering::Acquire)),
+            Duration::from_nanos(self.offloaded_queued_ns.load(Ordering::Acquire)),
+        )
     }
 
     /// Downstream time up to `now` (an open group counts until `now`) and the largest critical-path wait.
@@ -210,6 +224,19 @@ impl RequestHandle {
     /// Whether there is a request behind this handle.
     pub fn is_active(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// Records CPU work done for this request off its own task — on a blocking pool (`spawn_blocking`), a rayon
+    /// pool, or a modelled core — which the request's poll clock cannot see: `running` counts as busy, `queued`
+    /// (waiting for that pool) as cpu_wait. Unrecorded, that time is local wait of an unknown kind, and the
+    /// agent's utilisation law misses the CPU it used. The work must not overlap the request's outbound calls.
+    /// A no-op outside a request.
+    pub fn record_offloaded_cpu(&self, running: Duration, queued: Duration) {
+        if let Some(context) = &self.0 {
+            let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            context.offloaded_busy_ns.fetch_add(nanos(running), Ordering::AcqRel);
+            context.offloaded_queued_ns.fetch_add(nanos(queued), Ordering::AcqRel);
+        }
     }
 
     /// Runs `future` as part of this request: outbound calls it makes count toward the request.

@@ -148,8 +148,9 @@ impl Measurement {
         let context = clock.context();
         let total = at.saturating_duration_since(context.start).saturating_sub(self.transfer);
         let (downstream, critical_wait) = context.downstream_until(at);
+        let (offloaded_busy, offloaded_queued) = context.offloaded();
         // Busy time while calls were in flight is inside `downstream` already; count it once.
-        let own_busy = clock.busy.saturating_sub(clock.busy_in_downstream);
+        let own_busy = clock.busy.saturating_sub(clock.busy_in_downstream) + offloaded_busy;
         let local_wait_us = micros(total.saturating_sub(downstream).saturating_sub(own_busy));
         let (largest, largest_us) = match critical_wait {
             Some(critical) if critical.us > local_wait_us => {
@@ -160,8 +161,8 @@ impl Measurement {
         };
         Snapshot {
             total_us: micros(total),
-            busy_us: micros(clock.busy),
-            cpu_wait_us: micros(clock.cpu_wait),
+            busy_us: micros(clock.busy + offloaded_busy),
+            cpu_wait_us: micros(clock.cpu_wait + offloaded_queued),
             downstream_us: micros(downstream),
             local_wait_us,
             largest,

@@ -1,0 +1,149 @@
+//! The local demo: a topology of real services on loopback, open-loop load, a bottleneck injected, and a policy
+//! scaling the services' replicas — by default rootscale, asking each replica's agent.
+//!
+//! `cargo run --release -p rootscale-examples --bin demo -- [--topology shop|social|chain|FILE]
+//!  [--policy rootscale|hpa-cpu|hpa-latency] [--inject SERVICE=KIND:VALUE@TIME]... [--no-fault]
+//!  [--rate 150|100,300@20s] [--duration 60s] [--seed 1] [--json FILE] [--plain]`
+
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use rootscale_examples::local::{
+    SHIPPED,
+    policy::{Action, Policy},
+    report,
+    run::{RunConfig, run},
+    scenario::{Fault, RateSchedule},
+    topology::Topology,
+};
+use rootscale_tracer::decide::AggregationMode;
+
+#[derive(Parser)]
+#[command(about = "Run rootscale's whole loop on this machine: real services, load, a bottleneck, scaling")]
+struct Args {
+    /// A topology file, or the name of a shipped one (shop, social, chain).
+    #[arg(long, default_value = "shop")]
+    topology: String,
+    /// Who scales: rootscale's agents, or HPA on CPU or on each service's latency.
+    #[arg(long, default_value = "rootscale")]
+    policy: Policy,
+    /// A fault, SERVICE=KIND:VALUE@TIME with KIND capacity (pool / VALUE), cpu (CPU time × VALUE) or link (VALUE
+    /// added to every call into SERVICE). Repeatable. Default: the topology's first demo fault.
+    #[arg(long = "inject", value_name = "FAULT")]
+    faults: Vec<Fault>,
+    /// Inject nothing (a healthy run).
+    #[arg(long, conflicts_with = "faults")]
+    no_fault: bool,
+    /// Requests per second: a number, or a schedule like 100,300@20s,100@40s. Default: the topology's.
+    #[arg(long)]
+    rate: Option<RateSchedule>,
+    /// How long the load runs. Default: the topology's (60s for the shipped ones).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Seeds arrivals, service times and call choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The agents' window.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// How often the policy decides (HPA's sync period; 15s in Kubernetes, shortened for a one-minute run).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    sync: Duration,
+    /// The agents' aggregation mode: max (follow the largest wait) or sum (act on every large wait).
+    #[arg(long, default_value = "max", value_parser = ["max", "sum"])]
+    mode: String,
+    /// hpa-cpu's target utilisation.
+    #[arg(long, default_value_t = 0.6)]
+    cpu_target: f64,
+    /// Write the whole timeline (every second, every action, the summary) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// One line per second instead of a redrawn table.
+    #[arg(long)]
+    plain: bool,
+}
+
+fn topology(name_or_path: &str) -> Result<Topology, String> {
+    let path = PathBuf::from(name_or_path);
+    if !path.exists()
+        && let Some((name, text)) = SHIPPED.iter().find(|(name, _)| *name == name_or_path)
+    {
+        return Topology::parse(text, &format!("{name}.yaml (shipped)")).map_err(|e| e.to_string());
+    }
+    Topology::load(&path).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match demo(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo(args: Args) -> Result<(), String> {
+    let topology = topology(&args.topology)?;
+    let mut config = RunConfig::new(topology, args.policy);
+    if let Some(rate) = args.rate {
+        config.rate = rate;
+    }
+    if let Some(duration) = args.duration {
+        config.duration = duration;
+    }
+    if args.no_fault {
+        config.faults.clear();
+    } else if !args.faults.is_empty() {
+        config.faults = args.faults;
+    }
+    if !(args.cpu_target > 0.0 && args.cpu_target <= 1.0) {
+        return Err(format!("--cpu-target {} is not in (0, 1]", args.cpu_target));
+    }
+    config.seed = args.seed;
+    config.window = args.window;
+    config.sync = args.sync;
+    config.cpu_target = args.cpu_target;
+    config.mode = if args.mode == "sum" { AggregationMode::Sum } else { AggregationMode::Max };
+    config.check().map_err(|e| e.to_string())?;
+    let live = std::io::stdout().is_terminal() && !args.plain;
+    let mut recent: Vec<Action> = Vec::new();
+    println!(
+        "Starting {} ({} services) under {}; load {} for {}; faults: {}",
+        config.topology.name,
+        config.topology.services.len(),
+        config.policy,
+        config
+            .rate
+            .steps
+            .iter()
+            .map(|(at, rate)| format!("{rate} rps from {}s", at.as_secs()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        humantime::format_duration(config.duration),
+        if config.faults.is_empty() {
+            "none".to_string()
+        } else {
+            config.faults.iter().map(Fault::to_string).collect::<Vec<_>>().join(", ")
+        }
+    );
+    let timeline = run(&config, |tick, actions, detections| {
+        recent.extend(actions.iter().cloned());
+        let keep = recent.len().saturating_sub(6);
+        recent.drain(..keep);
+        if live {
+            print!("\x1b[H\x1b[2J{}", report::table(&config, tick, &recent, detections));
+        } else {
+            println!("{}", report::line(tick, actions));
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    print!("{}", report::summary(&timeline));
+    if let Some(path) = args.json {
+        let text = serde_json::to_string_pretty(&timeline).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("timeline written to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! Who decides the replica counts, once per sync period, for every service: rootscale (each replica's agent is
+//! asked over gRPC, `Advisor.Recommend`, exactly as the operator asks pods) or one of two HPA baselines — HPA's
+//! formula `ceil(current × metric / target)` on each replica's virtual-CPU utilisation, or on each service's
+//! own latency against its budget. All three go through the operator's decision engine with HPA's default
+//! behaviour, and apply through [`LocalTarget`], so a comparison differs only in the signal.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rootscale_operator::{
+    agents::{Query, ask_all},
+    engine::{Engine, Outcome, ScaleTarget, TargetConfig},
+};
+use rootscale_tracer::aggregate::histogram::Histogram;
+
+use crate::local::{
+    Error,
+    cluster::{Cluster, LocalTarget},
+};
+
+/// HPA's tolerance: no change while the metric is within 10 % of its target.
+const TOLERANCE: f64 = 0.1;
+
+/// Which signal scales the services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// The agents' recommendations: only a root cause (or a saturated service) is scaled.
+    Rootscale,
+    /// HPA on virtual-CPU utilisation against a target.
+    HpaCpu,
+    /// HPA on each service's own latency (at the SLO percentile) against its budget.
+    HpaLatency,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 3] = [Policy::Rootscale, Policy::HpaCpu, Policy::HpaLatency];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Rootscale => "rootscale",
+            Policy::HpaCpu => "hpa-cpu",
+            Policy::HpaLatency => "hpa-latency",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        Policy::ALL
+            .into_iter()
+            .find(|policy| policy.as_str() == text)
+            .ok_or_else(|| format!("unknown policy `{text}` (rootscale, hpa-cpu, hpa-latency)"))
+    }
+}
+
+/// A change of a service's replica count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Action {
+    /// Seconds since the load started.
+    pub at: f64,
+    pub service: String,
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
+}
+
+/// Decides and applies, one sync at a time.
+pub struct Controller {
+    pub policy: Policy,
+    cluster: Arc<Cluster>,
+    engines: BTreeMap<String, (Engine, TargetConfig)>,
+    /// HPA-cpu's target utilisation.
+    cpu_target: f64,
+    agent_timeout: Duration,
+    /// Each replica's virtual-CPU busy time at the last sync: (service, replica) → (when, nanoseconds).
+    cpu_seen: BTreeMap<(String, u32), (Instant, u64)>,
+}
+
+impl Controller {
+    pub fn new(policy: Policy, cluster: Arc<Cluster>, cpu_target: f64) -> Result<Self, Error> {
+        let mut engines = BTreeMap::new();
+        for spec in &cluster.topology.services {
+            let config = TargetConfig {
+                min_replicas: spec.min_replicas,
+                max_replicas: spec.max_replicas,
+                tolerance: TOLERANCE,
+                ..TargetConfig::default()
+            };
+            config.validate().map_err(|e| Error::Scenario(format!("{}: {e}", spec.name)))?;
+            engines.insert(spec.name.clone(), (Engine::new(), config));
+        }
+        Ok(Self {
+            policy,
+            cluster,
+            engines,
+            cpu_target,
+            agent_timeout: Duration::from_millis(800),
+            cpu_seen: BTreeMap::new(),
+        })
+    }
+
+    /// One sync: every service decided, changes applied. `elapsed` stamps the actions.
+    pub async fn sync(&mut self, elapsed: Duration) -> Vec<Action> {
+        let now = Instant::now();
+        let names: Vec<String> = self.engines.keys().cloned().collect();
+        let mut actions = Vec::new();
+        for name in names {
+            let target = LocalTarget { cluster: self.cluster.clone(), service: name.clone() };
+            let outcome = match self.policy {
+                Policy::Rootscale => self.rootscale(now, &name, &target).await,
+                Policy::HpaCpu => {
+                    let recommended = self.hpa_cpu(now, &name);
+                    self.apply(now, &name, &target, recommended).await
+                }
+                Policy::HpaLatency => {
+                    let recommended = self.hpa_latency(&name);
+                    self.apply(now, &name, &target, recommended).await
+                }
+            };
+            match outcome {
+                Ok(outcome) if outcome.desired != outcome.current => actions.push(Action {
+                    at: elapsed.as_secs_f64(),
+                    service: name,
+                    from: outcome.current,
+                    to: outcome.desired,
+                    reason: outcome.reason,
+                }),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(service = %name, %error, "could not scale"),
+            }
+        }
+        actions
+    }
+
+    async fn rootscale(&mut self, now: Instant, name: &str, target: &LocalTarget) -> Result<Outcome, Error> {
+        let replicas = self.cluster.replica_info(name);
+        let pods: Vec<(String, std::net::SocketAddr)> =
+            replicas.iter().map(|r| (format!("{name}-{}", r.id), r.agent_addr)).collect();
+        let topology = &self.cluster.topology;
+        let (engine, config) = self.engines.get_mut(name).ok_or_else(|| Error::Scenario(format!("no `{name}`")))?;
+        let query = Query {
+            namespace: "local".into(),
+            deployment: name.to_string(),
+            slo: (name == topology.entry).then_some((topology.slo, topology.slo_percentile)),
+            target_utilization: 0.7,
+            current_replicas: self.cluster.replicas(name),
+            scale_down_stabilization: config.behavior.scale_down.stabilization_window,
+        };
+        let answers = ask_all(&pods, &query, self.agent_timeout, None).await;
+        let advice: Vec<_> = answers.iter().map(|answer| answer.advice()).collect();
+        engine.run(now, config, target, &advice).await.map_err(|e| Error::Scenario(e.to_string()))
+    }
+
+    async fn apply(
+        &mut self,
+        now: Instant,
+        name: &str,
+        target: &LocalTarget,
+        recommended: Option<(u32, String)>,
+    ) -> Result<Outcome, Error> {
+        let (engine, config) = self.engines.get_mut(name).ok_or_else(|| Error::Scenario(format!("no `{name}`")))?;
+        let current = target.current_replicas().await.map_err(|e| Error::Scenario(e.to_string()))?;
+        // No metric (no traffic yet): HPA keeps the count.
+        let (recommended, reason) = recommended.unwrap_or((current, "no metric".into()));
+        let outcome = engine.decide_recommended(now, config, current, recommended, reason);
+        if outcome.desired != current {
+            target.set_replicas(outcome.desired).await.map_err(|e| Error::Scenario(e.to_string()))?;
+            engine.record_scale(now, current, outcome.desired);
+        }
+        Ok(outcome)
+    }
+
+    /// HPA's formula on the mean utilisation of the replicas' virtual cores since the last sync.
+    fn hpa_cpu(&mut self, now: Instant, name: &str) -> Option<(u32, String)> {
+        let spec = self.cluster.topology.spec(name)?;
+        let cores = f64::from(spec.cores);
+        let mut utilizations = Vec::new();
+        for replica in self.cluster.replica_info(name) {
+            let busy = replica.usage.cpu_busy_ns.load(std::sync::atomic::Ordering::Relaxed);
+            let key = (name.to_string(), replica.id);
+            if let Some((then, busy_then)) = self.cpu_seen.insert(key, (now, busy)) {
+                let seconds = now.saturating_duration_since(then).as_secs_f64();
+                if seconds > 0.0 {
+                    utilizations.push(busy.saturating_sub(busy_then) as f64 / 1e9 / seconds / cores);
+                }
+            }
+        }
+        if utilizations.is_empty() {
+            return None;
+        }
+        let mean = utilizations.iter().sum::<f64>() / utilizations.len() as f64;
+        let reason = format!("CPU {:.0}% against a {:.0}% target", mean * 100.0, self.cpu_target * 100.0);
+        Some((hpa_formula(self.cluster.replicas(name), mean / self.cpu_target), reason))
+    }
+
+    /// HPA's formula on the mean of the replicas' own latency (at the SLO percentile, last window) against the
+    /// service's budget.
+    fn hpa_latency(&self, name: &str) -> Option<(u32, String)> {
+        let topology = &self.cluster.topology;
+        let budget = topology.spec(name)?.budget;
+        let latencies: Vec<f64> = self
+            .cluster
+            .replica_info(name)
+            .iter()
+            .filter_map(|replica| {
+                let window = replica.view.snapshot().last_window?;
+                let total = Histogram::from_proto(window.total.as_ref()?).ok()?;
+                total.percentile_us(topology.slo_percentile).map(|us| us as f64 / 1e6)
+            })
+            .collect();
+        if latencies.is_empty() {
+            return None;
+        }
+        let mean = latencies.iter().sum::<f64>() / latencies.len() as f64;
+        let reason =
+            format!("p{} {:.0}ms against a {}ms budget", topology.slo_percentile, mean * 1e3, budget.as_millis());
+        Some((hpa_formula(self.cluster.replicas(name), mean / budget.as_secs_f64().max(1e-6)), reason))
+    }
+}
+
+/// `ceil(current × ratio)`, or no change within the tolerance.
+pub fn hpa_formula(current: u32, ratio: f64) -> u32 {
+    if !ratio.is_finite() || (ratio - 1.0).abs() <= TOLERANCE {
+        return current;
+    }
+    (f64::from(current) * ratio).ceil().clamp(1.0, 10_000.0) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hpa_formula_is_hpas() {
+        assert_eq!(hpa_formula(4, 1.05), 4);
+        assert_eq!(hpa_formula(4, 1.5), 6);
+        assert_eq!(hpa_formula(1, 2.2), 3);
+        assert_eq!(hpa_formula(4, 0.3), 2);
+        assert_eq!(hpa_formula(4, f64::NAN), 4);
+        assert_eq!("hpa-cpu".parse::<Policy>(), Ok(Policy::HpaCpu));
+        assert!("hpa".parse::<Policy>().unwrap_err().contains("unknown policy"));
+    }
+}

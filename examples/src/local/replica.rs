@@ -1,0 +1,463 @@
+//! One replica of a service: a real server (axum for HTTP, tonic for gRPC) on its own loopback port, on its own
+//! thread and single-threaded runtime, instrumented by its own rootscale agent.
+//!
+//! What a replica can do is modelled, so that replicas add capacity even on a 2-core machine: a request holds a
+//! worker-pool slot for its service time (sleeping, like I/O) and one of the replica's virtual cores for its CPU
+//! time (sleeping too, reported to the tracer as CPU work done off the request's task). Its calls come after, with
+//! the slot released, through a p2c balancer per callee. A replica stops by draining: its callers drop it first
+//! (the cluster removes it from the registry), then it waits for its in-flight requests, then it shuts down.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use axum::{Router, http::StatusCode, routing::get};
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, Exp, LogNormal};
+use rootscale_tracer::{Agent, AgentView, RequestHandle, TraceClient, decide::AggregationMode};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, oneshot, watch},
+};
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+use crate::{
+    demo::{
+        CallReply, CallRequest,
+        demo_client::DemoClient,
+        demo_server::{Demo, DemoServer},
+    },
+    local::{
+        Error,
+        balance::{self, Balanced, Replicas},
+        topology::{Protocol, ServiceSpec, ServiceTime},
+    },
+};
+
+/// Faults of one service, read by each of its replicas on every request, so they apply at once to all.
+#[derive(Debug)]
+pub struct ServiceControl {
+    /// Pool slots per replica are divided by this (thousandths; 1000 = healthy).
+    capacity_divisor_milli: AtomicU64,
+    /// CPU time per request is multiplied by this (thousandths).
+    cpu_factor_milli: AtomicU64,
+    /// Added on the way into every request, outside the replica's own clock: a slow link into the service.
+    link_delay_us: AtomicU64,
+}
+
+impl Default for ServiceControl {
+    fn default() -> Self {
+        Self {
+            capacity_divisor_milli: AtomicU64::new(1000),
+            cpu_factor_milli: AtomicU64::new(1000),
+            link_delay_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ServiceControl {
+    pub fn divide_capacity(&self, factor: f64) {
+        self.capacity_divisor_milli.store((factor * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    pub fn multiply_cpu(&self, factor: f64) {
+        self.cpu_factor_milli.store((factor * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    pub fn delay_link(&self, delay: Duration) {
+        self.link_delay_us.store(delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn slots(&self, capacity: u32) -> u32 {
+        let divisor = self.capacity_divisor_milli.load(Ordering::Relaxed).max(1000) as f64 / 1000.0;
+        ((f64::from(capacity) / divisor).floor() as u32).max(1)
+    }
+
+    fn cpu(&self, base: Duration) -> Duration {
+        base.mul_f64(self.cpu_factor_milli.load(Ordering::Relaxed) as f64 / 1000.0)
+    }
+}
+
+/// What a replica has used, read by the demo (the CPU-utilisation baseline, drains).
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// Requests inside the server now, from arrival (before any link delay) to response.
+    pub in_flight: AtomicU64,
+    /// Nanoseconds the virtual cores were held.
+    pub cpu_busy_ns: AtomicU64,
+}
+
+/// Everything a replica needs to start.
+#[derive(Clone)]
+pub struct ReplicaConfig {
+    pub spec: ServiceSpec,
+    pub control: Arc<ServiceControl>,
+    /// The entry's SLO (latency, percentile), for the entry service's agent.
+    pub slo: Option<(Duration, f64)>,
+    pub window: Duration,
+    pub mode: AggregationMode,
+    /// Each callee's registry of replicas.
+    pub callees: BTreeMap<String, (Protocol, watch::Receiver<Replicas>)>,
+    pub seed: u64,
+}
+
+/// A running replica.
+pub struct Replica {
+    pub id: u32,
+    pub addr: SocketAddr,
+    pub agent_addr: SocketAddr,
+    pub view: AgentView,
+    pub usage: Arc<Usage>,
+    stop: Option<oneshot::Sender<Duration>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Callee {
+    Http(TraceClient<Balanced<http::Request<Empty<Bytes>>, http::Response<Incoming>>>),
+    Grpc(DemoClient<TraceClient<Balanced<http::Request<tonic::body::Body>, http::Response<tonic::body::Body>>>>),
+}
+
+impl Callee {
+    async fn call(&self) -> Result<(), String> {
+        match self {
+            Callee::Http(client) => {
+                let request = http::Request::get("/").body(Empty::new()).map_err(|e| e.to_string())?;
+                let response = client.clone().oneshot(request).await.map_err(|e| e.to_string())?;
+                let ok = response.status().is_success();
+                response.into_body().collect().await.map_err(|e| e.to_string())?;
+                if ok { Ok(()) } else { Err("callee failed".into()) }
+            }
+            Callee::Grpc(client) => {
+                client.clone().call(CallRequest {}).await.map(|_| ()).map_err(|status| status.message().to_string())
+            }
+        }
+    }
+}
+
+/// The handler's state: the model of one replica.
+struct Work {
+    spec: ServiceSpec,
+    control: Arc<ServiceControl>,
+    usage: Arc<Usage>,
+    /// The pool and its size; replaced when a capacity fault changes the size (requests holding the old one finish
+    /// on it).
+    pool: Mutex<(u32, Arc<Semaphore>)>,
+    cores: Semaphore,
+    random: Mutex<StdRng>,
+    callees: BTreeMap<String, Callee>,
+}
+
+impl Work {
+    fn pool(&self) -> Arc<Semaphore> {
+        let slots = self.control.slots(self.spec.capacity);
+        let mut pool = self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pool.0 != slots {
+            *pool = (slots, Arc::new(Semaphore::new(slots as usize)));
+        }
+        pool.1.clone()
+    }
+
+    /// This request's service time and which of its steps it takes.
+    fn draw(&self) -> (Duration, Vec<bool>) {
+        let mut random = self.random.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let service_time = match self.spec.service_time {
+            ServiceTime::Constant(value) => value,
+            ServiceTime::Exponential { mean } => Exp::new(1.0 / mean.as_secs_f64().max(1e-9))
+                .map(|exp| Duration::from_secs_f64(exp.sample(&mut *random).min(60.0)))
+                .unwrap_or(mean),
+            ServiceTime::LogNormal { median, sigma } => LogNormal::new(median.as_secs_f64().max(1e-9).ln(), sigma)
+                .map(|dist| Duration::from_secs_f64(dist.sample(&mut *random).min(60.0)))
+                .unwrap_or(median),
+        };
+        let steps = self.spec.steps.iter().map(|step| random.random::<f64>() < step.probability).collect();
+        (service_time, steps)
+    }
+
+    async fn handle(&self) -> Result<(), String> {
+        let (service_time, steps) = self.draw();
+        let pool = self.pool();
+        {
+            let _slot = pool.acquire().await.map_err(|_| "pool closed")?;
+            if !service_time.is_zero() {
+                tokio::time::sleep(service_time).await;
+            }
+            let cpu = self.control.cpu(self.spec.cpu);
+            if !cpu.is_zero() {
+                let queued_since = Instant::now();
+                let _core = self.cores.acquire().await.map_err(|_| "cores closed")?;
+                let running_since = Instant::now();
+                tokio::time::sleep(cpu).await;
+                // The core was held for as long as the timer really took (it rounds up to its tick).
+                let running = running_since.elapsed();
+                self.usage.cpu_busy_ns.fetch_add(running.as_nanos() as u64, Ordering::Relaxed);
+                RequestHandle::current().record_offloaded_cpu(running, running_since - queued_since);
+            }
+        }
+        for (step, taken) in self.spec.steps.iter().zip(steps) {
+            if !taken {
+                continue;
+            }
+            let calls = step.callees.iter().filter_map(|name| self.callees.get(name)).map(Callee::call);
+            for outcome in join_all(calls).await {
+                outcome?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct GrpcHandler(Arc<Work>);
+
+#[tonic::async_trait]
+impl Demo for GrpcHandler {
+    async fn call(&self, _: tonic::Request<CallRequest>) -> Result<tonic::Response<CallReply>, tonic::Status> {
+        match self.0.handle().await {
+            Ok(()) => Ok(tonic::Response::new(CallReply { service: self.0.spec.name.clone() })),
+            Err(error) => Err(tonic::Status::unavailable(error)),
+        }
+    }
+}
+
+/// The outermost layer of a replica's server: counts requests in flight (for draining) and applies a link
+/// fault's delay before the request reaches the instrumented server, so the callee's own clock does not see it
+/// and its callers measure it as network time.
+#[derive(Clone)]
+struct IngressLayer {
+    control: Arc<ServiceControl>,
+    usage: Arc<Usage>,
+}
+
+impl<S> Layer<S> for IngressLayer {
+    type Service = Ingress<S>;
+
+    fn layer(&self, inner: S) -> Ingress<S> {
+        Ingress { inner, control: self.control.clone(), usage: self.usage.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct Ingress<S> {
+    inner: S,
+    control: Arc<ServiceControl>,
+    usage: Arc<Usage>,
+}
+
+/// Counts a request out when its response (or its cancellation) is done.
+struct InFlight(Arc<Usage>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<S, R> Service<R> for Ingress<S>
+where
+    S: Service<R> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // Readiness is checked on the clone that serves the request (`oneshot`).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        self.usage.in_flight.fetch_add(1, Ordering::AcqRel);
+        let in_flight = InFlight(self.usage.clone());
+        let delay = Duration::from_micros(self.control.link_delay_us.load(Ordering::Relaxed));
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let _in_flight = in_flight;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            inner.oneshot(request).await
+        })
+    }
+}
+
+fn callee_clients(config: &ReplicaConfig, agent: &Agent) -> Result<BTreeMap<String, Callee>, Error> {
+    let mut callees = BTreeMap::new();
+    for (name, (protocol, registry)) in &config.callees {
+        let layer = agent.client_layer().callee(name).map_err(|e| Error::Start(e.to_string()))?;
+        let callee = match protocol {
+            Protocol::Http => Callee::Http(layer.layer(balance::http_client(registry.clone()))),
+            Protocol::Grpc => Callee::Grpc(DemoClient::new(layer.layer(balance::grpc_client(registry.clone())))),
+        };
+        callees.insert(name.clone(), callee);
+    }
+    Ok(callees)
+}
+
+async fn serve(
+    config: ReplicaConfig,
+    usage: Arc<Usage>,
+    ready: std::sync::mpsc::Sender<Result<(SocketAddr, SocketAddr, AgentView), Error>>,
+    stop: oneshot::Receiver<Duration>,
+) {
+    let spec = &config.spec;
+    let mut agent = Agent::builder(&spec.name)
+        .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .window(config.window)
+        .mode(config.mode)
+        .concurrency(spec.capacity)
+        .cpu_cores(f64::from(spec.cores))
+        .exchange_timeout(Duration::from_millis(500));
+    if let Some((latency, percentile)) = config.slo {
+        agent = agent.slo(latency, percentile);
+    }
+    let started = async {
+        let agent = agent.start().await.map_err(|e| Error::Start(e.to_string()))?;
+        let callees = callee_clients(&config, &agent)?;
+        let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::Start(e.to_string()))?;
+        let addr = listener.local_addr().map_err(|e| Error::Start(e.to_string()))?;
+        Ok::<_, Error>((agent, callees, listener, addr))
+    };
+    let (agent, callees, listener, addr) = match started.await {
+        Ok(started) => started,
+        Err(error) => {
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    let work = Arc::new(Work {
+        spec: spec.clone(),
+        control: config.control.clone(),
+        usage: usage.clone(),
+        pool: Mutex::new((spec.capacity, Arc::new(Semaphore::new(spec.capacity as usize)))),
+        cores: Semaphore::new(spec.cores as usize),
+        random: Mutex::new(StdRng::seed_from_u64(config.seed)),
+        callees,
+    });
+    let ingress = IngressLayer { control: config.control.clone(), usage: usage.clone() };
+    let (shutdown, shutting_down) = watch::channel(false);
+    let mut until_shutdown = shutting_down.clone();
+    let until_shutdown = async move {
+        let _ = until_shutdown.wait_for(|stop| *stop).await;
+    };
+    let server = match spec.protocol {
+        Protocol::Http => {
+            let handler = work.clone();
+            let app = Router::new()
+                .route(
+                    "/",
+                    get(move || {
+                        let handler = handler.clone();
+                        async move {
+                            match handler.handle().await {
+                                Ok(()) => (StatusCode::OK, "ok".to_string()),
+                                Err(error) => (StatusCode::BAD_GATEWAY, error),
+                            }
+                        }
+                    }),
+                )
+                .layer(agent.server_layer())
+                .layer(ingress);
+            tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(until_shutdown).await })
+        }
+        Protocol::Grpc => {
+            let router = tonic::transport::Server::builder()
+                .layer(ingress)
+                .layer(agent.server_layer())
+                .add_service(DemoServer::new(GrpcHandler(work.clone())));
+            // Without TCP_NODELAY, a response's frames can sit out a delayed ACK: tens of milliseconds that
+            // callers would measure as network time.
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(async move {
+                router.serve_with_incoming_shutdown(incoming, until_shutdown).await.map_err(std::io::Error::other)
+            })
+        }
+    };
+    let _ = ready.send(Ok((addr, agent.local_addr(), agent.view())));
+    // Told to stop (or dropped): the callers have already dropped this replica. Wait for the requests it has,
+    // then a quiet moment for any that were dispatched just before the callers heard, then shut down.
+    let deadline = stop.await.unwrap_or(Duration::ZERO);
+    let give_up = Instant::now() + deadline;
+    let mut quiet_since = Instant::now();
+    while Instant::now() < give_up {
+        if usage.in_flight.load(Ordering::Acquire) > 0 {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= Duration::from_millis(150) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = shutdown.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    agent.shutdown(Duration::from_millis(200)).await;
+}
+
+impl Replica {
+    /// Starts a replica on a thread of its own and waits until it listens.
+    pub fn start(id: u32, config: ReplicaConfig) -> Result<Self, Error> {
+        let (ready, ready_receiver) = std::sync::mpsc::channel();
+        let (stop, stopped) = oneshot::channel();
+        let usage = Arc::new(Usage::default());
+        let thread_usage = usage.clone();
+        let name = format!("{}-{id}", config.spec.name);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime.block_on(serve(config, thread_usage, ready, stopped)),
+                    Err(error) => {
+                        let _ = ready.send(Err(Error::Start(error.to_string())));
+                    }
+                };
+            })
+            .map_err(|e| Error::Start(e.to_string()))?;
+        let (addr, agent_addr, view) =
+            ready_receiver.recv().map_err(|_| Error::Start("the replica's thread ended".into()))??;
+        Ok(Self { id, addr, agent_addr, view, usage, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Drains (waits up to `deadline` for its requests to finish) and stops; blocks until it has.
+    pub fn stop(mut self, deadline: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(deadline);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(Duration::ZERO);
+        }
+    }
+}
+
+/// A client for the load generator: HTTP to the entry's replicas, balanced, uninstrumented (external traffic).
+pub fn entry_client(
+    registry: watch::Receiver<Replicas>,
+) -> Balanced<http::Request<Empty<Bytes>>, http::Response<Incoming>> {
+    balance::http_client(registry)
+}
+
+/// Reads a response to the end.
+pub async fn read_to_end(response: http::Response<Incoming>) -> Result<(), BoxError> {
+    let ok = response.status().is_success();
+    response.into_body().collect().await?;
+    if ok { Ok(()) } else { Err("the entry failed the request".into()) }
+}
