@@ -80,6 +80,7 @@ async fn main() {
             agent_token: None,
         },
         leader_election: None,
+        dashboard_addr: None,
     };
     let started = Instant::now();
     let operator = tokio::spawn(run_until(api.client(), config, stopped));

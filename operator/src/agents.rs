@@ -6,6 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use futures_util::future::join_all;
 use rootscale_proto::v1::{RecommendRequest, RecommendResponse, advisor_client::AdvisorClient};
+use rootscale_tracer::measure::headers::valid_service_name;
 use tonic::transport::Endpoint;
 
 use crate::engine::{Advice, Verdict};
@@ -36,6 +37,49 @@ pub struct Answer {
     /// The agent's own explanation, and where it points.
     pub reason: String,
     pub suspect: Option<String>,
+    /// The service its agent speaks for, and the callees it delegated to (for the dashboard).
+    pub service: Option<String>,
+    pub delegated_to: Vec<String>,
+    /// Its traffic and waits, for the dashboard; `None` when absent or implausible.
+    pub traffic: Option<Traffic>,
+}
+
+/// One replica's traffic and waits over its window, as its agent reported them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Traffic {
+    pub requests_per_second: f64,
+    pub local_wait: Duration,
+    pub net_wait: Duration,
+    pub remote_wait: Duration,
+    /// Calls per second, by callee service.
+    pub callees: Vec<(String, f64)>,
+}
+
+/// Most callees read from one answer.
+const MAX_CALLEES: usize = 64;
+/// Largest rate or wait taken as real.
+const MAX_RATE: f64 = 10_000_000.0;
+const MAX_WAIT_US: u64 = 3_600_000_000;
+
+/// The traffic part of an answer, if every value in it is plausible: it only feeds the dashboard, so anything
+/// odd drops it rather than the answer.
+fn traffic(wire: Option<&rootscale_proto::v1::Traffic>) -> Option<Traffic> {
+    let wire = wire?;
+    let rate_ok = |rate: f64| rate.is_finite() && (0.0..=MAX_RATE).contains(&rate);
+    if !rate_ok(wire.requests_per_second)
+        || wire.callees.len() > MAX_CALLEES
+        || [wire.local_wait_us, wire.net_wait_us, wire.remote_wait_us].iter().any(|us| *us > MAX_WAIT_US)
+        || wire.callees.iter().any(|c| !rate_ok(c.calls_per_second) || !valid_service_name(&c.callee))
+    {
+        return None;
+    }
+    Some(Traffic {
+        requests_per_second: wire.requests_per_second,
+        local_wait: Duration::from_micros(wire.local_wait_us),
+        net_wait: Duration::from_micros(wire.net_wait_us),
+        remote_wait: Duration::from_micros(wire.remote_wait_us),
+        callees: wire.callees.iter().map(|c| (c.callee.clone(), c.calls_per_second)).collect(),
+    })
 }
 
 impl Answer {
@@ -82,7 +126,14 @@ fn interpret(pod: &str, response: RecommendResponse) -> Answer {
         (Ok(verdict), Some(desired)) => Ok(Advice { verdict, desired_replicas: desired }),
     };
     let observed = (response.observed_latency_us > 0).then(|| Duration::from_micros(response.observed_latency_us));
-    Answer { pod: pod.to_string(), advice, observed_latency: observed, reason, suspect }
+    let delegated_to = response
+        .decision
+        .as_ref()
+        .map(|d| d.delegated_to.iter().filter(|c| valid_service_name(c)).take(MAX_CALLEES).cloned().collect())
+        .unwrap_or_default();
+    let traffic = traffic(response.traffic.as_ref());
+    let service = Some(response.service).filter(|name| valid_service_name(name));
+    Answer { pod: pod.to_string(), advice, observed_latency: observed, reason, suspect, service, delegated_to, traffic }
 }
 
 async fn ask_one(
@@ -98,6 +149,9 @@ async fn ask_one(
         observed_latency: None,
         reason: String::new(),
         suspect: None,
+        service: None,
+        delegated_to: Vec::new(),
+        traffic: None,
     };
     let endpoint = match Endpoint::from_shared(format!("http://{agent}")) {
         Ok(endpoint) => endpoint.connect_timeout(timeout).timeout(timeout),
@@ -171,6 +225,41 @@ mod tests {
             let answer = interpret("p", bad);
             assert!(answer.advice.as_ref().is_err_and(|e| e.contains(why)), "{why}: {answer:?}");
             assert_eq!(answer.advice(), None);
+        }
+    }
+
+    #[test]
+    fn implausible_traffic_is_dropped_but_the_answer_kept() {
+        use rootscale_proto::v1::{CalleeRate, Traffic as WireTraffic};
+        let with = |traffic: WireTraffic| RecommendResponse {
+            traffic: Some(traffic),
+            ..response(WireVerdict::Healthy as i32, 1)
+        };
+        let good = WireTraffic {
+            requests_per_second: 12.5,
+            local_wait_us: 1500,
+            callees: vec![CalleeRate { callee: "db".into(), calls_per_second: 12.5 }],
+            ..Default::default()
+        };
+        let answer = interpret("p", with(good.clone()));
+        let traffic = answer.traffic.unwrap();
+        assert_eq!(
+            (traffic.local_wait, traffic.callees),
+            (Duration::from_micros(1500), vec![("db".to_string(), 12.5)])
+        );
+        for bad in [
+            WireTraffic { requests_per_second: f64::NAN, ..good.clone() },
+            WireTraffic { net_wait_us: u64::MAX, ..good.clone() },
+            WireTraffic {
+                callees: vec![CalleeRate { callee: "Bad Name!".into(), calls_per_second: 1.0 }],
+                ..good.clone()
+            },
+            WireTraffic { callees: vec![CalleeRate { callee: "db".into(), calls_per_second: -1.0 }], ..good.clone() },
+            WireTraffic { callees: vec![CalleeRate::default(); 65], ..good.clone() },
+        ] {
+            let answer = interpret("p", with(bad));
+            assert_eq!(answer.traffic, None);
+            assert!(answer.advice.is_ok());
         }
     }
 }

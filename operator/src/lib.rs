@@ -6,7 +6,8 @@
 //! - [`agents`]: asking each replica's agent for its recommendation (`Advisor.Recommend`).
 //! - [`annotations`]: the strict parsing of a Deployment's `rootscale.dev/*` annotations.
 //! - With the `kubernetes` feature (on by default): [`controller`] (the reconcile), [`crd`] (`ScalingDecision`),
-//!   [`rbac`] (every API call the operator makes) and [`run`] (leader election, probes, metrics, shutdown).
+//!   [`rbac`] (every API call the operator makes), [`dashboard`] (managed Deployments on the web dashboard) and
+//!   [`run`] (leader election, probes, metrics, the dashboard's server, shutdown).
 
 pub mod agents;
 pub mod annotations;
@@ -14,6 +15,8 @@ pub mod annotations;
 pub mod controller;
 #[cfg(feature = "kubernetes")]
 pub mod crd;
+#[cfg(feature = "kubernetes")]
+pub mod dashboard;
 pub mod engine;
 mod error;
 pub mod metrics;

@@ -52,6 +52,12 @@ struct RunArgs {
     /// Act without a Lease (only for a single replica).
     #[arg(long)]
     no_leader_election: bool,
+    /// Where the read-only dashboard listens. Loopback by default: reach it with `kubectl port-forward`.
+    #[arg(long, default_value = "127.0.0.1:8090", env = "ROOTSCALE_DASHBOARD_ADDR")]
+    dashboard_addr: SocketAddr,
+    /// No dashboard.
+    #[arg(long)]
+    no_dashboard: bool,
 }
 
 fn check(args: &RunArgs) -> Result<(), String> {
@@ -123,6 +129,7 @@ async fn main() -> std::process::ExitCode {
         http_addr: args.http_addr,
         operator: OperatorConfig { resync: args.resync, agent_timeout: args.agent_timeout, agent_token },
         leader_election,
+        dashboard_addr: (!args.no_dashboard).then_some(args.dashboard_addr),
     };
     match run(client, config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 //! Running the operator: the controller over annotated Deployments (all namespaces or a list), leader election
-//! on a `Lease` so two replicas never both scale, `/healthz`, `/readyz` and `/metrics` over HTTP, and a graceful
-//! shutdown on SIGTERM or Ctrl-C.
+//! on a `Lease` so two replicas never both scale, `/healthz`, `/readyz` and `/metrics` over HTTP, the read-only
+//! dashboard (loopback by default), and a graceful shutdown on SIGTERM or Ctrl-C.
 //!
 //! Untested against a real cluster.
 
@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use crate::{
     Error,
     controller::reconcile::{Context, OperatorConfig, error_policy, reconcile},
+    dashboard::Board,
     metrics::Metrics,
 };
 
@@ -39,6 +40,8 @@ pub struct RunConfig {
     pub operator: OperatorConfig,
     /// Leader election: the Lease's namespace and this instance's identity; `None`: act without a lease.
     pub leader_election: Option<(String, String)>,
+    /// Where the read-only dashboard listens; `None`: no dashboard.
+    pub dashboard_addr: Option<SocketAddr>,
 }
 
 /// The HTTP endpoints: liveness, readiness (ready once the controller runs) and metrics.
@@ -133,6 +136,24 @@ pub async fn run_until(client: Client, config: RunConfig, stop: watch::Receiver<
         controller: "rootscale-operator".into(),
         instance: config.leader_election.as_ref().map(|(_, identity)| identity.clone()),
     };
+    let board = Arc::new(Board::default());
+    if let Some(addr) = config.dashboard_addr {
+        let bound = rootscale_dashboard::server::serve(board.dashboard.clone(), addr, stopped(stop.clone()))
+            .await
+            .map_err(|error| Error::InvalidConfig(format!("cannot bind the dashboard to {addr}: {error}")))?;
+        tracing::info!(%bound, "dashboard listening");
+    }
+    let publisher = board.clone();
+    let mut publisher_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => publisher.publish_if_changed(),
+                _ = publisher_stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    });
     let context = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -141,6 +162,7 @@ pub async fn run_until(client: Client, config: RunConfig, stop: watch::Receiver<
         leader,
         metrics,
         failures: Mutex::new(HashMap::new()),
+        board,
     });
     let apis: Vec<Api<Deployment>> = if config.namespaces.is_empty() {
         vec![Api::all(client.clone())]

@@ -148,6 +148,7 @@ impl Advisor for FixedAdvisor {
             }),
             recommendation: Some(Recommendation { desired_replicas: self.0, ..Default::default() }),
             observed_latency_us: 250_000,
+            traffic: None,
         }))
     }
 
@@ -180,6 +181,7 @@ fn context() -> (Arc<Context>, ApiServerVerifier) {
         leader,
         metrics: Arc::default(),
         failures: Mutex::new(HashMap::new()),
+        board: Arc::default(),
     };
     (Arc::new(context), ApiServerVerifier(handle))
 }

@@ -3,6 +3,8 @@
 //! for the load. Only svc-b's `/scale` may be patched; the ScalingDecisions must say root-cause and delegated.
 //! Untested against a real cluster.
 
+#[path = "../../dashboard/tests/support/browser.rs"]
+mod browser;
 mod support;
 
 use std::{
@@ -124,8 +126,11 @@ async fn shop(b_annotations: &[(&str, &str)]) -> (Service, Service, ApiServer, I
     (a, b, api, deadline)
 }
 
-async fn scenario(b_mode: &str) -> (ApiServer, Value, Value) {
-    let (a, b, api, deadline) = shop(&[("mode", b_mode)]).await;
+/// One operator (no leader election, a 1 s resync) against `api`.
+fn start_operator(
+    api: &ApiServer,
+    dashboard_addr: Option<std::net::SocketAddr>,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), rootscale_operator::Error>>) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let config = RunConfig {
         namespaces: vec!["shop".into()],
@@ -136,8 +141,14 @@ async fn scenario(b_mode: &str) -> (ApiServer, Value, Value) {
             agent_token: None,
         },
         leader_election: None,
+        dashboard_addr,
     };
-    let operator = tokio::spawn(run_until(api.client(), config, stopped));
+    (stop, tokio::spawn(run_until(api.client(), config, stopped)))
+}
+
+async fn scenario(b_mode: &str) -> (ApiServer, Value, Value) {
+    let (a, b, api, deadline) = shop(&[("mode", b_mode)]).await;
+    let (stop, operator) = start_operator(&api, None);
     // Wait until svc-b's decision says it wants more replicas.
     let mut b_status = Value::Null;
     while Instant::now() < deadline {
@@ -207,6 +218,7 @@ async fn with_two_operators_only_the_leader_scales() {
                 agent_token: None,
             },
             leader_election: Some(("shop".into(), identity.into())),
+            dashboard_addr: None,
         };
         operators.push(tokio::spawn(run_until(api.client(), config, stopped.clone())));
     }
@@ -248,4 +260,63 @@ async fn with_two_operators_only_the_leader_scales() {
     }
     a.agent.shutdown(Duration::from_millis(200)).await;
     b.agent.shutdown(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_deployments_the_root_cause_and_the_decision_in_a_browser() {
+    let (a, b, api, deadline) = shop(&[]).await;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (stop, operator) = start_operator(&api, Some(addr));
+    // The data first, over HTTP: svc-b the root cause, svc-a delegating to it, svc-b's rescale on the timeline.
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let mut state = Value::Null;
+    let ready = |state: &Value| {
+        let frame = state["frames"].as_array().and_then(|f| f.last()).cloned().unwrap_or(Value::Null);
+        let verdict = |name: &str| {
+            frame["services"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == name))
+                .map(|s| s["verdict"].clone())
+        };
+        verdict("svc-b") == Some(json!("root-cause"))
+            && verdict("svc-a") == Some(json!("delegated"))
+            && state["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["kind"] == "scale" && e["service"] == "svc-b"))
+    };
+    while Instant::now() < deadline && !ready(&state) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Ok(response) = client.get(format!("http://{addr}/api/state").parse().unwrap()).await {
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            state = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        }
+    }
+    assert!(ready(&state), "{state:#}");
+    let frame = state["frames"].as_array().unwrap().last().unwrap();
+    assert_eq!(frame["path"], json!([["svc-a", "svc-b"]]), "{frame:#}");
+    assert_eq!(frame["edges"][0]["from"], "svc-a", "{frame:#}");
+    assert_eq!(frame["entries"], json!(["svc-a"]));
+    // Then the page, in a browser, while it updates live.
+    let browser = browser::Browser::start().await;
+    browser.open(&format!("http://{addr}/")).await;
+    let updates = browser.run("return Number(document.body.dataset.updates);").await.as_u64().unwrap_or(0);
+    let shown = browser
+        .wait_for(
+            &format!(
+                "Number(document.body.dataset.updates) > {updates} \
+                 && document.querySelector('g.node[data-service=\"svc-b\"][data-verdict=\"root-cause\"]') \
+                 && document.querySelector('g.edge.path[data-from=\"svc-a\"][data-to=\"svc-b\"]') \
+                 && document.querySelector('#timeline li[data-kind=\"scale\"][data-service=\"svc-b\"]')"
+            ),
+            "document.getElementById('graph').outerHTML + document.getElementById('timeline').outerHTML",
+            Duration::from_secs(20),
+        )
+        .await;
+    browser.screenshot(&browser::screenshot_path("dashboard-operator")).await;
+    browser.close().await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), operator).await;
+    a.agent.shutdown(Duration::from_millis(200)).await;
+    b.agent.shutdown(Duration::from_millis(200)).await;
+    shown.unwrap();
 }

@@ -11,7 +11,7 @@ use clap::Parser;
 use rootscale_examples::local::{
     SHIPPED,
     policy::Policy,
-    run::{RunConfig, Summary, run},
+    run::{ActionRecord, RunConfig, Summary, run},
     topology::Topology,
 };
 use serde::Serialize;
@@ -39,6 +39,7 @@ struct Row {
     policy: String,
     detected_after_s: Option<f64>,
     summary: Summary,
+    actions: Vec<ActionRecord>,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +93,7 @@ fn compare(args: Args) -> Result<(), String> {
                     policy: policy.to_string(),
                     detected_after_s: detected,
                     summary: timeline.summary,
+                    actions: timeline.actions,
                 });
             }
         }

@@ -5,11 +5,13 @@
 //!  [--policy rootscale|hpa-cpu|hpa-latency] [--inject SERVICE=KIND:VALUE@TIME]... [--no-fault]
 //!  [--rate 150|100,300@20s] [--duration 60s] [--seed 1] [--json FILE] [--plain]`
 
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
+use rootscale_dashboard as dashboard;
 use rootscale_examples::local::{
     SHIPPED,
+    live::Live,
     policy::{Action, Policy},
     report,
     run::{RunConfig, run},
@@ -61,7 +63,18 @@ struct Args {
     /// One line per second instead of a redrawn table.
     #[arg(long)]
     plain: bool,
+    /// Where the dashboard listens (read-only; loopback unless you say otherwise). Port 0 picks a free one.
+    #[arg(long, default_value = DEFAULT_DASHBOARD)]
+    dashboard: SocketAddr,
+    /// No dashboard.
+    #[arg(long, conflicts_with = "keep_serving")]
+    no_dashboard: bool,
+    /// Keep serving the dashboard after the run, until Ctrl-C.
+    #[arg(long)]
+    keep_serving: bool,
 }
+
+const DEFAULT_DASHBOARD: &str = "127.0.0.1:7878";
 
 fn topology(name_or_path: &str) -> Result<Topology, String> {
     let path = PathBuf::from(name_or_path);
@@ -107,7 +120,7 @@ fn demo(args: Args) -> Result<(), String> {
     config.cpu_target = args.cpu_target;
     config.mode = if args.mode == "sum" { AggregationMode::Sum } else { AggregationMode::Max };
     config.check().map_err(|e| e.to_string())?;
-    let live = std::io::stdout().is_terminal() && !args.plain;
+    let redraw = std::io::stdout().is_terminal() && !args.plain;
     let mut recent: Vec<Action> = Vec::new();
     println!(
         "Starting {} ({} services) under {}; load {} for {}; faults: {}",
@@ -128,12 +141,38 @@ fn demo(args: Args) -> Result<(), String> {
             config.faults.iter().map(Fault::to_string).collect::<Vec<_>>().join(", ")
         }
     );
+    // The dashboard runs on a small runtime of its own for as long as the command does.
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("dashboard")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut live = (!args.no_dashboard).then(|| Live::new(&config.topology, &config.faults));
+    let mut footer = String::new();
+    if let Some(live) = &live {
+        let serve =
+            |addr| server.block_on(dashboard::server::serve(live.dashboard.clone(), addr, std::future::pending()));
+        let bound = match serve(args.dashboard) {
+            Ok(bound) => bound,
+            // The default port is taken (another demo?): any free one will do.
+            Err(_) if args.dashboard.to_string() == DEFAULT_DASHBOARD => {
+                serve(SocketAddr::from(([127, 0, 0, 1], 0))).map_err(|e| format!("dashboard: {e}"))?
+            }
+            Err(error) => return Err(format!("dashboard on {}: {error}", args.dashboard)),
+        };
+        println!("Dashboard: http://{bound}/");
+        footer = format!("\ndashboard: http://{bound}/\n");
+    }
     let timeline = run(&config, |tick, actions, detections| {
+        if let Some(live) = live.as_mut() {
+            live.on_tick(tick, actions, detections);
+        }
         recent.extend(actions.iter().cloned());
         let keep = recent.len().saturating_sub(6);
         recent.drain(..keep);
-        if live {
-            print!("\x1b[H\x1b[2J{}", report::table(&config, tick, &recent, detections));
+        if redraw {
+            print!("\x1b[H\x1b[2J{}{footer}", report::table(&config, tick, &recent, detections));
         } else {
             println!("{}", report::line(tick, actions));
         }
@@ -144,6 +183,12 @@ fn demo(args: Args) -> Result<(), String> {
         let text = serde_json::to_string_pretty(&timeline).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         println!("timeline written to {}", path.display());
+    }
+    if args.keep_serving && live.is_some() {
+        println!("The dashboard stays up; Ctrl-C to stop.");
+        loop {
+            std::thread::park();
+        }
     }
     Ok(())
 }

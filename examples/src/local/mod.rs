@@ -9,10 +9,12 @@
 //! 4. [`cluster`]: every service's replicas, faults, and the local `ScaleTarget` that starts and drains them;
 //! 5. [`load`] and [`scenario`]: Poisson load on a rate schedule, faults on a schedule;
 //! 6. [`policy`]: who decides — rootscale's agents, or an HPA baseline — through the operator's engine;
-//! 7. [`run`]: one run, second by second, and its timeline and summary; [`report`] prints them.
+//! 7. [`run`]: one run, second by second, and its timeline and summary; [`report`] prints them and [`live`]
+//!    feeds them to the dashboard.
 
 pub mod balance;
 pub mod cluster;
+pub mod live;
 pub mod load;
 pub mod policy;
 pub mod replica;

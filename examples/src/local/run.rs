@@ -107,6 +107,9 @@ pub struct ServiceRow {
     pub verdict: String,
     /// Where the verdict points: callees delegated to, the slow link, or the kind of local wait.
     pub detail: String,
+    pub delegated_to: Vec<String>,
+    /// Calls per second to each callee over the agents' last window, all replicas.
+    pub calls: BTreeMap<String, f64>,
 }
 
 /// The entry, as the load generator saw it, in one second.
@@ -234,8 +237,11 @@ pub fn service_row(cluster: &Cluster, name: &str, window: Duration) -> ServiceRo
         remote_wait_ms: 0.0,
         verdict: String::new(),
         detail: String::new(),
+        delegated_to: Vec::new(),
+        calls: BTreeMap::new(),
     };
-    let mut votes: BTreeMap<(u8, &'static str), (usize, String)> = BTreeMap::new();
+    let seconds = window.as_secs_f64().max(0.001);
+    let mut votes: BTreeMap<(u8, &'static str), (usize, String, Vec<String>)> = BTreeMap::new();
     let mut requests = 0;
     for replica in cluster.replica_info(name) {
         let snapshot = replica.view.snapshot();
@@ -246,6 +252,7 @@ pub fn service_row(cluster: &Cluster, name: &str, window: Duration) -> ServiceRo
             for edge in &window.outbound {
                 row.net_wait_ms = row.net_wait_ms.max(ms(percentile(edge.net_wait.as_ref(), at)));
                 row.remote_wait_ms = row.remote_wait_ms.max(ms(percentile(edge.remote_wait.as_ref(), at)));
+                *row.calls.entry(edge.callee.clone()).or_default() += edge.calls as f64 / seconds;
             }
         }
         let Some(decision) = snapshot.decision else { continue };
@@ -261,16 +268,19 @@ pub fn service_row(cluster: &Cluster, name: &str, window: Duration) -> ServiceRo
             Verdict::RootCause => decision.kind.clone(),
             _ => String::new(),
         };
-        let vote = votes.entry((pressing(verdict), verdict.as_str())).or_insert((0, detail));
+        let vote =
+            votes.entry((pressing(verdict), verdict.as_str())).or_insert((0, detail, decision.delegated_to.clone()));
         vote.0 += 1;
     }
-    row.rps = requests as f64 / window.as_secs_f64().max(0.001);
-    // Most votes; among equals, the more pressing verdict (the map is ordered by it).
-    if let Some(((_, verdict), (_, detail))) =
-        votes.iter().rev().max_by_key(|(_, (count, _))| *count).map(|(k, v)| (*k, v.clone()))
+    row.rps = requests as f64 / seconds;
+    // Most votes; among equals, the more pressing verdict (the map is in ascending order of it, and
+    // `max_by_key` keeps the last of equal maxima).
+    if let Some(((_, verdict), (_, detail, delegated_to))) =
+        votes.iter().max_by_key(|(_, (count, _, _))| *count).map(|(k, v)| (*k, v.clone()))
     {
         row.verdict = verdict.to_string();
         row.detail = detail;
+        row.delegated_to = delegated_to;
     }
     row
 }

@@ -686,11 +686,8 @@ demo:
             ),
             (GOOD.replace("    cpu: 1ms\n", "    cpu: 1ms\n    colour: blue\n"), "line 9", "unknown field `colour`"),
             (
-                GOOD.replace(
-                    "    capacity: 4\n  - name: cache",
-                    "    capacity: 4\n    calls: [{call: web}]\n  - name: cache",
-                ),
-                "line 17",
+                GOOD.replace("value: 10ms}\n", "value: 10ms}\n    calls: [{call: web}]\n"),
+                "line 18",
                 "cycle: web -> db -> web",
             ),
             (GOOD.replace("probability: 0.5", "probability: 1.5"), "line 13", "probability 1.5"),
@@ -701,6 +698,7 @@ demo:
             (GOOD.replace("      - parallel: [cache, db]\n        probability: 0.5\n", ""), "line 16", "never called"),
         ];
         for (text, line, what) in cases {
+            assert_ne!(text, GOOD, "the case for {what} changed nothing");
             let message = error(&text);
             assert!(message.starts_with("t.yaml: "), "{message}");
             assert!(message.contains(line), "{message} does not name {line}");

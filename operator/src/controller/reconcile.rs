@@ -26,6 +26,7 @@ use crate::{
     annotations::{self, Mode},
     controller::{pods, status},
     crd::{ScalingDecision, ScalingDecisionSpec, ScalingDecisionStatus, TargetRef},
+    dashboard::{Board, Observed},
     engine::Engine,
     metrics::{DirectionLabels, Metrics, ResultLabels, VerdictLabels},
 };
@@ -60,6 +61,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failed reconciles per Deployment, for the backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// What the dashboard shows.
+    pub board: Arc<Board>,
 }
 
 /// Writes of `/scale` tried before giving up on conflicts.
@@ -123,7 +126,10 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
     let scale = match deployments.get_scale(&name).await {
         Ok(scale) => scale,
         // Deleted while we were looking: nothing to do; its ScalingDecision goes with it.
-        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Action::await_change()),
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            ctx.board.forget(&namespace, &name);
+            return Ok(Action::await_change());
+        }
         Err(error) => return Err(error.into()),
     };
     let replicas_of = |scale: &k8s_openapi::api::autoscaling::v1::Scale| {
@@ -219,6 +225,19 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
         failed_update,
     };
     let decided = status::decided(previous.as_ref(), &seen, &now_rfc3339());
+    ctx.board.observe(Observed {
+        namespace: &namespace,
+        deployment: &name,
+        current,
+        desired: outcome.desired,
+        applied,
+        mode: &decided.mode,
+        verdict: &decided.verdict,
+        suspect: decided.suspect.as_deref(),
+        reason: &outcome.reason,
+        slo: settings.slo.map(|(latency, _)| latency),
+        answers: &answers,
+    });
     ctx.metrics.decisions.get_or_create(&VerdictLabels { verdict: decided.verdict.clone() }).inc();
     record(&ctx, &deployment, decided).await?;
     ctx.metrics.reconciles.get_or_create(&ResultLabels { result: "ok".into() }).inc();

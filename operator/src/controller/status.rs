@@ -240,6 +240,9 @@ mod tests {
             observed_latency: Some(Duration::from_millis(observed_ms)),
             reason: String::new(),
             suspect: suspect.map(Into::into),
+            service: None,
+            delegated_to: Vec::new(),
+            traffic: None,
         }
     }
 
@@ -341,6 +344,9 @@ mod tests {
             observed_latency: None,
             reason: String::new(),
             suspect: None,
+            service: None,
+            delegated_to: Vec::new(),
+            traffic: None,
         }];
         let outcome = outcome(3, 3, None);
         let seen = Observation {

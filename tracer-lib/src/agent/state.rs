@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::{
     ClosedWindow, Tracer,
     agent::{config::AgentBuilder, metrics::AgentMetrics},
+    aggregate::WindowStats,
     decide::{
         Capacity, Decision, Delegated, PolicyConfig, PolicyInput, Recommendation, Slo, decide, recommend,
         recommend::utilization,
@@ -330,6 +331,7 @@ impl AgentState {
                 },
             }),
             observed_latency_us: observed,
+            traffic: inner.window.as_ref().map(|w| traffic(&w.stats, self.window_ms, percentile)),
         }
     }
 
@@ -378,5 +380,31 @@ pub(crate) async fn run_windows(state: Arc<AgentState>, mut stop: watch::Receive
             }
             () = crate::agent::stop_requested(&mut stop) => return,
         }
+    }
+}
+
+/// Callees reported per answer, the busiest first.
+const MAX_CALLEE_RATES: usize = 64;
+
+/// A window's traffic and waits at `percentile`, for the operator's dashboard.
+fn traffic(stats: &WindowStats, window_ms: u64, percentile: f64) -> proto::Traffic {
+    let seconds = (window_ms as f64 / 1000.0).max(0.001);
+    let at = |histogram: &crate::aggregate::histogram::Histogram| histogram.percentile_us(percentile).unwrap_or(0);
+    let mut callees: Vec<proto::CalleeRate> = stats
+        .outbound
+        .iter()
+        .map(|(callee, edge)| proto::CalleeRate {
+            callee: callee.to_string(),
+            calls_per_second: edge.calls as f64 / seconds,
+        })
+        .collect();
+    callees.sort_by(|a, b| b.calls_per_second.total_cmp(&a.calls_per_second).then_with(|| a.callee.cmp(&b.callee)));
+    callees.truncate(MAX_CALLEE_RATES);
+    proto::Traffic {
+        requests_per_second: stats.requests as f64 / seconds,
+        local_wait_us: at(&stats.local_wait),
+        net_wait_us: stats.outbound.values().map(|edge| at(&edge.net_wait)).max().unwrap_or(0),
+        remote_wait_us: stats.outbound.values().map(|edge| at(&edge.remote_wait)).max().unwrap_or(0),
+        callees,
     }
 }
