@@ -31,9 +31,13 @@ async function load() {
 function connect() {
   const status = document.getElementById("status");
   const stream = new EventSource("api/stream");
+  let opened = false;
   stream.onopen = () => {
     status.textContent = "live";
     status.classList.remove("offline");
+    // Back after a break (the server restarted, the network dropped): what happened meanwhile is in the state.
+    if (opened) load();
+    opened = true;
   };
   stream.onerror = () => {
     status.textContent = "reconnecting…";

@@ -145,19 +145,11 @@ impl Topology {
 
     /// Every service from which `target` can be reached.
     pub fn ancestors(&self, target: &str) -> BTreeSet<String> {
-        let mut found = BTreeSet::new();
-        loop {
-            let before = found.len();
-            for service in &self.services {
-                let callees = self.callees(&service.name);
-                if callees.contains(target) || callees.iter().any(|c| found.contains(c)) {
-                    found.insert(service.name.clone());
-                }
-            }
-            if found.len() == before {
-                return found;
-            }
-        }
+        crate::local::topology::ancestors(
+            self.services.iter().map(|s| s.name.as_str()),
+            |name| self.callees(name),
+            target,
+        )
     }
 
     /// Services in an order where every callee comes before its callers.

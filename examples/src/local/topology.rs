@@ -593,18 +593,27 @@ impl Topology {
 
     /// Every service from which `target` can be reached.
     pub fn ancestors(&self, target: &str) -> BTreeSet<String> {
-        let mut found = BTreeSet::new();
-        loop {
-            let before = found.len();
-            for service in &self.services {
-                let callees = self.callees(&service.name);
-                if callees.contains(target) || callees.iter().any(|c| found.contains(c)) {
-                    found.insert(service.name.clone());
-                }
+        ancestors(self.services.iter().map(|s| s.name.as_str()), |name| self.callees(name), target)
+    }
+}
+
+/// Every one of `services` from which `target` can be reached, given each one's callees.
+pub fn ancestors<'a>(
+    services: impl Iterator<Item = &'a str> + Clone,
+    callees: impl Fn(&str) -> BTreeSet<String>,
+    target: &str,
+) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    loop {
+        let before = found.len();
+        for service in services.clone() {
+            let callees = callees(service);
+            if callees.contains(target) || callees.iter().any(|c| found.contains(c)) {
+                found.insert(service.to_string());
             }
-            if found.len() == before {
-                return found;
-            }
+        }
+        if found.len() == before {
+            return found;
         }
     }
 }

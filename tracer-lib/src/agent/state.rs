@@ -122,6 +122,14 @@ impl AgentState {
         let idle_below = self.policy.idle_fraction * target;
         let idle_throughout = inner.utilization.len() >= needed
             && inner.utilization.iter().rev().take(needed).all(|(_, value)| *value < idle_below);
+        // One window's burst (a backlog released upstream, the noise of a short window) is not saturation: what
+        // counts is the lower of this window's utilisation and the one just before it.
+        let sustained = inner
+            .utilization
+            .iter()
+            .rev()
+            .find(|(id, _)| id.saturating_add(1) == stats.window_id)
+            .map_or(0.0, |(_, before)| before.min(load.max()));
         let stale: HashSet<String> =
             inner.neighbors.iter().filter(|(_, n)| n.stale()).map(|(name, _)| name.clone()).collect();
         let neighbor_cpu: HashMap<String, f64> =
@@ -137,7 +145,7 @@ impl AgentState {
             stale_callees: &stale,
             neighbor_cpu: &neighbor_cpu,
             cpu_utilization: load.cpu,
-            utilization: load.max(),
+            utilization: sustained,
             idle_throughout,
         };
         let decision = decide(&input, &policy);
@@ -406,5 +414,48 @@ fn traffic(stats: &WindowStats, window_ms: u64, percentile: f64) -> proto::Traff
         net_wait_us: stats.outbound.values().map(|edge| at(&edge.net_wait)).max().unwrap_or(0),
         remote_wait_us: stats.outbound.values().map(|edge| at(&edge.remote_wait)).max().unwrap_or(0),
         callees,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::decide::Verdict;
+
+    fn state() -> AgentState {
+        let tracer = Tracer::builder("svc-pool").window(Duration::from_secs(1)).build().unwrap();
+        let config = AgentBuilder::new("svc-pool");
+        let sender = Sender::new(Duration::from_millis(100), None, None).unwrap();
+        AgentState::new(tracer, &config, "127.0.0.1:1".into(), Capacity { cores: 1.0, concurrency: Some(4.0) }, sender)
+    }
+
+    /// A 1 s window of 100 requests, each `own_ms` in the service: `own_ms × 100 / 1000 / 4` of the pool.
+    fn window(window_id: u64, own_ms: u64) -> Arc<ClosedWindow> {
+        let mut stats = WindowStats::new(window_id);
+        for _ in 0..100 {
+            stats.requests += 1;
+            stats.arrivals += 1;
+            stats.total.record(own_ms * 1000);
+            stats.local_wait.record(own_ms * 1000);
+        }
+        Arc::new(ClosedWindow { service: "svc-pool".into(), window_ms: 1000, stats })
+    }
+
+    #[test]
+    fn one_busy_window_is_a_burst_two_in_a_row_are_saturation() {
+        let state = state();
+        state.on_window(window(10, 10));
+        assert_eq!(state.decision().verdict, Verdict::Healthy);
+        // 90 % of the pool for one window (a backlog released upstream): not saturated.
+        state.on_window(window(11, 36));
+        assert_eq!(state.decision().verdict, Verdict::Healthy, "{:?}", state.decision());
+        // And again: now it is.
+        state.on_window(window(12, 36));
+        assert_eq!(state.decision().verdict, Verdict::Saturated, "{:?}", state.decision());
+        // A gap in the windows starts over.
+        state.on_window(window(14, 36));
+        assert_eq!(state.decision().verdict, Verdict::Healthy, "{:?}", state.decision());
     }
 }

@@ -8,8 +8,9 @@
 //!    point; a `net_wait` → the link is the bottleneck (`network`); its own `local_wait` → `root-cause`.
 //!    `sum` mode: every wait above `sum_threshold` of the observed latency counts, so several callees can be
 //!    delegated to (and the service itself be a root cause) at once.
-//! 4. Not triggered: `saturated` when utilisation is above target, `idle` when it stayed well below target for
-//!    the whole scale-down stabilisation window, else `healthy`.
+//! 4. Not triggered: `saturated` when utilisation stayed above target for two windows in a row (the agent passes
+//!    the lower of the two), `idle` when it stayed well below target for the whole scale-down stabilisation
+//!    window, else `healthy`.
 //!
 //! Missing data never scales anything: too few requests, or a stale neighbour on the path, gives
 //! `insufficient-data`.
@@ -119,7 +120,8 @@ pub struct PolicyInput<'a> {
     pub neighbor_cpu: &'a HashMap<String, f64>,
     /// This replica's CPU utilisation over the window.
     pub cpu_utilization: f64,
-    /// This replica's utilisation over the window (the larger of CPU and pool), 0 when unknown.
+    /// This replica's sustained utilisation (the larger of CPU and pool; the agent passes the lower of this
+    /// window's and the previous one's), 0 when unknown.
     pub utilization: f64,
     /// Whether utilisation stayed below `idle_fraction × target` for the whole scale-down window.
     pub idle_throughout: bool,
