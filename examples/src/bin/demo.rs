@@ -13,6 +13,7 @@ use rootscale_examples::local::{
     SHIPPED,
     live::Live,
     policy::{Action, Policy},
+    replica::CpuModel,
     report,
     run::{RunConfig, run},
     scenario::{Fault, RateSchedule},
@@ -63,6 +64,10 @@ struct Args {
     /// One line per second instead of a redrawn table.
     #[arg(long)]
     plain: bool,
+    /// Burn each request's CPU time on its replica's thread instead of modelling it (for overhead experiments:
+    /// replicas then share this machine's real cores, so on a small machine they add little capacity).
+    #[arg(long)]
+    burn_cpu: bool,
     /// Where the dashboard listens (read-only; loopback unless you say otherwise). Port 0 picks a free one.
     #[arg(long, default_value = DEFAULT_DASHBOARD)]
     dashboard: SocketAddr,
@@ -118,6 +123,7 @@ fn demo(args: Args) -> Result<(), String> {
     config.window = args.window;
     config.sync = args.sync;
     config.cpu_target = args.cpu_target;
+    config.cpu_model = if args.burn_cpu { CpuModel::Burn } else { CpuModel::Virtual };
     config.mode = if args.mode == "sum" { AggregationMode::Sum } else { AggregationMode::Max };
     config.check().map_err(|e| e.to_string())?;
     let redraw = std::io::stdout().is_terminal() && !args.plain;

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::local::{
     Error,
     balance::Replicas,
-    replica::{Replica, ReplicaConfig, ServiceControl, Usage},
+    replica::{CpuModel, Replica, ReplicaConfig, ServiceControl, Usage},
     scenario::{Fault, FaultKind},
     topology::Topology,
 };
@@ -54,7 +54,13 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts each service's initial replicas.
-    pub fn start(topology: Topology, window: Duration, mode: AggregationMode, seed: u64) -> Result<Arc<Self>, Error> {
+    pub fn start(
+        topology: Topology,
+        window: Duration,
+        mode: AggregationMode,
+        seed: u64,
+        cpu_model: CpuModel,
+    ) -> Result<Arc<Self>, Error> {
         let registries: BTreeMap<String, (watch::Sender<Replicas>, watch::Receiver<Replicas>)> = topology
             .services
             .iter()
@@ -81,6 +87,7 @@ impl Cluster {
                 mode,
                 callees,
                 seed: seed.wrapping_mul(1_000_003).wrapping_add(index as u64 * 7919),
+                cpu_model,
             };
             let registry = registries.get(&spec.name).ok_or(Error::Start("registry missing".into()))?.0.clone();
             services.insert(

@@ -100,6 +100,17 @@ pub struct Usage {
     pub cpu_busy_ns: AtomicU64,
 }
 
+/// How a replica spends a request's CPU time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuModel {
+    /// Holding one of the replica's virtual cores, asleep: replicas add capacity whatever the machine has.
+    #[default]
+    Virtual,
+    /// Burning it on the replica's own thread (its one real core) while holding a virtual core: for overhead
+    /// experiments; replicas then share the machine's real cores.
+    Burn,
+}
+
 /// Everything a replica needs to start.
 #[derive(Clone)]
 pub struct ReplicaConfig {
@@ -112,6 +123,7 @@ pub struct ReplicaConfig {
     /// Each callee's registry of replicas.
     pub callees: BTreeMap<String, (Protocol, watch::Receiver<Replicas>)>,
     pub seed: u64,
+    pub cpu_model: CpuModel,
 }
 
 /// A running replica.
@@ -156,6 +168,7 @@ struct Work {
     /// on it).
     pool: Mutex<(u32, Arc<Semaphore>)>,
     cores: Semaphore,
+    cpu_model: CpuModel,
     random: Mutex<StdRng>,
     callees: BTreeMap<String, Callee>,
 }
@@ -199,7 +212,10 @@ impl Work {
                 let queued_since = Instant::now();
                 let _core = self.cores.acquire().await.map_err(|_| "cores closed")?;
                 let running_since = Instant::now();
-                tokio::time::sleep(cpu).await;
+                match self.cpu_model {
+                    CpuModel::Virtual => tokio::time::sleep(cpu).await,
+                    CpuModel::Burn => crate::localization::spin(cpu),
+                }
                 // The core was held for as long as the timer really took (it rounds up to its tick).
                 let running = running_since.elapsed();
                 self.usage.cpu_busy_ns.fetch_add(running.as_nanos() as u64, Ordering::Relaxed);
@@ -344,6 +360,7 @@ async fn serve(
         usage: usage.clone(),
         pool: Mutex::new((spec.capacity, Arc::new(Semaphore::new(spec.capacity as usize)))),
         cores: Semaphore::new(spec.cores as usize),
+        cpu_model: config.cpu_model,
         random: Mutex::new(StdRng::seed_from_u64(config.seed)),
         callees,
     });

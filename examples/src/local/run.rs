@@ -20,6 +20,7 @@ use crate::local::{
     cluster::Cluster,
     load::Load,
     policy::{Action, Controller, Policy},
+    replica::CpuModel,
     scenario::{Fault, FaultKind, RateSchedule},
     topology::Topology,
 };
@@ -40,6 +41,7 @@ pub struct RunConfig {
     pub mode: AggregationMode,
     /// HPA-cpu's target utilisation.
     pub cpu_target: f64,
+    pub cpu_model: CpuModel,
 }
 
 impl RunConfig {
@@ -57,6 +59,7 @@ impl RunConfig {
             sync: Duration::from_secs(2),
             mode: AggregationMode::Max,
             cpu_target: 0.6,
+            cpu_model: CpuModel::Virtual,
         }
     }
 
@@ -305,7 +308,7 @@ pub fn run(config: &RunConfig, mut on_tick: impl FnMut(&Tick, &[Action], &[Detec
         .enable_all()
         .build()
         .map_err(|e| Error::Start(e.to_string()))?;
-    let cluster = Cluster::start(config.topology.clone(), config.window, config.mode, config.seed)?;
+    let cluster = Cluster::start(config.topology.clone(), config.window, config.mode, config.seed, config.cpu_model)?;
     let outcome = harness.block_on(drive(config, cluster.clone(), &mut on_tick));
     cluster.stop();
     outcome
