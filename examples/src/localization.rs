@@ -29,7 +29,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{Semaphore, oneshot},
 };
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 
 use crate::demo::{
     CallReply, CallRequest,
@@ -226,13 +226,7 @@ enum Callee {
 impl Callee {
     async fn call(&self) -> Result<(), String> {
         match self {
-            Callee::Http { client, uri } => {
-                let request = http::Request::get(uri.as_str()).body(Empty::new()).map_err(|e| e.to_string())?;
-                let response = client.clone().oneshot(request).await.map_err(|e| e.to_string())?;
-                let ok = response.status().is_success();
-                response.into_body().collect().await.map_err(|e| e.to_string())?;
-                if ok { Ok(()) } else { Err("callee failed".into()) }
-            }
+            Callee::Http { client, uri } => crate::calls::http_get(client.clone(), uri).await,
             Callee::Grpc(client) => {
                 client.clone().call(CallRequest {}).await.map(|_| ()).map_err(|status| status.message().to_string())
             }

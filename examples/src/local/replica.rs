@@ -145,13 +145,7 @@ enum Callee {
 impl Callee {
     async fn call(&self) -> Result<(), String> {
         match self {
-            Callee::Http(client) => {
-                let request = http::Request::get("/").body(Empty::new()).map_err(|e| e.to_string())?;
-                let response = client.clone().oneshot(request).await.map_err(|e| e.to_string())?;
-                let ok = response.status().is_success();
-                response.into_body().collect().await.map_err(|e| e.to_string())?;
-                if ok { Ok(()) } else { Err("callee failed".into()) }
-            }
+            Callee::Http(client) => crate::calls::http_get(client.clone(), "/").await,
             Callee::Grpc(client) => {
                 client.clone().call(CallRequest {}).await.map(|_| ()).map_err(|status| status.message().to_string())
             }
