@@ -37,3 +37,52 @@ pub mod calls {
         if ok { Ok(()) } else { Err("callee failed".into()) }
     }
 }
+
+/// One example service's request handling behind both faces the services have: `GET /` over HTTP (axum) and
+/// `Demo.Call` over gRPC (tonic).
+pub mod handler {
+    use std::{future::Future, sync::Arc};
+
+    use axum::{Router, http::StatusCode, routing::get};
+
+    use crate::demo::{CallReply, CallRequest, demo_server::Demo, demo_server::DemoServer};
+
+    /// What a service does with a request.
+    pub trait Handle: Send + Sync + 'static {
+        fn name(&self) -> &str;
+        fn handle(&self) -> impl Future<Output = Result<(), String>> + Send;
+    }
+
+    /// `GET /`: 200 when the handler succeeds, 502 with its error otherwise.
+    pub fn http_router<H: Handle>(handler: Arc<H>) -> Router {
+        Router::new().route(
+            "/",
+            get(move || {
+                let handler = handler.clone();
+                async move {
+                    match handler.handle().await {
+                        Ok(()) => (StatusCode::OK, "ok".to_string()),
+                        Err(error) => (StatusCode::BAD_GATEWAY, error),
+                    }
+                }
+            }),
+        )
+    }
+
+    /// `Demo.Call`: the service's name when the handler succeeds, UNAVAILABLE with its error otherwise.
+    pub fn grpc_service<H: Handle>(handler: Arc<H>) -> DemoServer<GrpcHandler<H>> {
+        DemoServer::new(GrpcHandler(handler))
+    }
+
+    pub struct GrpcHandler<H>(Arc<H>);
+
+    #[tonic::async_trait]
+    impl<H: Handle> Demo for GrpcHandler<H> {
+        async fn call(&self, _: tonic::Request<CallRequest>) -> Result<tonic::Response<CallReply>, tonic::Status> {
+            match self.0.handle().await {
+                Ok(()) => Ok(tonic::Response::new(CallReply { service: self.0.name().to_string() })),
+                Err(error) => Err(tonic::Status::unavailable(error)),
+            }
+        }
+    }
+}

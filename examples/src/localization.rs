@@ -4,6 +4,7 @@
 //! pool too small for the load, a CPU-bound handler, a slowed link, a killed service); and every agent's verdict is
 //! read after each window.
 
+use crate::handler::{Handle, grpc_service, http_router};
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -14,7 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{Router, http::StatusCode, routing::get};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use http_body_util::{BodyExt, Empty};
@@ -31,11 +31,7 @@ use tokio::{
 };
 use tower::ServiceBuilder;
 
-use crate::demo::{
-    CallReply, CallRequest,
-    demo_client::DemoClient,
-    demo_server::{Demo, DemoServer},
-};
+use crate::demo::{CallRequest, demo_client::DemoClient};
 
 /// How a service is called.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,7 +246,11 @@ pub fn spin(duration: Duration) {
     }
 }
 
-impl Handler {
+impl Handle for Handler {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
     async fn handle(&self) -> Result<(), String> {
         let pool = self.control.pool.lock().map_err(|_| "pool lock poisoned")?.clone();
         {
@@ -267,18 +267,6 @@ impl Handler {
             }
         }
         Ok(())
-    }
-}
-
-struct GrpcHandler(Arc<Handler>);
-
-#[tonic::async_trait]
-impl Demo for GrpcHandler {
-    async fn call(&self, _: tonic::Request<CallRequest>) -> Result<tonic::Response<CallReply>, tonic::Status> {
-        match self.0.handle().await {
-            Ok(()) => Ok(tonic::Response::new(CallReply { service: self.0.name.clone() })),
-            Err(error) => Err(tonic::Status::unavailable(error)),
-        }
     }
 }
 
@@ -410,21 +398,7 @@ fn start_service(
                 let addr = listener.local_addr().map_err(|e| e.to_string());
                 let server = match spec.protocol {
                     Protocol::Http => {
-                        let handler = handler.clone();
-                        let app = Router::new()
-                            .route(
-                                "/",
-                                get(move || {
-                                    let handler = handler.clone();
-                                    async move {
-                                        match handler.handle().await {
-                                            Ok(()) => (StatusCode::OK, "ok".to_string()),
-                                            Err(error) => (StatusCode::BAD_GATEWAY, error),
-                                        }
-                                    }
-                                }),
-                            )
-                            .layer(agent.server_layer());
+                        let app = http_router(handler.clone()).layer(agent.server_layer());
                         tokio::spawn(async move {
                             let _ = axum::serve(listener, app).await;
                         })
@@ -432,7 +406,7 @@ fn start_service(
                     Protocol::Grpc => {
                         let router = tonic::transport::Server::builder()
                             .layer(agent.server_layer())
-                            .add_service(DemoServer::new(GrpcHandler(handler.clone())));
+                            .add_service(grpc_service(handler.clone()));
                         // Without TCP_NODELAY a response can sit out a delayed ACK, which callers measure as
                         // network time.
                         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

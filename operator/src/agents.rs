@@ -83,6 +83,20 @@ fn traffic(wire: Option<&rootscale_proto::v1::Traffic>) -> Option<Traffic> {
 }
 
 impl Answer {
+    /// No answer from `pod`'s agent, and why.
+    pub fn unanswered(pod: &str, why: String) -> Self {
+        Self {
+            pod: pod.to_string(),
+            advice: Err(why),
+            observed_latency: None,
+            reason: String::new(),
+            suspect: None,
+            service: None,
+            delegated_to: Vec::new(),
+            traffic: None,
+        }
+    }
+
     /// The engine's input: `None` for missing data.
     pub fn advice(&self) -> Option<Advice> {
         self.advice.as_ref().ok().copied()
@@ -143,16 +157,7 @@ async fn ask_one(
     timeout: Duration,
     token: Option<&str>,
 ) -> Answer {
-    let unanswered = |why: String| Answer {
-        pod: pod.to_string(),
-        advice: Err(why),
-        observed_latency: None,
-        reason: String::new(),
-        suspect: None,
-        service: None,
-        delegated_to: Vec::new(),
-        traffic: None,
-    };
+    let unanswered = |why: String| Answer::unanswered(pod, why);
     let endpoint = match Endpoint::from_shared(format!("http://{agent}")) {
         Ok(endpoint) => endpoint.connect_timeout(timeout).timeout(timeout),
         Err(error) => return unanswered(format!("bad agent address {agent}: {error}")),

@@ -126,13 +126,9 @@ async fn shop(b_annotations: &[(&str, &str)]) -> (Service, Service, ApiServer, I
     (a, b, api, deadline)
 }
 
-/// One operator (no leader election, a 1 s resync) against `api`.
-fn start_operator(
-    api: &ApiServer,
-    dashboard_addr: Option<std::net::SocketAddr>,
-) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), rootscale_operator::Error>>) {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let config = RunConfig {
+/// The operator's settings for these tests: namespace `shop`, a 1 s resync.
+fn config(leader_election: Option<(String, String)>, dashboard_addr: Option<std::net::SocketAddr>) -> RunConfig {
+    RunConfig {
         namespaces: vec!["shop".into()],
         http_addr: "127.0.0.1:0".parse().unwrap(),
         operator: OperatorConfig {
@@ -140,9 +136,18 @@ fn start_operator(
             agent_timeout: Duration::from_millis(800),
             agent_token: None,
         },
-        leader_election: None,
+        leader_election,
         dashboard_addr,
-    };
+    }
+}
+
+/// One operator (no leader election) against `api`.
+fn start_operator(
+    api: &ApiServer,
+    dashboard_addr: Option<std::net::SocketAddr>,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), rootscale_operator::Error>>) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let config = config(None, dashboard_addr);
     (stop, tokio::spawn(run_until(api.client(), config, stopped)))
 }
 
@@ -209,17 +214,7 @@ async fn with_two_operators_only_the_leader_scales() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut operators = Vec::new();
     for identity in ["operator-1", "operator-2"] {
-        let config = RunConfig {
-            namespaces: vec!["shop".into()],
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            operator: OperatorConfig {
-                resync: Duration::from_secs(1),
-                agent_timeout: Duration::from_millis(800),
-                agent_token: None,
-            },
-            leader_election: Some(("shop".into(), identity.into())),
-            dashboard_addr: None,
-        };
+        let config = config(Some(("shop".into(), identity.into())), None);
         operators.push(tokio::spawn(run_until(api.client(), config, stopped.clone())));
     }
     while Instant::now() < deadline && scale_patches(&api, "svc-b").is_empty() {

@@ -7,6 +7,7 @@
 //! the slot released, through a p2c balancer per callee. A replica stops by draining: its callers drop it first
 //! (the cluster removes it from the registry), then it waits for its in-flight requests, then it shuts down.
 
+use crate::handler::{Handle, grpc_service, http_router};
 use std::{
     collections::BTreeMap,
     future::Future,
@@ -20,7 +21,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{Router, http::StatusCode, routing::get};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use http_body_util::{BodyExt, Empty};
@@ -35,11 +35,7 @@ use tokio::{
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use crate::{
-    demo::{
-        CallReply, CallRequest,
-        demo_client::DemoClient,
-        demo_server::{Demo, DemoServer},
-    },
+    demo::{CallRequest, demo_client::DemoClient},
     local::{
         Error,
         balance::{self, Balanced, Replicas},
@@ -167,6 +163,16 @@ struct Work {
     callees: BTreeMap<String, Callee>,
 }
 
+impl Handle for Work {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    async fn handle(&self) -> Result<(), String> {
+        self.serve().await
+    }
+}
+
 impl Work {
     fn pool(&self) -> Arc<Semaphore> {
         let slots = self.control.slots(self.spec.capacity);
@@ -193,7 +199,7 @@ impl Work {
         (service_time, steps)
     }
 
-    async fn handle(&self) -> Result<(), String> {
+    async fn serve(&self) -> Result<(), String> {
         let (service_time, steps) = self.draw();
         let pool = self.pool();
         {
@@ -226,18 +232,6 @@ impl Work {
             }
         }
         Ok(())
-    }
-}
-
-struct GrpcHandler(Arc<Work>);
-
-#[tonic::async_trait]
-impl Demo for GrpcHandler {
-    async fn call(&self, _: tonic::Request<CallRequest>) -> Result<tonic::Response<CallReply>, tonic::Status> {
-        match self.0.handle().await {
-            Ok(()) => Ok(tonic::Response::new(CallReply { service: self.0.spec.name.clone() })),
-            Err(error) => Err(tonic::Status::unavailable(error)),
-        }
     }
 }
 
@@ -366,29 +360,14 @@ async fn serve(
     };
     let server = match spec.protocol {
         Protocol::Http => {
-            let handler = work.clone();
-            let app = Router::new()
-                .route(
-                    "/",
-                    get(move || {
-                        let handler = handler.clone();
-                        async move {
-                            match handler.handle().await {
-                                Ok(()) => (StatusCode::OK, "ok".to_string()),
-                                Err(error) => (StatusCode::BAD_GATEWAY, error),
-                            }
-                        }
-                    }),
-                )
-                .layer(agent.server_layer())
-                .layer(ingress);
+            let app = http_router(work.clone()).layer(agent.server_layer()).layer(ingress);
             tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(until_shutdown).await })
         }
         Protocol::Grpc => {
             let router = tonic::transport::Server::builder()
                 .layer(ingress)
                 .layer(agent.server_layer())
-                .add_service(DemoServer::new(GrpcHandler(work.clone())));
+                .add_service(grpc_service(work.clone()));
             // Without TCP_NODELAY, a response's frames can sit out a delayed ACK: tens of milliseconds that
             // callers would measure as network time.
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

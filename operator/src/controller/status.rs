@@ -338,16 +338,7 @@ mod tests {
     #[test]
     fn no_answers_and_bad_annotations_say_why() {
         let settings = settings();
-        let answers = [Answer {
-            pod: "p".into(),
-            advice: Err("cannot reach the agent".into()),
-            observed_latency: None,
-            reason: String::new(),
-            suspect: None,
-            service: None,
-            delegated_to: Vec::new(),
-            traffic: None,
-        }];
+        let answers = [Answer::unanswered("p", "cannot reach the agent".into())];
         let outcome = outcome(3, 3, None);
         let seen = Observation {
             deployment: "web",
