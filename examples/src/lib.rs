@@ -8,6 +8,22 @@
 pub mod local;
 pub mod localization;
 
+/// Logs to standard error, filtered by `RUST_LOG` (`default` when it is unset), so what the agents and the tracer
+/// log — a token sent in clear text, refused reports, dropped connections — reaches whoever runs the binary.
+pub fn init_logging(default: &str) {
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => filter,
+        Err(error) => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                eprintln!("RUST_LOG ignored ({error}); logging at {default}");
+            }
+            tracing_subscriber::EnvFilter::new(default)
+        }
+    };
+    // Tests call binaries' code more than once per process; the first subscriber stays.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
 /// The example services' gRPC API (`proto/demo.proto`).
 pub mod demo {
     #![allow(missing_docs)]

@@ -23,7 +23,12 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use rootscale_proto::v1::{Verdict as WireVerdict, WaitKind};
-use rootscale_tracer::{Agent, AgentView, TraceClient, aggregate::histogram::Histogram, decide::AggregationMode};
+use rootscale_tracer::{
+    Agent, AgentView, TraceClient,
+    aggregate::histogram::Histogram,
+    decide::AggregationMode,
+    identity::{KeyRing, MeshKeys},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -194,6 +199,8 @@ pub struct Settings {
     pub mode: AggregationMode,
     /// Links that go through a delaying proxy (needed for `Fault::Link`).
     pub proxied: Vec<(String, String)>,
+    /// The mesh key every service proves its membership with (`None`: an open mesh).
+    pub mesh_keys: Option<Arc<KeyRing>>,
 }
 
 impl Default for Settings {
@@ -204,6 +211,8 @@ impl Default for Settings {
             rate: 150.0,
             mode: AggregationMode::Max,
             proxied: Vec::new(),
+            // Identity on, as in production; a key made for the run.
+            mesh_keys: MeshKeys::generate().ok().map(|keys| Arc::new(KeyRing::fixed(keys))),
         }
     }
 }
@@ -346,6 +355,9 @@ fn start_service(
                     // Each service runs on one thread: one core, whatever the machine or container has.
                     .cpu_cores(1.0)
                     .exchange_timeout(Duration::from_millis(500));
+                if let Some(keys) = &settings.mesh_keys {
+                    agent = agent.mesh_keys(keys.clone());
+                }
                 if entry {
                     agent = agent.slo(settings.slo, 95.0);
                 }

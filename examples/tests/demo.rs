@@ -27,7 +27,7 @@ fn shop() -> Topology {
 #[test]
 fn the_injected_bottleneck_and_only_it_is_scaled_and_the_slo_comes_back() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut config = RunConfig::new(shop(), Policy::Rootscale);
+    let mut config = RunConfig::new(shop(), Policy::Rootscale).unwrap();
     config.faults = vec!["payments=capacity:4@6s".parse().unwrap()];
     config.duration = Duration::from_secs(30);
     config.seed = 7;
@@ -60,7 +60,7 @@ fn the_injected_bottleneck_and_only_it_is_scaled_and_the_slo_comes_back() {
 #[test]
 fn a_healthy_run_adds_no_replica() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut config = RunConfig::new(shop(), Policy::Rootscale);
+    let mut config = RunConfig::new(shop(), Policy::Rootscale).unwrap();
     config.faults.clear();
     config.duration = Duration::from_secs(20);
     config.seed = 3;
@@ -74,7 +74,11 @@ fn a_healthy_run_adds_no_replica() {
 fn replicas_start_and_drain_under_load_without_losing_a_request() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let cluster = Cluster::start(shop(), Duration::from_secs(1), Default::default(), 5, Default::default()).unwrap();
+    let keys = std::sync::Arc::new(rootscale_tracer::identity::KeyRing::fixed(
+        rootscale_tracer::identity::MeshKeys::generate().unwrap(),
+    ));
+    let cluster =
+        Cluster::start(shop(), Duration::from_secs(1), Default::default(), 5, Default::default(), keys).unwrap();
     let load = Load::start(runtime.handle(), cluster.entry_registry().unwrap(), RateSchedule::constant(150.0), 5);
     std::thread::sleep(Duration::from_secs(1));
     // The entry (HTTP, balanced by the load generator), a gRPC service in the middle and an HTTP one with a

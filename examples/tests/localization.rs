@@ -12,7 +12,10 @@ use std::{
 
 use rootscale_examples::localization::{Fault, Running, ServiceSpec, Settings, Topology, run_scenario};
 use rootscale_proto::v1::{RecommendRequest, Verdict, advisor_client::AdvisorClient};
-use rootscale_tracer::decide::AggregationMode;
+use rootscale_tracer::{
+    decide::AggregationMode,
+    identity::peer::{OPERATOR_PROOF_METADATA, operator_proof},
+};
 
 /// Scenarios share the machine's two cores: one at a time, or a CPU-bound fault in one would starve another.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -164,8 +167,9 @@ fn a_pool_at_three_times_its_capacity_asks_for_about_three_times_the_replicas() 
                 .pool(1, Duration::from_millis(20)),
         ],
     };
-    let running =
-        Running::start(topology, Settings { slo: Duration::from_millis(100), ..Settings::default() }).expect("starts");
+    let settings = Settings { slo: Duration::from_millis(100), ..Settings::default() };
+    let keys = settings.mesh_keys.clone().expect("identity on");
+    let running = Running::start(topology, settings).expect("starts");
     let first = running.window_now();
     running.wait_for_window(first + 2);
     let agent = running.views()["svc-b"].snapshot();
@@ -177,6 +181,10 @@ fn a_pool_at_three_times_its_capacity_asks_for_about_three_times_the_replicas() 
     let answer = runtime.block_on(async {
         let mut advisor = AdvisorClient::connect(format!("http://{b_agent}")).await.unwrap();
         let request = RecommendRequest { current_replicas: 1, target_utilization: 1.0, ..Default::default() };
+        // With the operator's proof, made with the mesh key.
+        let proof = operator_proof(&keys.current(), "Recommend", &prost::Message::encode_to_vec(&request));
+        let mut request = tonic::Request::new(request);
+        request.metadata_mut().insert(OPERATOR_PROOF_METADATA, proof);
         advisor.recommend(request).await.unwrap().into_inner()
     });
     running.stop();

@@ -74,11 +74,7 @@ async fn main() {
     let config = RunConfig {
         namespaces: vec!["bench".into()],
         http_addr: "127.0.0.1:0".parse().unwrap(),
-        operator: OperatorConfig {
-            resync: Duration::from_secs(15),
-            agent_timeout: Duration::from_secs(2),
-            agent_token: None,
-        },
+        operator: OperatorConfig::default(),
         leader_election: None,
         dashboard_addr: None,
     };

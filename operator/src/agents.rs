@@ -1,15 +1,34 @@
 //! Asking the agents: one `Advisor.Recommend` call to each ready pod's agent, all at once, each bounded by a
-//! timeout. An agent that does not answer, or answers garbage, counts as missing data — which never scales a
-//! Deployment down.
+//! timeout, over one cached channel per agent (TLS and the shared token when configured). An agent that does not
+//! answer, fails TLS verification, or answers garbage, counts as missing data — which never scales a Deployment
+//! down.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures_util::future::join_all;
 use rootscale_proto::v1::{RecommendRequest, RecommendResponse, advisor_client::AdvisorClient};
-use rootscale_tracer::measure::headers::valid_service_name;
-use tonic::transport::Endpoint;
+use rootscale_tracer::{
+    identity::{
+        KeyRing,
+        peer::{OPERATOR_PROOF_METADATA, operator_proof},
+    },
+    measure::headers::valid_service_name,
+};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    transport::{Channel, Endpoint},
+};
 
-use crate::engine::{Advice, Verdict};
+use crate::{
+    Error,
+    engine::{Advice, Verdict},
+    tls::AgentTls,
+};
 
 /// Largest replica count an agent may ask for; more is garbage.
 const MAX_DESIRED: u32 = 10_000;
@@ -150,56 +169,173 @@ fn interpret(pod: &str, response: RecommendResponse) -> Answer {
     Answer { pod: pod.to_string(), advice, observed_latency: observed, reason, suspect, service, delegated_to, traffic }
 }
 
-async fn ask_one(
-    pod: &str,
-    agent: SocketAddr,
-    request: RecommendRequest,
+/// Channels kept at most, one per agent address; past that the cache starts over.
+const MAX_CHANNELS: usize = 1024;
+
+/// How the operator calls the agents, built once at start and shared by every reconcile: the timeout, the
+/// shared token, TLS, and one channel per agent address, reused from call to call.
+#[derive(Clone)]
+pub struct AgentClient {
+    /// How long an agent may take to answer, connecting included.
     timeout: Duration,
-    token: Option<&str>,
-) -> Answer {
-    let unanswered = |why: String| Answer::unanswered(pod, why);
-    let endpoint = match Endpoint::from_shared(format!("http://{agent}")) {
-        Ok(endpoint) => endpoint.connect_timeout(timeout).timeout(timeout),
-        Err(error) => return unanswered(format!("bad agent address {agent}: {error}")),
-    };
-    let call = async {
-        let channel =
-            endpoint.connect().await.map_err(|error| format!("cannot reach the agent at {agent}: {error}"))?;
-        let mut request = tonic::Request::new(request);
-        if let Some(token) = token {
-            let value =
-                format!("Bearer {token}").parse().map_err(|_| "the agent token is not visible ASCII".to_string())?;
-            request.metadata_mut().insert("authorization", value);
+    /// `authorization: Bearer <token>` on every call.
+    token: Option<MetadataValue<Ascii>>,
+    /// TLS toward the agents; `None`: plain HTTP/2.
+    tls: Option<AgentTls>,
+    /// The mesh key: every question carries the operator's proof made with it, so the agents keep its settings.
+    mesh_keys: Option<Arc<KeyRing>>,
+    channels: Arc<Mutex<HashMap<SocketAddr, Channel>>>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("timeout", &self.timeout)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .field("mesh_keys", &self.mesh_keys.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentClient {
+    /// Plain HTTP/2, no token.
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout, token: None, tls: None, mesh_keys: None, channels: Arc::default() }
+    }
+
+    /// Signs every question with the mesh key (the operator's proof).
+    pub fn with_mesh_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.mesh_keys = Some(keys);
+        self
+    }
+
+    pub fn has_mesh_keys(&self) -> bool {
+        self.mesh_keys.is_some()
+    }
+
+    /// Sends `token` on every call; it must be non-empty visible ASCII (as the agents require).
+    pub fn with_token(mut self, token: &str) -> Result<Self, Error> {
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::InvalidConfig("the agent token must be non-empty visible ASCII".into()));
         }
-        AdvisorClient::new(channel).recommend(request).await.map(tonic::Response::into_inner).map_err(|status| {
-            match status.code() {
-                // tonic's own deadline can fire first; it is the same silence.
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                    format!("the agent at {agent} did not answer within {timeout:?}")
-                }
-                _ if status.message().contains("Timeout expired") => {
-                    format!("the agent at {agent} did not answer within {timeout:?}")
-                }
-                _ => format!("the agent at {agent} refused: {}", status.message()),
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Error::InvalidConfig("the agent token must be non-empty visible ASCII".into()))?;
+        self.token = Some(value);
+        Ok(self)
+    }
+
+    /// Calls the agents over TLS.
+    pub fn with_tls(mut self, tls: AgentTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    pub fn tls(&self) -> Option<&AgentTls> {
+        self.tls.as_ref()
+    }
+
+    /// The agent's channel: cached, else a new one that connects on its first call (and again after a failure).
+    fn channel(&self, agent: SocketAddr) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(channel) = channels.get(&agent) {
+            return Ok(channel.clone());
+        }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{agent}"))
+            .map_err(|error| format!("bad agent address {agent}: {error}"))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.client()).map_err(|error| format!("TLS for {agent}: {error}"))?;
+        }
+        let channel = endpoint.connect_lazy();
+        if channels.len() >= MAX_CHANNELS {
+            channels.clear();
+        }
+        channels.insert(agent, channel.clone());
+        Ok(channel)
+    }
+
+    /// One call's request to `method`: the message and the metadata every call carries.
+    fn request<T: prost::Message>(&self, method: &str, message: T) -> tonic::Request<T> {
+        let proof =
+            self.mesh_keys.as_ref().map(|keys| operator_proof(&keys.current(), method, &message.encode_to_vec()));
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        if let Some(token) = &self.token {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        if let Some(proof) = proof {
+            request.metadata_mut().insert(OPERATOR_PROOF_METADATA, proof);
+        }
+        request
+    }
+
+    /// Why a call failed, for the answer: silence, no connection (TCP or TLS), or the agent's refusal.
+    fn failure(&self, agent: SocketAddr, status: &tonic::Status) -> String {
+        let timeout = self.timeout;
+        // A status the agent sent has no source; one made of a transport error has the error as its source.
+        let transport = std::error::Error::source(status).is_some();
+        let mut detail = status.message().to_string();
+        let mut source = std::error::Error::source(status);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !detail.contains(&text) && text != "transport error" {
+                detail.push_str(": ");
+                detail.push_str(&text);
             }
-        })
+            source = cause.source();
+        }
+        let silent = format!("the agent at {agent} did not answer within {timeout:?}");
+        match status.code() {
+            // tonic's own deadline can fire first; it is the same silence.
+            tonic::Code::DeadlineExceeded => silent,
+            _ if detail.contains("Timeout expired") => silent,
+            _ if transport => {
+                // Over TLS 1.3 a server that refuses the client's certificate says so after the handshake: the
+                // client sees the connection close (or its write fail).
+                let closed = ["connection closed", "broken pipe", "reset by peer", "stream closed"];
+                let hint = if self.tls.is_some() && closed.iter().any(|c| detail.contains(c)) {
+                    " (an agent on TLS closes the connection when it does not accept the operator's client certificate)"
+                } else {
+                    ""
+                };
+                format!("cannot reach the agent at {agent}: {detail}{hint}")
+            }
+            tonic::Code::Cancelled => silent,
+            _ => format!("the agent at {agent} refused: {detail}"),
+        }
+    }
+}
+
+async fn ask_one(client: &AgentClient, pod: &str, agent: SocketAddr, request: RecommendRequest) -> Answer {
+    let timeout = client.timeout;
+    let channel = match client.channel(agent) {
+        Ok(channel) => channel,
+        Err(why) => return Answer::unanswered(pod, why),
     };
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(response)) => interpret(pod, response),
-        Ok(Err(why)) => unanswered(why),
-        Err(_) => unanswered(format!("the agent at {agent} did not answer within {timeout:?}")),
+    let mut advisor = AdvisorClient::new(channel);
+    match tokio::time::timeout(timeout, advisor.recommend(client.request("Recommend", request))).await {
+        Ok(Ok(response)) => interpret(pod, response.into_inner()),
+        Ok(Err(status)) => Answer::unanswered(pod, client.failure(agent, &status)),
+        Err(_) => Answer::unanswered(pod, format!("the agent at {agent} did not answer within {timeout:?}")),
     }
 }
 
 /// Asks every pod's agent at once.
-pub async fn ask_all(
-    pods: &[(String, SocketAddr)],
-    query: &Query,
-    timeout: Duration,
-    token: Option<&str>,
-) -> Vec<Answer> {
+pub async fn ask_all(pods: &[(String, SocketAddr)], query: &Query, client: &AgentClient) -> Vec<Answer> {
     let request = request(query);
-    join_all(pods.iter().map(|(pod, agent)| ask_one(pod, *agent, request.clone(), timeout, token))).await
+    join_all(pods.iter().map(|(pod, agent)| ask_one(client, pod, *agent, request.clone()))).await
 }
 
 #[cfg(test)]

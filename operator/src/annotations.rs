@@ -1,4 +1,4 @@
-//! The annotations a user puts on a Deployment (DESIGN.md section 3), parsed strictly. A bad value is an error
+//! The annotations a user puts on a Deployment (docs/DESIGN.md §3), parsed strictly. A bad value is an error
 //! that names the key, the value and what was expected; the controller then leaves that Deployment alone and
 //! reports it (a Warning Event `InvalidAnnotation`), and every other Deployment goes on.
 

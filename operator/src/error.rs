@@ -6,6 +6,9 @@ pub enum Error {
     /// A behaviour or bound that cannot work (for example min above max).
     #[error("invalid scaling configuration: {0}")]
     InvalidConfig(String),
+    /// The TLS settings toward the agents cannot work: a flag missing its partner, a file missing or malformed.
+    #[error("agent TLS: {0}")]
+    AgentTls(String),
     /// The scale target could not be read or changed.
     #[error("scale target: {0}")]
     Target(String),
@@ -20,6 +23,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::InvalidConfig(_) => "invalid_config",
+            Error::AgentTls(_) => "agent_tls",
             Error::Target(_) => "target",
             #[cfg(feature = "kubernetes")]
             Error::Kube(_) => "kube",

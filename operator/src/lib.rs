@@ -4,6 +4,7 @@
 //!   behaviour (tolerance, stabilisation, rate policies, bounds) — and the [`engine::ScaleTarget`] it drives. The
 //!   local demo (`rootscale-examples`) drives its own replicas with it.
 //! - [`agents`]: asking each replica's agent for its recommendation (`Advisor.Recommend`).
+//! - [`tls`]: TLS toward the agents (the CA, the operator's client certificate), checked once at start.
 //! - [`annotations`]: the strict parsing of a Deployment's `rootscale.dev/*` annotations.
 //! - With the `kubernetes` feature (on by default): [`controller`] (the reconcile), [`crd`] (`ScalingDecision`),
 //!   [`rbac`] (every API call the operator makes), [`dashboard`] (managed Deployments on the web dashboard) and
@@ -24,5 +25,6 @@ pub mod metrics;
 pub mod rbac;
 #[cfg(feature = "kubernetes")]
 pub mod run;
+pub mod tls;
 
 pub use error::Error;

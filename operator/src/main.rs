@@ -1,12 +1,14 @@
 //! `rootscale-operator run` runs the operator; `crd` prints the ScalingDecision CRD; `api-calls` lists the API
 //! calls it makes (what RBAC must grant).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
 use rootscale_operator::{
+    agents::AgentClient,
     controller::reconcile::OperatorConfig,
     run::{RunConfig, run},
+    tls::{AgentTls, AgentTlsFiles},
 };
 
 #[derive(Parser)]
@@ -19,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the ScalingDecision CustomResourceDefinition as YAML.
     Crd,
     /// Print the Kubernetes API calls the operator makes, one "group resource verb" a line (what RBAC must grant).
@@ -42,7 +44,21 @@ struct RunArgs {
     agent_timeout: Duration,
     /// A file holding the agents' shared token.
     #[arg(long, env = "ROOTSCALE_AGENT_TOKEN_FILE")]
-    agent_token_file: Option<std::path::PathBuf>,
+    agent_token_file: Option<PathBuf>,
+    /// PEM file: the CA that signed the agents' certificates. Given, the agents are called over TLS.
+    #[arg(long, env = "ROOTSCALE_AGENT_TLS_CA")]
+    agent_tls_ca: Option<PathBuf>,
+    /// PEM file: the operator's client certificate, presented to the agents (mutual TLS, which agents serving TLS
+    /// require). Goes with --agent-tls-key; needs --agent-tls-ca.
+    #[arg(long, env = "ROOTSCALE_AGENT_TLS_CERT")]
+    agent_tls_cert: Option<PathBuf>,
+    /// PEM file: the private key of --agent-tls-cert.
+    #[arg(long, env = "ROOTSCALE_AGENT_TLS_KEY")]
+    agent_tls_key: Option<PathBuf>,
+    /// The name every agent's certificate must hold (a DNS SAN). Without it, the pod IP dialled, which then needs
+    /// an IP SAN.
+    #[arg(long, env = "ROOTSCALE_AGENT_TLS_SERVER_NAME")]
+    agent_tls_server_name: Option<String>,
     /// The namespace of the leader-election Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
@@ -70,6 +86,28 @@ fn check(args: &RunArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// How the agents are called: the timeout, the token and TLS, with every file read and checked now.
+fn agent_client(args: &RunArgs) -> Result<AgentClient, String> {
+    let mut client = AgentClient::new(args.agent_timeout);
+    if let Some(path) = &args.agent_token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|error| format!("cannot read --agent-token-file {}: {error}", path.display()))?;
+        client = client
+            .with_token(token.trim())
+            .map_err(|_| format!("--agent-token-file {}: the token must be non-empty visible ASCII", path.display()))?;
+    }
+    let files = AgentTlsFiles {
+        ca: args.agent_tls_ca.clone(),
+        cert: args.agent_tls_cert.clone(),
+        key: args.agent_tls_key.clone(),
+        server_name: args.agent_tls_server_name.clone().filter(|name| !name.is_empty()),
+    };
+    if let Some(tls) = AgentTls::load(&files).map_err(|error| error.to_string())? {
+        client = client.with_tls(tls);
+    }
+    Ok(client)
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -95,22 +133,32 @@ async fn main() -> std::process::ExitCode {
             }
             return std::process::ExitCode::SUCCESS;
         }
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
     };
     if let Err(error) = check(&args) {
         eprintln!("{error}");
         return std::process::ExitCode::from(2);
     }
-    let agent_token = match &args.agent_token_file {
-        None => None,
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(token) => Some(token.trim().to_string()),
-            Err(error) => {
-                eprintln!("cannot read --agent-token-file {}: {error}", path.display());
-                return std::process::ExitCode::from(2);
-            }
-        },
+    let agents = match agent_client(&args) {
+        Ok(agents) => agents,
+        Err(error) => {
+            eprintln!("{error}");
+            return std::process::ExitCode::from(2);
+        }
     };
+    match agents.tls() {
+        None if agents.has_token() => tracing::warn!(
+            "the agent token travels in clear text: set --agent-tls-ca, --agent-tls-cert and --agent-tls-key to call \
+             the agents over mutual TLS"
+        ),
+        None => tracing::info!("calling the agents over plain HTTP/2"),
+        Some(tls) if !tls.mutual() => tracing::warn!(
+            files = ?tls.files(),
+            "calling the agents over TLS without a client certificate: rootscale's agents serving TLS require one \
+             (--agent-tls-cert and --agent-tls-key) and will refuse these calls"
+        ),
+        Some(tls) => tracing::info!(files = ?tls.files(), "calling the agents over mutual TLS"),
+    }
     let leader_election = if args.no_leader_election {
         None
     } else {
@@ -127,7 +175,7 @@ async fn main() -> std::process::ExitCode {
     let config = RunConfig {
         namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         http_addr: args.http_addr,
-        operator: OperatorConfig { resync: args.resync, agent_timeout: args.agent_timeout, agent_token },
+        operator: OperatorConfig { resync: args.resync, agents },
         leader_election,
         dashboard_addr: (!args.no_dashboard).then_some(args.dashboard_addr),
     };
@@ -137,5 +185,47 @@ async fn main() -> std::process::ExitCode {
             eprintln!("{error}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["rootscale-operator", "run"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(args) => *args,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn tls_flags_that_cannot_work_stop_the_start_with_the_flag_named() {
+        assert!(agent_client(&run_args(&[])).unwrap().tls().is_none());
+        for (flags, expected) in [
+            (&["--agent-tls-cert=/x/tls.crt"][..], "--agent-tls-cert and --agent-tls-key go together"),
+            (&["--agent-tls-cert=/x/tls.crt", "--agent-tls-key=/x/tls.key"], "need --agent-tls-ca"),
+            (&["--agent-tls-server-name=rootscale-agent"], "--agent-tls-server-name needs --agent-tls-ca"),
+            (&["--agent-tls-ca=/nonexistent/ca.crt"], "cannot read --agent-tls-ca /nonexistent/ca.crt"),
+            (
+                &["--agent-tls-ca=/nonexistent/ca.crt", "--agent-tls-cert=/x/tls.crt", "--agent-tls-key=/x/tls.key"],
+                "cannot read --agent-tls-ca /nonexistent/ca.crt",
+            ),
+            (&["--agent-token-file=/nonexistent/token"], "cannot read --agent-token-file /nonexistent/token"),
+        ] {
+            let error = agent_client(&run_args(flags)).unwrap_err();
+            assert!(error.contains(expected), "{flags:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn an_empty_token_file_is_refused() {
+        let path = std::env::temp_dir().join(format!("rootscale-empty-token-{}", std::process::id()));
+        std::fs::write(&path, "\n").unwrap();
+        let error = agent_client(&run_args(&[&format!("--agent-token-file={}", path.display())])).unwrap_err();
+        let _ = std::fs::remove_file(&path);
+        assert!(error.contains("must be non-empty visible ASCII"), "{error}");
     }
 }

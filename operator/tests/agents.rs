@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use rootscale_operator::{
-    agents::{Query, ask_all},
+    agents::{AgentClient, Query, ask_all},
     engine::{Advice, Verdict},
 };
 use rootscale_tracer::Agent;
@@ -39,7 +39,8 @@ async fn every_pod_is_asked_at_once_and_silence_is_missing_data() {
         ("checkout-4".to_string(), closed),
     ];
     let started = std::time::Instant::now();
-    let answers = ask_all(&pods, &query(), Duration::from_millis(500), Some("t0k3n")).await;
+    let client = AgentClient::new(Duration::from_millis(500)).with_token("t0k3n").unwrap();
+    let answers = ask_all(&pods, &query(), &client).await;
     assert!(started.elapsed() < Duration::from_secs(2), "asked concurrently, bounded by the timeout");
     assert_eq!(answers.len(), 4);
     // No traffic yet: the agents say insufficient-data and keep the current replicas.
@@ -53,7 +54,8 @@ async fn every_pod_is_asked_at_once_and_silence_is_missing_data() {
     assert!(answers[2].advice.as_ref().is_err_and(|why| why.contains("did not answer")), "{:?}", answers[2]);
     assert!(answers[3].advice.as_ref().is_err_and(|why| why.contains("cannot reach")), "{:?}", answers[3]);
     // The first agent needs no token; a wrong token is refused by the second.
-    let refused = ask_all(&pods[1..2], &query(), Duration::from_millis(500), Some("wrong")).await;
+    let wrong = AgentClient::new(Duration::from_millis(500)).with_token("wrong").unwrap();
+    let refused = ask_all(&pods[1..2], &query(), &wrong).await;
     assert!(refused[0].advice.as_ref().is_err_and(|why| why.contains("refused")), "{:?}", refused[0]);
     first.shutdown(Duration::from_secs(1)).await;
     second.shutdown(Duration::from_secs(1)).await;

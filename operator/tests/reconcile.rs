@@ -16,7 +16,10 @@ use kube::{
     client::Body,
     runtime::events::{Recorder, Reporter},
 };
-use rootscale_operator::controller::reconcile::{Context, OperatorConfig, reconcile};
+use rootscale_operator::{
+    agents::AgentClient,
+    controller::reconcile::{Context, OperatorConfig, reconcile},
+};
 use rootscale_proto::v1::{
     Decision, Evidence, RecommendRequest, RecommendResponse, Recommendation, SnapshotRequest, SnapshotResponse,
     Verdict, WaitKind, WaitPoint,
@@ -176,7 +179,7 @@ fn context() -> (Arc<Context>, ApiServerVerifier) {
     let context = Context {
         client,
         recorder,
-        config: OperatorConfig { agent_timeout: Duration::from_millis(500), ..OperatorConfig::default() },
+        config: OperatorConfig { agents: AgentClient::new(Duration::from_millis(500)), ..OperatorConfig::default() },
         engines: Mutex::new(HashMap::new()),
         leader,
         metrics: Arc::default(),

@@ -20,6 +20,8 @@ pub enum Error {
     Bind { addr: std::net::SocketAddr, error: std::io::Error },
     #[error("agent TLS: {0}")]
     Tls(String),
+    #[error("mesh key: {0}")]
+    MeshKey(String),
 }
 
 impl Error {
@@ -33,6 +35,7 @@ impl Error {
             Error::Config(_) => "config",
             Error::Bind { .. } => "bind",
             Error::Tls(_) => "tls",
+            Error::MeshKey(_) => "mesh_key",
         }
     }
 }

@@ -7,7 +7,12 @@
 //!    small timing headers in-band.
 //! 2. [`aggregate`]: every request is folded into wall-clock-aligned windows of mergeable histograms, with bounded
 //!    memory and no global lock on the request path.
-//! 3. [`metrics`]: the closed windows in Prometheus text format, for an agent's `/metrics`.
+//! 3. [`exchange`]: once per window, reports to and from the neighbours over gRPC.
+//! 4. [`decide`]: the local rule on each closed window — delegate, or declare the root cause — and a replica count.
+//! 5. [`agent`]: wires the steps above onto one gRPC port per replica, for the neighbours and the operator.
+//!
+//! Beside the flow, [`identity`] proves membership of the mesh (the mesh key, mutual TLS), and [`metrics`] writes
+//! the closed windows in Prometheus text format for an agent's `/metrics`.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,6 +33,7 @@ pub mod aggregate;
 pub mod decide;
 mod error;
 pub mod exchange;
+pub mod identity;
 pub mod measure;
 pub mod metrics;
 mod tracer;

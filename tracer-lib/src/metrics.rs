@@ -99,6 +99,27 @@ impl Collector for WindowCollector {
                 ),
             ],
         )?;
+        if let Some(rejections) = self.tracer.rejections() {
+            use crate::identity::{HeaderRole, Rejection};
+            let samples: Vec<_> = [HeaderRole::Caller, HeaderRole::Timing]
+                .into_iter()
+                .flat_map(|role| Rejection::ALL.into_iter().map(move |reason| (role, reason)))
+                .map(|(role, reason)| {
+                    let labels = vec![
+                        ("service", service.clone()),
+                        ("header", format!("rootscale-{}", role.as_str())),
+                        ("reason", reason.as_str().to_string()),
+                    ];
+                    (labels, rejections.get(role, reason))
+                })
+                .collect();
+            counter(
+                &mut encoder,
+                "rootscale_unverified_headers",
+                "In-band headers without a valid membership proof, taken as outside traffic, by reason.",
+                &samples,
+            )?;
+        }
         counter(
             &mut encoder,
             "rootscale_lost_records",

@@ -16,10 +16,11 @@ use tokio::sync::watch;
 use crate::{
     Error,
     aggregate::{Aggregator, WindowClock, WindowStats},
+    identity::{HeaderRole, KeyRing, Membership, RejectionCounts},
     measure::{
         client::ClientLayer,
         downstream::Dependency,
-        headers::{CallerHeader, TimingEncoder, valid_agent_addr, valid_service_name},
+        headers::{CallerHeader, Timing, TimingEncoder, valid_agent_addr, valid_service_name},
         record::{CallRecord, RequestRecord, WaitPoint},
         server::ServerLayer,
     },
@@ -63,8 +64,11 @@ pub struct Counters {
 pub(crate) struct Shared {
     pub(crate) service: Arc<str>,
     pub(crate) agent: Option<Arc<str>>,
-    pub(crate) caller_header: HeaderValue,
+    /// The caller header without a proof (no mesh key).
+    caller_header: HeaderValue,
     pub(crate) timing_encoder: TimingEncoder,
+    /// With a mesh key: the proofs this service makes and checks.
+    membership: Option<Membership>,
     pub(crate) local_point: WaitPoint,
     pub(crate) aggregator: Aggregator,
     pub(crate) counters: Counters,
@@ -95,9 +99,17 @@ pub struct TracerBuilder {
     edge_cap: usize,
     observer: Option<Arc<dyn Observer>>,
     timing_for_everyone: bool,
+    keys: Option<Arc<KeyRing>>,
 }
 
 impl TracerBuilder {
+    /// The mesh key (docs/DESIGN.md §1.6): headers carry a proof made with it, and only headers whose proof
+    /// verifies are believed; the rest is outside traffic. Without it every well-formed header is believed.
+    pub fn mesh_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
     /// The address (`host:port`) of this service's agent, announced to neighbours in the in-band headers.
     pub fn agent_addr(mut self, addr: impl Into<String>) -> Self {
         self.agent = Some(addr.into());
@@ -148,6 +160,7 @@ impl TracerBuilder {
         let (windows, _) = watch::channel(None);
         Ok(Tracer {
             shared: Arc::new(Shared {
+                membership: self.keys.map(|keys| Membership::new(keys, service.clone(), agent.clone())),
                 caller_header: CallerHeader::encode(&service, agent.as_deref()),
                 timing_encoder: TimingEncoder::new(&service, agent.as_deref()),
                 local_point: WaitPoint::Local { service: service.clone() },
@@ -174,6 +187,7 @@ impl Tracer {
             edge_cap: DEFAULT_EDGE_CAP,
             observer: None,
             timing_for_everyone: false,
+            keys: None,
         }
     }
 
@@ -272,6 +286,55 @@ impl Tracer {
     /// The last closed window, if any.
     pub fn last_window(&self) -> Option<Arc<ClosedWindow>> {
         self.shared.windows.borrow().clone()
+    }
+
+    /// Whether this tracer proves and checks membership with a mesh key.
+    pub fn has_mesh_key(&self) -> bool {
+        self.shared.membership.is_some()
+    }
+
+    /// Headers refused as outside traffic, by header and reason (`None` without a mesh key).
+    pub fn rejections(&self) -> Option<&RejectionCounts> {
+        self.shared.membership.as_ref().map(|membership| &membership.rejections)
+    }
+
+    /// Reads the mesh key file again (the agent does, each window); true when the keys changed.
+    pub fn reload_keys(&self) -> Result<bool, Error> {
+        match &self.shared.membership {
+            Some(membership) => membership.reload_keys(),
+            None => Ok(false),
+        }
+    }
+
+    /// The `rootscale-caller` header for a call made at `at`.
+    pub(crate) fn caller_header(&self, at: Instant) -> HeaderValue {
+        match &self.shared.membership {
+            Some(membership) => membership.caller_header(self.window_clock().window_id(at)),
+            None => self.shared.caller_header.clone(),
+        }
+    }
+
+    /// The `;i=…;p=…` that ends a timing header sent at `at` (empty without a mesh key).
+    pub(crate) fn timing_proof(&self, at: Instant) -> bytes::Bytes {
+        match &self.shared.membership {
+            Some(membership) => membership.timing_proof(self.window_clock().window_id(at)),
+            None => bytes::Bytes::new(),
+        }
+    }
+
+    /// Whether a caller header received at `at` is believed: always without a mesh key, else when its proof
+    /// verifies (a refusal is counted).
+    pub(crate) fn believes_caller(&self, caller: &CallerHeader, at: Instant) -> bool {
+        let Some(membership) = &self.shared.membership else { return true };
+        let now = self.window_clock().window_id(at);
+        membership.verify(HeaderRole::Caller, caller.service(), caller.agent(), caller.proof(), now).is_ok()
+    }
+
+    /// Whether a callee's timing header received now is believed (as [`Tracer::believes_caller`]).
+    pub(crate) fn believes_timing(&self, timing: &Timing) -> bool {
+        let Some(membership) = &self.shared.membership else { return true };
+        let now = self.window_clock().window_id(Instant::now());
+        membership.verify(HeaderRole::Timing, timing.service(), timing.agent(), timing.proof(), now).is_ok()
     }
 
     pub(crate) fn count_malformed_caller(&self) {

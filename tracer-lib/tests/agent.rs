@@ -221,15 +221,21 @@ async fn agents_report_to_each_other_over_mutual_tls_with_the_token() {
         .domain_name("localhost");
     let address = agent.local_addr().to_string();
     // The same sender agents use for their reports.
-    let sender =
-        rootscale_tracer::exchange::sender::Sender::new(Duration::from_secs(2), Some("s3cret"), Some(tls.clone()))
-            .unwrap();
+    let sender = rootscale_tracer::exchange::sender::Sender::new(
+        Duration::from_secs(2),
+        Some("s3cret"),
+        Some(tls.clone()),
+        None,
+    )
+    .unwrap();
     sender.send(&address, report(&agent)).await.expect("a report over mutual TLS with the token is taken");
     let wrong_token =
-        rootscale_tracer::exchange::sender::Sender::new(Duration::from_secs(2), Some("guess"), Some(tls)).unwrap();
+        rootscale_tracer::exchange::sender::Sender::new(Duration::from_secs(2), Some("guess"), Some(tls), None)
+            .unwrap();
     let error = wrong_token.send(&address, report(&agent)).await.unwrap_err();
     assert!(error.contains("Unauthenticated") || error.contains("token"), "{error}");
-    let plain = rootscale_tracer::exchange::sender::Sender::new(Duration::from_secs(2), Some("s3cret"), None).unwrap();
+    let plain =
+        rootscale_tracer::exchange::sender::Sender::new(Duration::from_secs(2), Some("s3cret"), None, None).unwrap();
     assert!(plain.send(&address, report(&agent)).await.is_err(), "plain text is refused");
     agent.shutdown(Duration::from_secs(1)).await;
 }

@@ -1,4 +1,4 @@
-//! Where requests wait, measured on real axum and tonic servers on loopback (DESIGN.md 1.1–1.2).
+//! Where requests wait, measured on real axum and tonic servers on loopback (docs/DESIGN.md §1.1–1.2).
 //!
 //! Tolerances: sleeps are lower bounds (a timer never fires early), so measured values are checked against
 //! `[expected - 2 ms, expected + 25 ms]`; the upper slack absorbs timer granularity and a noisy shared machine

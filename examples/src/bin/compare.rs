@@ -43,6 +43,7 @@ struct Row {
 }
 
 fn main() -> ExitCode {
+    rootscale_examples::init_logging("warn");
     match compare(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -70,7 +71,7 @@ fn compare(args: Args) -> Result<(), String> {
     for topology in &topologies {
         for fault in &topology.demo.faults {
             for policy in Policy::ALL {
-                let mut config = RunConfig::new(topology.clone(), policy);
+                let mut config = RunConfig::new(topology.clone(), policy).map_err(|e| e.to_string())?;
                 config.faults = vec![fault.clone()];
                 config.duration = args.duration;
                 config.seed = args.seed;

@@ -92,6 +92,7 @@ fn topology(name_or_path: &str) -> Result<Topology, String> {
 }
 
 fn main() -> ExitCode {
+    rootscale_examples::init_logging("warn");
     let args = Args::parse();
     match demo(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,7 +105,7 @@ fn main() -> ExitCode {
 
 fn demo(args: Args) -> Result<(), String> {
     let topology = topology(&args.topology)?;
-    let mut config = RunConfig::new(topology, args.policy);
+    let mut config = RunConfig::new(topology, args.policy).map_err(|e| e.to_string())?;
     if let Some(rate) = args.rate {
         config.rate = rate;
     }

@@ -64,6 +64,7 @@ impl Tally {
 }
 
 fn main() {
+    rootscale_examples::init_logging("warn");
     let args = Args::parse();
     if !(args.rate.is_finite() && args.rate > 0.0 && args.rate <= 5000.0) {
         eprintln!("--rate takes requests per second in (0, 5000]");

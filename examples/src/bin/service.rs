@@ -33,6 +33,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    rootscale_examples::init_logging("info");
     let agent = match Agent::from_env() {
         Ok(builder) => match builder.concurrency(args.pool).start().await {
             Ok(agent) => agent,

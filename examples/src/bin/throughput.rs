@@ -209,6 +209,7 @@ struct Args {
 }
 
 fn main() {
+    rootscale_examples::init_logging("warn");
     let args = Args::parse();
     let (rounds, connections) = (args.rounds, args.connections as usize);
     let seconds = Duration::from_secs(args.seconds);

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use rootscale_tracer::{AgentView, decide::AggregationMode};
+use rootscale_tracer::{AgentView, decide::AggregationMode, identity::KeyRing};
 use tokio::sync::watch;
 
 use crate::local::{
@@ -50,6 +50,8 @@ pub struct Cluster {
     services: BTreeMap<String, Service>,
     /// Replica stops in progress (drains run off the control loop).
     draining: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The mesh key its replicas prove membership with; the policy asks them as the operator with it.
+    pub mesh_keys: Arc<KeyRing>,
 }
 
 impl Cluster {
@@ -60,6 +62,7 @@ impl Cluster {
         mode: AggregationMode,
         seed: u64,
         cpu_model: CpuModel,
+        mesh_keys: Arc<KeyRing>,
     ) -> Result<Arc<Self>, Error> {
         let registries: BTreeMap<String, (watch::Sender<Replicas>, watch::Receiver<Replicas>)> = topology
             .services
@@ -88,6 +91,7 @@ impl Cluster {
                 callees,
                 seed: seed.wrapping_mul(1_000_003).wrapping_add(index as u64 * 7919),
                 cpu_model,
+                mesh_keys: mesh_keys.clone(),
             };
             let registry = registries.get(&spec.name).ok_or(Error::Start("registry missing".into()))?.0.clone();
             services.insert(
@@ -95,7 +99,7 @@ impl Cluster {
                 Service { config, registry, replicas: Mutex::new(Vec::new()), next_id: AtomicU32::new(0) },
             );
         }
-        let cluster = Arc::new(Self { topology, services, draining: Mutex::new(Vec::new()) });
+        let cluster = Arc::new(Self { topology, services, draining: Mutex::new(Vec::new()), mesh_keys });
         for spec in &cluster.topology.services {
             cluster.scale(&spec.name, spec.replicas)?;
         }

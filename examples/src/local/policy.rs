@@ -13,7 +13,7 @@ use std::{
 };
 
 use rootscale_operator::{
-    agents::{Query, ask_all},
+    agents::{AgentClient, Query, ask_all},
     engine::{Engine, Outcome, ScaleTarget, TargetConfig},
 };
 use rootscale_tracer::aggregate::histogram::Histogram;
@@ -77,6 +77,9 @@ pub struct Action {
     pub reason: String,
 }
 
+/// How long an agent may take to answer the policy.
+const AGENT_TIMEOUT: Duration = Duration::from_millis(800);
+
 /// Decides and applies, one sync at a time.
 pub struct Controller {
     pub policy: Policy,
@@ -84,7 +87,8 @@ pub struct Controller {
     engines: BTreeMap<String, (Engine, TargetConfig)>,
     /// HPA-cpu's target utilisation.
     cpu_target: f64,
-    agent_timeout: Duration,
+    /// How the agents are asked: as the operator, with the run's mesh key.
+    agents: AgentClient,
     /// Each replica's virtual-CPU busy time at the last sync: (service, replica) → (when, nanoseconds).
     cpu_seen: BTreeMap<(String, u32), (Instant, u64)>,
 }
@@ -104,10 +108,10 @@ impl Controller {
         }
         Ok(Self {
             policy,
-            cluster,
+            cluster: cluster.clone(),
             engines,
             cpu_target,
-            agent_timeout: Duration::from_millis(800),
+            agents: AgentClient::new(AGENT_TIMEOUT).with_mesh_keys(cluster.mesh_keys.clone()),
             cpu_seen: BTreeMap::new(),
         })
     }
@@ -159,7 +163,7 @@ impl Controller {
             current_replicas: self.cluster.replicas(name),
             scale_down_stabilization: config.behavior.scale_down.stabilization_window,
         };
-        let answers = ask_all(&pods, &query, self.agent_timeout, None).await;
+        let answers = ask_all(&pods, &query, &self.agents).await;
         let advice: Vec<_> = answers.iter().map(|answer| answer.advice()).collect();
         engine.run(now, config, target, &advice).await.map_err(|e| Error::Scenario(e.to_string()))
     }

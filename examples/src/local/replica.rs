@@ -27,7 +27,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Exp, LogNormal};
-use rootscale_tracer::{Agent, AgentView, RequestHandle, TraceClient, decide::AggregationMode};
+use rootscale_tracer::{Agent, AgentView, RequestHandle, TraceClient, decide::AggregationMode, identity::KeyRing};
 use tokio::{
     net::TcpListener,
     sync::{Semaphore, oneshot, watch},
@@ -120,6 +120,8 @@ pub struct ReplicaConfig {
     pub callees: BTreeMap<String, (Protocol, watch::Receiver<Replicas>)>,
     pub seed: u64,
     pub cpu_model: CpuModel,
+    /// The run's mesh key: every replica proves its membership with it.
+    pub mesh_keys: Arc<KeyRing>,
 }
 
 /// A running replica.
@@ -324,7 +326,8 @@ async fn serve(
         .mode(config.mode)
         .concurrency(spec.capacity)
         .cpu_cores(f64::from(spec.cores))
-        .exchange_timeout(Duration::from_millis(500));
+        .exchange_timeout(Duration::from_millis(500))
+        .mesh_keys(config.mesh_keys.clone());
     if let Some((latency, percentile)) = config.slo {
         agent = agent.slo(latency, percentile);
     }

@@ -12,6 +12,7 @@ use rootscale_proto::v1::WaitKind;
 use rootscale_tracer::{
     aggregate::histogram::Histogram,
     decide::{AggregationMode, Verdict},
+    identity::{KeyRing, MeshKeys},
 };
 use serde::Serialize;
 
@@ -42,13 +43,17 @@ pub struct RunConfig {
     /// HPA-cpu's target utilisation.
     pub cpu_target: f64,
     pub cpu_model: CpuModel,
+    /// The run's mesh key, made anew for each run: replicas prove membership with it, and the policy asks their
+    /// agents as the operator does.
+    pub mesh_keys: Arc<KeyRing>,
 }
 
 impl RunConfig {
-    /// A run of `topology` with its demo defaults.
-    pub fn new(topology: Topology, policy: Policy) -> Self {
+    /// A run of `topology` with its demo defaults, and a mesh key of its own.
+    pub fn new(topology: Topology, policy: Policy) -> Result<Self, Error> {
         let demo = topology.demo.clone();
-        Self {
+        let mesh_keys = MeshKeys::generate().map_err(|error| Error::Start(error.to_string()))?;
+        Ok(Self {
             rate: RateSchedule::constant(demo.rate),
             faults: demo.faults.into_iter().take(1).collect(),
             duration: demo.duration,
@@ -60,7 +65,8 @@ impl RunConfig {
             mode: AggregationMode::Max,
             cpu_target: 0.6,
             cpu_model: CpuModel::Virtual,
-        }
+            mesh_keys: Arc::new(KeyRing::fixed(mesh_keys)),
+        })
     }
 
     /// Faults must name services of the topology and be able to act on them.
@@ -308,7 +314,14 @@ pub fn run(config: &RunConfig, mut on_tick: impl FnMut(&Tick, &[Action], &[Detec
         .enable_all()
         .build()
         .map_err(|e| Error::Start(e.to_string()))?;
-    let cluster = Cluster::start(config.topology.clone(), config.window, config.mode, config.seed, config.cpu_model)?;
+    let cluster = Cluster::start(
+        config.topology.clone(),
+        config.window,
+        config.mode,
+        config.seed,
+        config.cpu_model,
+        config.mesh_keys.clone(),
+    )?;
     let outcome = harness.block_on(drive(config, cluster.clone(), &mut on_tick));
     cluster.stop();
     outcome

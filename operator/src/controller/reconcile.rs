@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::{
     Error,
-    agents::{Query, ask_all},
+    agents::{AgentClient, Query, ask_all},
     annotations::{self, Mode},
     controller::{pods, status},
     crd::{ScalingDecision, ScalingDecisionSpec, ScalingDecisionStatus, TargetRef},
@@ -39,13 +39,13 @@ pub const MANAGER: &str = "rootscale-operator";
 pub struct OperatorConfig {
     /// How often each managed Deployment is reconciled (HPA's sync period).
     pub resync: Duration,
-    pub agent_timeout: Duration,
-    pub agent_token: Option<String>,
+    /// How the agents are called (timeout, token, TLS), with the channels it keeps open to them.
+    pub agents: AgentClient,
 }
 
 impl Default for OperatorConfig {
     fn default() -> Self {
-        Self { resync: Duration::from_secs(15), agent_timeout: Duration::from_secs(2), agent_token: None }
+        Self { resync: Duration::from_secs(15), agents: AgentClient::new(Duration::from_secs(2)) }
     }
 }
 
@@ -165,7 +165,7 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
         scale_down_stabilization: settings.scale_down_stabilization,
     };
     let asked = Instant::now();
-    let answers = ask_all(&agents, &query, ctx.config.agent_timeout, ctx.config.agent_token.as_deref()).await;
+    let answers = ask_all(&agents, &query, &ctx.config.agents).await;
     ctx.metrics.agent_call_seconds.observe(asked.elapsed().as_secs_f64());
     if !answers.is_empty() && answers.iter().all(|answer| answer.advice().is_none()) {
         let why = answers.iter().filter_map(|a| a.advice.as_ref().err()).next().cloned().unwrap_or_default();

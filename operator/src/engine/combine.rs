@@ -1,6 +1,6 @@
 //! From one answer per ready replica to one desired count for the Deployment.
 //!
-//! Every replica answers for the whole Deployment, as if each replica carried its load (DESIGN.md 1.5), so the
+//! Every replica answers for the whole Deployment, as if each replica carried its load (docs/DESIGN.md §1.5), so the
 //! Deployment's demand is the mean of the answers: the replicas' shares summed.
 
 /// A replica's verdict, as its agent gave it: the agents' own type.

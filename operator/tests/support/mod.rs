@@ -5,6 +5,8 @@
 //! operator did. It is no API server: no validation, no admission, no field ownership.
 #![allow(dead_code)]
 
+pub mod shop;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,

@@ -26,12 +26,50 @@ pub(crate) struct AgentMetrics {
     current: AtomicU64,
     sent_ok: AtomicU64,
     sent_failed: AtomicU64,
-    received_accepted: AtomicU64,
-    received_stale_window: AtomicU64,
-    received_not_a_neighbor: AtomicU64,
-    received_invalid: AtomicU64,
-    received_unauthenticated: AtomicU64,
+    received: [AtomicU64; RECEIVED.len()],
+    refused_messages: [AtomicU64; REFUSED_MESSAGES.len()],
+    refused_calls: [AtomicU64; REFUSED_CALLS.len()],
+    closed_connections: [AtomicU64; CLOSED_CONNECTIONS.len()],
     report_bytes: AtomicU64,
+}
+
+/// What became of a received report (the inbox's outcomes, and the port's checks before it).
+pub(crate) const RECEIVED: [&str; 9] = [
+    "accepted",
+    "held",
+    "stale_window",
+    "not_a_neighbor",
+    "unverified_agent",
+    "too_late",
+    "full",
+    "invalid",
+    "unauthenticated",
+];
+/// gRPC messages refused before any handler saw them.
+pub(crate) const REFUSED_MESSAGES: [&str; 2] = ["undecodable", "oversize"];
+/// `Advisor` calls refused, by reason.
+pub(crate) const REFUSED_CALLS: [&str; 2] = ["unauthenticated", "invalid"];
+/// Connections the port closed, by reason.
+pub(crate) const CLOSED_CONNECTIONS: [&str; 3] = ["idle", "no_request", "too_many"];
+
+fn bump(counters: &[AtomicU64], labels: &[&str], label: &str) {
+    let index = labels.iter().position(|known| *known == label).unwrap_or(labels.len() - 1);
+    counters[index].fetch_add(1, Relaxed);
+}
+
+fn encode_counters(
+    encoder: &mut DescriptorEncoder,
+    service: &str,
+    (name, help, label): (&str, &str, &str),
+    labels: &[&str],
+    counters: &[AtomicU64],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, count) in labels.iter().zip(counters) {
+        let labels = [("service", service.to_string()), (label, value.to_string())];
+        ConstCounter::new(count.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 fn index(verdict: Verdict) -> usize {
@@ -48,15 +86,24 @@ impl AgentMetrics {
         if ok { &self.sent_ok } else { &self.sent_failed }.fetch_add(1, Relaxed);
     }
 
+    /// A report's outcome, one of [`RECEIVED`].
     pub fn received(&self, outcome: &str) {
-        match outcome {
-            "accepted" => &self.received_accepted,
-            "stale_window" => &self.received_stale_window,
-            "not_a_neighbor" => &self.received_not_a_neighbor,
-            "unauthenticated" => &self.received_unauthenticated,
-            _ => &self.received_invalid,
-        }
-        .fetch_add(1, Relaxed);
+        bump(&self.received, &RECEIVED, outcome);
+    }
+
+    /// A message refused undecoded, one of [`REFUSED_MESSAGES`].
+    pub fn refused_message(&self, reason: &str) {
+        bump(&self.refused_messages, &REFUSED_MESSAGES, reason);
+    }
+
+    /// An `Advisor` call refused, one of [`REFUSED_CALLS`].
+    pub fn refused_call(&self, reason: &str) {
+        bump(&self.refused_calls, &REFUSED_CALLS, reason);
+    }
+
+    /// A connection closed by the port, one of [`CLOSED_CONNECTIONS`].
+    pub fn closed_connection(&self, reason: &str) {
+        bump(&self.closed_connections, &CLOSED_CONNECTIONS, reason);
     }
 
     /// Reports sent (delivered or not) and their encoded bytes.
@@ -106,22 +153,38 @@ impl AgentMetrics {
             let labels = [("service", service.clone()), ("result", result.to_string())];
             ConstCounter::new(count.load(Relaxed)).encode(family.encode_family(&labels)?)?;
         }
-        let mut family = encoder.encode_descriptor(
-            "rootscale_agent_reports_received",
-            "Reports received from neighbours, by outcome.",
-            None,
-            MetricType::Counter,
+        encode_counters(
+            encoder,
+            &service,
+            ("rootscale_agent_reports_received", "Reports received from neighbours, by outcome.", "result"),
+            &RECEIVED,
+            &self.received,
         )?;
-        for (result, count) in [
-            ("accepted", &self.received_accepted),
-            ("stale_window", &self.received_stale_window),
-            ("not_a_neighbor", &self.received_not_a_neighbor),
-            ("invalid", &self.received_invalid),
-            ("unauthenticated", &self.received_unauthenticated),
-        ] {
-            let labels = [("service", service.clone()), ("result", result.to_string())];
-            ConstCounter::new(count.load(Relaxed)).encode(family.encode_family(&labels)?)?;
-        }
+        encode_counters(
+            encoder,
+            &service,
+            (
+                "rootscale_agent_refused_messages",
+                "gRPC messages refused with INVALID_ARGUMENT before a handler saw them, by reason.",
+                "reason",
+            ),
+            &REFUSED_MESSAGES,
+            &self.refused_messages,
+        )?;
+        encode_counters(
+            encoder,
+            &service,
+            ("rootscale_agent_advisor_refused", "Advisor calls refused, by reason.", "reason"),
+            &REFUSED_CALLS,
+            &self.refused_calls,
+        )?;
+        encode_counters(
+            encoder,
+            &service,
+            ("rootscale_agent_connections_closed", "Connections the agent's port closed, by reason.", "reason"),
+            &CLOSED_CONNECTIONS,
+            &self.closed_connections,
+        )?;
         let mut family = encoder.encode_descriptor(
             "rootscale_agent_report_bytes",
             "Encoded bytes of the reports sent.",

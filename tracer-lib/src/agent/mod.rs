@@ -1,6 +1,10 @@
-//! The agent: one per service replica. It closes the tracer's windows, trades reports with its neighbours
-//! ([`crate::exchange`]), runs the local rule ([`crate::decide`]) and answers the operator's `Advisor` calls, all on
-//! its own gRPC port (with gRPC health, server reflection and HTTP `/metrics`).
+//! The agent: one per service replica. It wires the flow's steps onto its own thread and gRPC port: it closes the
+//! tracer's windows, trades reports with its neighbours ([`crate::exchange`]), runs the local rule
+//! ([`crate::decide`]) and answers the operator's `Advisor` calls.
+//!
+//! - `settings`: defaults, the environment, the builder. `start`: the thread, the port, the tasks.
+//! - `state`: what the agent knows, and each window's steps wired in order.
+//! - `port`: the gRPC port — who may call (`access`), the handlers, health, reflection, `/metrics`, and its limits.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), rootscale_tracer::Error> {
@@ -13,8 +17,9 @@
 //! # }
 //! ```
 
-mod config;
-mod grpc;
+mod port;
+mod settings;
+mod start;
 
 /// Resolves when `stop` turns true. If the [`Agent`] handle was dropped without [`Agent::shutdown`], it never
 /// resolves: dropping the handle leaves the agent running with the service.
@@ -28,7 +33,7 @@ mod state;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-pub use config::{AgentBuilder, TlsFiles};
+pub use settings::{AgentBuilder, DEFAULT_AGENT_PORT, TlsFiles};
 pub use state::AgentSnapshot;
 use tokio::sync::{oneshot, watch};
 

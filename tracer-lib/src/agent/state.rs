@@ -1,13 +1,14 @@
-//! The agent's state and its per-window work: on each closed window, learn the neighbours, decide, and send
-//! reports; on each received report, note the neighbour and, for a delegation, decide again and pass it on.
+//! The agent's state, and the wiring of one window's steps: on each closed window, learn the neighbours from this
+//! service's own edges, take the reports held for it ([`crate::exchange::inbox`]), decide
+//! ([`crate::decide::inputs`]) and send ([`crate::exchange::outbox`]); on each received report, take it and, for a
+//! delegation, decide again and pass it on; on each `Advisor` question, answer (and, for the operator, remember).
 //!
 //! One mutex guards the state; it is taken by the window task, the gRPC handlers and the operator's calls, never
 //! by the request path, and never held across an `.await`.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use rootscale_proto::v1 as proto;
@@ -15,36 +16,24 @@ use tokio::sync::watch;
 
 use crate::{
     ClosedWindow, Tracer,
-    agent::{config::AgentBuilder, metrics::AgentMetrics},
+    agent::{metrics::AgentMetrics, settings::AgentBuilder},
     aggregate::WindowStats,
     decide::{
-        Capacity, Decision, Delegated, PolicyConfig, PolicyInput, Recommendation, Slo, decide, recommend,
+        Capacity, Decision, PolicyConfig, Recommendation,
+        inputs::{DecisionSettings, SettingsUpdate, UtilizationHistory, WindowInputs, decide_window},
         recommend::utilization,
     },
     exchange::{
+        inbox::{Inbox, Received},
         neighbors::{EXPIRE_AFTER, Neighbors},
-        report::{self, ReportHead, ValidReport},
+        outbox::{self, Outbox},
+        report::ValidReport,
         sender::Sender,
     },
 };
 
 /// What the agent knows, as the `Advisor.Snapshot` call returns it.
 pub type AgentSnapshot = proto::SnapshotResponse;
-
-/// Delegations kept per window, and windows kept.
-const MAX_DELEGATIONS: usize = 64;
-const DELEGATION_WINDOWS: u64 = 3;
-/// Utilisation history kept (windows), enough for an hour of 5 s windows.
-const MAX_HISTORY: usize = 720;
-
-/// What the operator said in its last `Advisor` call.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Advice {
-    pub slo: Option<Slo>,
-    pub current_replicas: u32,
-    pub target_utilization: f64,
-    pub stabilization: Duration,
-}
 
 pub(crate) struct AgentState {
     pub tracer: Tracer,
@@ -59,19 +48,24 @@ pub(crate) struct AgentState {
 }
 
 struct Inner {
-    config_slo: Option<Slo>,
-    advice: Option<Advice>,
+    /// Configured at start, changed only by the authenticated operator.
+    settings: DecisionSettings,
     window: Option<Arc<ClosedWindow>>,
     decision: Decision,
     recommendation: Option<Recommendation>,
-    delegations: BTreeMap<u64, Vec<Delegated>>,
+    inbox: Inbox,
     neighbors: Neighbors,
-    /// (window id, utilisation), oldest first.
-    utilization: VecDeque<(u64, f64)>,
+    history: UtilizationHistory,
 }
 
-/// Reports to send: (neighbour service, agent, report).
-type Outbox = Vec<(String, String, proto::NeighborReport)>;
+/// Whose question an `Advisor` call is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Asker {
+    /// The authenticated operator: its settings are kept for later windows.
+    Operator,
+    /// Anyone else allowed to ask: its settings shape this answer only.
+    Member,
+}
 
 impl AgentState {
     pub fn new(tracer: Tracer, config: &AgentBuilder, advertise: String, capacity: Capacity, sender: Sender) -> Self {
@@ -85,14 +79,13 @@ impl AgentState {
             sender,
             metrics: AgentMetrics::default(),
             inner: Mutex::new(Inner {
-                config_slo: config.slo,
-                advice: None,
+                settings: DecisionSettings::configured(config.slo, &config.policy),
                 window: None,
                 decision: Decision::no_data("no window has closed yet"),
                 recommendation: None,
-                delegations: BTreeMap::new(),
+                inbox: Inbox::default(),
                 neighbors: Neighbors::new(config.max_neighbors),
-                utilization: VecDeque::new(),
+                history: UtilizationHistory::default(),
             }),
         }
     }
@@ -105,103 +98,46 @@ impl AgentState {
         self.lock().decision.clone()
     }
 
-    /// Runs the rule on the latest window with everything known now.
-    fn decide_locked(&self, inner: &mut Inner) {
-        let Some(window) = inner.window.clone() else { return };
-        let stats = &window.stats;
-        let advice = inner.advice;
-        let slo = match advice {
-            Some(advice) => advice.slo,
-            None => inner.config_slo,
-        };
-        let target = advice.map_or(self.policy.target_utilization, |advice| advice.target_utilization);
-        let load = utilization(stats, self.window_ms, self.capacity);
-        let stabilization = advice.map_or(Duration::from_secs(300), |advice| advice.stabilization);
-        let needed =
-            ((stabilization.as_millis() as u64).div_ceil(self.window_ms.max(1)).max(1) as usize).min(MAX_HISTORY);
-        let idle_below = self.policy.idle_fraction * target;
-        let idle_throughout = inner.utilization.len() >= needed
-            && inner.utilization.iter().rev().take(needed).all(|(_, value)| *value < idle_below);
-        // One window's burst (a backlog released upstream, the noise of a short window) is not saturation: what
-        // counts is the lower of this window's utilisation and the one just before it.
-        let sustained = inner
-            .utilization
-            .iter()
-            .rev()
-            .find(|(id, _)| id.saturating_add(1) == stats.window_id)
-            .map_or(0.0, |(_, before)| before.min(load.max()));
-        let stale: HashSet<String> =
-            inner.neighbors.iter().filter(|(_, n)| n.stale()).map(|(name, _)| name.clone()).collect();
-        let neighbor_cpu: HashMap<String, f64> =
-            inner.neighbors.iter().filter_map(|(name, n)| n.cpu_utilization.map(|u| (name.clone(), u))).collect();
-        let delegations = inner.delegations.get(&stats.window_id).cloned().unwrap_or_default();
-        let policy = PolicyConfig { target_utilization: target, ..self.policy.clone() };
-        let input = PolicyInput {
+    /// Runs the rule on `window` with `settings` and everything known now.
+    fn decide(&self, inner: &Inner, window: &WindowStats, settings: DecisionSettings) -> (Decision, Recommendation) {
+        decide_window(&WindowInputs {
             service: &self.service,
-            stats,
+            stats: window,
             window_ms: self.window_ms,
-            slo,
-            delegations: &delegations,
-            stale_callees: &stale,
-            neighbor_cpu: &neighbor_cpu,
-            cpu_utilization: load.cpu,
-            utilization: sustained,
-            idle_throughout,
-        };
-        let decision = decide(&input, &policy);
-        let current = advice.map_or(1, |advice| advice.current_replicas);
-        let recommendation = recommend(decision.verdict, stats, self.window_ms, current, target, self.capacity);
+            capacity: self.capacity,
+            policy: &self.policy,
+            settings,
+            history: &inner.history,
+            neighbors: &inner.neighbors,
+            delegations: inner.inbox.delegations(window.window_id),
+        })
+    }
+
+    /// Decides the latest window again with the settings in force, and keeps the result.
+    fn redecide(&self, inner: &mut Inner) {
+        let Some(window) = inner.window.clone() else { return };
+        let (decision, recommendation) = self.decide(inner, &window.stats, inner.settings);
         inner.decision = decision;
         inner.recommendation = Some(recommendation);
     }
 
-    /// The reports for the latest window: one to each agent of each neighbour on an edge with traffic; a
-    /// delegation goes with the reports to callees the decision names. With `only_to`, just to those callees.
-    fn outbox_locked(&self, inner: &Inner, only_to: Option<&[Arc<str>]>) -> Outbox {
+    /// The reports for the latest window (with `only_to`, just to those callees).
+    fn outbox(&self, inner: &Inner, only_to: Option<&[Arc<str>]>) -> Outbox {
         let Some(window) = &inner.window else { return Vec::new() };
         let stats = &window.stats;
-        let decision = inner.decision.to_proto();
-        let summary = report::summary(stats, utilization(stats, self.window_ms, self.capacity).cpu);
-        let head = ReportHead {
+        let from = outbox::Sender {
             service: &self.service,
             agent: &self.advertise,
-            window_id: stats.window_id,
             window_ms: self.window_ms,
-            summary: &summary,
-            decision: &decision,
+            capacity: self.capacity,
         };
-        let mut path: Vec<String> =
-            inner.delegations.get(&stats.window_id).and_then(|d| d.first()).map(|d| d.path.clone()).unwrap_or_default();
-        path.push(self.service.clone());
-        // A full path means a loop or an absurd depth: stop passing the question on.
-        let may_delegate = path.len() <= report::MAX_DELEGATION_PATH;
-        let mut outbox = Vec::new();
-        for (callee, edge) in &stats.outbound {
-            if only_to.is_some_and(|only| !only.contains(callee)) {
-                continue;
-            }
-            let delegated = may_delegate && inner.decision.delegated_to.contains(callee);
-            let delegation = delegated.then(|| {
-                let remote_wait_us = edge.remote_wait.percentile_us(inner.decision.percentile).unwrap_or(0);
-                report::delegation(&inner.decision, &path, remote_wait_us)
-            });
-            for agent in &edge.callee_agents {
-                outbox.push((callee.to_string(), agent.to_string(), head.to_callee(callee, edge, delegation.clone())));
-            }
-        }
-        if only_to.is_none() {
-            for (caller, edge) in &stats.inbound {
-                for agent in &edge.caller_agents {
-                    outbox.push((caller.to_string(), agent.to_string(), head.to_caller(caller, edge)));
-                }
-            }
-        }
-        outbox
+        outbox::reports(&from, stats, &inner.decision, inner.inbox.delegations(stats.window_id).first(), only_to)
     }
 
-    /// A window closed: learn the neighbours, decide, and return the reports to send.
+    /// A window closed: learn the neighbours, take the reports held for it, decide, and return the reports to send.
     fn on_window(&self, window: Arc<ClosedWindow>) -> Outbox {
         let mut inner = self.lock();
+        let inner = &mut *inner;
         let stats = &window.stats;
         for (caller, edge) in &stats.inbound {
             for agent in &edge.caller_agents {
@@ -214,15 +150,12 @@ impl AgentState {
             }
         }
         inner.neighbors.expire(stats.window_id.saturating_sub(EXPIRE_AFTER));
-        let load = utilization(stats, self.window_ms, self.capacity).max();
-        inner.utilization.push_back((stats.window_id, load));
-        while inner.utilization.len() > MAX_HISTORY {
-            inner.utilization.pop_front();
+        for outcome in inner.inbox.window_closed(&self.service, &mut inner.neighbors, stats.window_id) {
+            self.count_received(outcome);
         }
-        let oldest_kept = stats.window_id.saturating_sub(DELEGATION_WINDOWS);
-        inner.delegations.retain(|window_id, _| *window_id >= oldest_kept);
+        inner.history.push(stats.window_id, utilization(stats, self.window_ms, self.capacity).max());
         inner.window = Some(window.clone());
-        self.decide_locked(&mut inner);
+        self.redecide(inner);
         self.metrics.decided(inner.decision.verdict);
         tracing::debug!(
             service = %self.service,
@@ -231,7 +164,18 @@ impl AgentState {
             reason = %inner.decision.reason,
             "window decided"
         );
-        self.outbox_locked(&inner, None)
+        self.outbox(inner, None)
+    }
+
+    fn count_received(&self, outcome: Received) {
+        match outcome {
+            Received::Taken | Received::Redecide => self.metrics.received("accepted"),
+            Received::Held => self.metrics.received("held"),
+            Received::Refused(refusal) => {
+                tracing::debug!(service = %self.service, reason = refusal.as_str(), "refused a report");
+                self.metrics.received(refusal.as_str());
+            }
+        }
     }
 
     /// Sends reports and notes which neighbours answered.
@@ -239,107 +183,99 @@ impl AgentState {
         if outbox.is_empty() {
             return;
         }
-        let services: Vec<String> = outbox.iter().map(|(service, _, _)| service.clone()).collect();
-        let bytes: usize = outbox.iter().map(|(_, _, report)| prost::Message::encoded_len(report)).sum();
+        let bytes: usize = outbox.iter().map(|outgoing| prost::Message::encoded_len(&outgoing.report)).sum();
         self.metrics.report_bytes(bytes as u64);
-        let outcomes =
-            self.sender.send_all(outbox.into_iter().map(|(_, agent, report)| (agent, report)).collect()).await;
+        let outcomes = self.sender.send_all(outbox).await;
         let mut inner = self.lock();
-        for (service, (agent, outcome)) in services.iter().zip(outcomes) {
+        for (outgoing, outcome) in outcomes {
             self.metrics.sent(outcome.is_ok());
             if let Err(error) = &outcome {
-                tracing::debug!(neighbor = %service, %agent, %error, "report not delivered");
+                tracing::debug!(neighbor = %outgoing.service, agent = %outgoing.agent, %error, "report not delivered");
             }
-            inner.neighbors.sent(service, &agent, outcome.is_ok());
+            inner.neighbors.sent(&outgoing.service, &outgoing.agent, outcome.is_ok());
         }
     }
 
-    /// A valid report arrived. Returns whether it was used, and reports to pass a delegation on.
+    /// A valid report arrived from an authenticated peer. Returns whether it was taken, and the reports that pass a
+    /// delegation on.
     pub fn on_report(&self, report: ValidReport) -> (bool, Outbox) {
-        let current = self.tracer.window_clock().window_id(Instant::now());
-        // Window ids are untrusted: compare without overflowing.
-        if report.window_id.saturating_add(DELEGATION_WINDOWS) < current || report.window_id > current.saturating_add(1)
-        {
-            self.metrics.received("stale_window");
-            return (false, Vec::new());
-        }
+        let now = self.tracer.window_clock().window_id(Instant::now());
         let mut inner = self.lock();
-        let known = inner.neighbors.heard_from(
-            &report.from_service,
-            &report.from_agent,
-            report.window_id,
-            report.decision,
-            report.utilization,
-        );
-        if !known {
-            self.metrics.received("not_a_neighbor");
-            return (false, Vec::new());
+        let inner = &mut *inner;
+        let decided = inner.window.as_ref().map(|w| w.stats.window_id);
+        let outcome = inner.inbox.receive(&self.service, &mut inner.neighbors, report, now, decided);
+        self.count_received(outcome);
+        match outcome {
+            // A held report is not used yet: the acknowledgement says so.
+            Received::Refused(_) | Received::Held => (false, Vec::new()),
+            Received::Taken => (true, Vec::new()),
+            Received::Redecide => {
+                // Already decided this window without the delegation: decide again, and pass it on to any callee
+                // it now points at (whatever the verdict: in sum mode a root cause may also delegate).
+                let before = inner.decision.clone();
+                self.redecide(inner);
+                if inner.decision.verdict != before.verdict {
+                    self.metrics.decided(inner.decision.verdict);
+                }
+                let new_callees: Vec<Arc<str>> = inner
+                    .decision
+                    .delegated_to
+                    .iter()
+                    .filter(|callee| !before.delegated_to.contains(callee))
+                    .cloned()
+                    .collect();
+                let outbox = if new_callees.is_empty() { Vec::new() } else { self.outbox(inner, Some(&new_callees)) };
+                (true, outbox)
+            }
         }
-        self.metrics.received("accepted");
-        // A delegation counts only when the report is about the edge from its sender to this service.
-        let Some(delegation) =
-            report.delegation.filter(|_| report.addressed_to.as_deref() == Some(self.service.as_str()))
-        else {
-            return (true, Vec::new());
-        };
-        if delegation.path.contains(&self.service) {
-            // A loop in the call graph: this service already passed the question on.
-            return (true, Vec::new());
-        }
-        let decided_window = inner.window.as_ref().map_or(0, |w| w.stats.window_id);
-        if report.window_id < decided_window {
-            // This service already decided a later window: too late to act on.
-            return (false, Vec::new());
-        }
-        let entry = inner.delegations.entry(report.window_id).or_default();
-        if entry.len() >= MAX_DELEGATIONS || entry.iter().any(|known| known.from == delegation.from) {
-            return (true, Vec::new());
-        }
-        entry.push(delegation);
-        if report.window_id != decided_window {
-            // For a window not closed here yet: used when it closes.
-            return (true, Vec::new());
-        }
-        // Already decided this window without the delegation: decide again, and pass it on to any callee it now
-        // points at (whatever the verdict: in sum mode a root cause may also delegate).
-        let before = inner.decision.clone();
-        self.decide_locked(&mut inner);
-        if inner.decision.verdict != before.verdict {
-            self.metrics.decided(inner.decision.verdict);
-        }
-        let new_callees: Vec<Arc<str>> = inner
-            .decision
-            .delegated_to
-            .iter()
-            .filter(|callee| !before.delegated_to.contains(callee))
-            .cloned()
-            .collect();
-        let outbox = if new_callees.is_empty() { Vec::new() } else { self.outbox_locked(&inner, Some(&new_callees)) };
-        (true, outbox)
     }
 
-    /// The operator's question: remember its SLO and settings, decide again on the latest window, answer.
-    pub fn advise(&self, advice: Advice) -> proto::RecommendResponse {
+    /// An `Advisor` question: decide the latest window with the settings it asks for and answer. Only the
+    /// operator's settings are kept for later windows; an empty field keeps the setting in force.
+    pub fn advise(&self, update: &SettingsUpdate, asker: Asker) -> proto::RecommendResponse {
         let mut inner = self.lock();
-        inner.advice = Some(advice);
-        self.decide_locked(&mut inner);
-        let percentile = advice.slo.map_or(inner.decision.percentile, |slo| slo.percentile);
-        let observed = inner.window.as_ref().and_then(|w| w.stats.total.percentile_us(percentile)).unwrap_or(0);
-        proto::RecommendResponse {
-            service: self.service.clone(),
-            window_id: inner.window.as_ref().map_or(0, |w| w.stats.window_id),
-            decision: Some(inner.decision.to_proto()),
-            recommendation: Some(match &inner.recommendation {
-                Some(recommendation) => recommendation.to_proto(),
-                // No window yet: keep what there is.
-                None => proto::Recommendation {
-                    desired_replicas: advice.current_replicas,
+        let inner = &mut *inner;
+        let settings = inner.settings.with(update);
+        let answer = match inner.window.clone() {
+            Some(window) if asker == Asker::Operator => {
+                inner.settings = settings;
+                self.redecide(inner);
+                inner.recommendation.clone().map(|recommendation| (inner.decision.clone(), recommendation, window))
+            }
+            Some(window) => {
+                let (decision, recommendation) = self.decide(inner, &window.stats, settings);
+                Some((decision, recommendation, window))
+            }
+            None => {
+                if asker == Asker::Operator {
+                    inner.settings = settings;
+                }
+                None
+            }
+        };
+        let percentile = settings.slo.map_or(inner.decision.percentile, |slo| slo.percentile);
+        match answer {
+            Some((decision, recommendation, window)) => proto::RecommendResponse {
+                service: self.service.clone(),
+                window_id: window.stats.window_id,
+                decision: Some(decision.to_proto()),
+                recommendation: Some(recommendation.to_proto()),
+                observed_latency_us: window.stats.total.percentile_us(percentile).unwrap_or(0),
+                traffic: Some(traffic(&window.stats, self.window_ms, percentile)),
+            },
+            // No window yet: keep what there is.
+            None => proto::RecommendResponse {
+                service: self.service.clone(),
+                window_id: 0,
+                decision: Some(inner.decision.to_proto()),
+                recommendation: Some(proto::Recommendation {
+                    desired_replicas: settings.current_replicas,
                     reason: "no window has closed yet".to_string(),
                     ..Default::default()
-                },
-            }),
-            observed_latency_us: observed,
-            traffic: inner.window.as_ref().map(|w| traffic(&w.stats, self.window_ms, percentile)),
+                }),
+                observed_latency_us: 0,
+                traffic: None,
+            },
         }
     }
 
@@ -371,7 +307,8 @@ impl AgentState {
     }
 }
 
-/// The window task: decide and exchange on every closed window until told to stop.
+/// The window task: decide and exchange on every closed window until told to stop. The mesh key file is read
+/// again first, so a rotated key is in force from the next window on.
 pub(crate) async fn run_windows(state: Arc<AgentState>, mut stop: watch::Receiver<bool>) {
     let mut windows = state.tracer.subscribe();
     loop {
@@ -381,6 +318,11 @@ pub(crate) async fn run_windows(state: Arc<AgentState>, mut stop: watch::Receive
                     return;
                 }
                 let Some(window) = windows.borrow_and_update().clone() else { continue };
+                match state.tracer.reload_keys() {
+                    Ok(true) => tracing::info!(service = %state.service, "mesh key file changed: new keys in force"),
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(%error, "mesh key file unreadable: the keys in force stay"),
+                }
                 let outbox = state.on_window(window);
                 // Sending runs beside the next window's wait: a slow neighbour never delays a decision.
                 let sender = state.clone();
@@ -427,7 +369,7 @@ mod tests {
     fn state() -> AgentState {
         let tracer = Tracer::builder("svc-pool").window(Duration::from_secs(1)).build().unwrap();
         let config = AgentBuilder::new("svc-pool");
-        let sender = Sender::new(Duration::from_millis(100), None, None).unwrap();
+        let sender = Sender::new(Duration::from_millis(100), None, None, None).unwrap();
         AgentState::new(tracer, &config, "127.0.0.1:1".into(), Capacity { cores: 1.0, concurrency: Some(4.0) }, sender)
     }
 

@@ -1,4 +1,4 @@
-//! Decide: the local rule every service runs on its own closed window (DESIGN.md 1.4–1.5).
+//! Decide: the local rule every service runs on its own closed window (docs/DESIGN.md §1.4–1.5).
 //!
 //! - [`policy`]: is this service the bottleneck? The SLO trigger at entry services (or a delegation from a
 //!   caller), then the comparison of the service's own `local_wait` with each outbound edge's `net_wait` and
@@ -6,8 +6,12 @@
 //!   cause (or a slow link). Also `saturated` and `idle` from the service's own utilisation.
 //! - [`recommend`]: how many replicas this replica's load calls for (utilisation law and Little's law).
 //!
-//! Both are pure functions of their inputs, so they are tested without servers; the agent feeds them.
+//! - [`inputs`]: what the two are run with for one window — the settings in force, the utilisation history, the
+//!   neighbours and the delegations received.
+//!
+//! `policy` and `recommend` are pure functions of their inputs, so they are tested without servers.
 
+pub mod inputs;
 pub mod policy;
 pub mod recommend;
 

@@ -1,4 +1,4 @@
-//! The decision rule (the dissertation's, run in every service; DESIGN.md 1.4).
+//! The decision rule (the dissertation's, run in every service; docs/DESIGN.md §1.4).
 //!
 //! 1. Triggered? An entry service is when its own `total` at the SLO percentile passes `trigger_fraction` of the
 //!    SLO; any service is when a caller delegated this window to it.
@@ -27,7 +27,7 @@ use crate::{
     measure::record::WaitPoint,
 };
 
-/// How waits are combined (DESIGN.md 1.4, step 5).
+/// How waits are combined (docs/DESIGN.md §1.4, step 5).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AggregationMode {
     /// Follow the single largest wait.
@@ -127,7 +127,7 @@ pub struct PolicyInput<'a> {
     pub idle_throughout: bool,
 }
 
-/// The verdict kinds (DESIGN.md 1.4).
+/// The verdict kinds (docs/DESIGN.md §1.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Healthy,

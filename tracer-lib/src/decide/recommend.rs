@@ -1,4 +1,4 @@
-//! How many replicas this replica's load calls for (DESIGN.md 1.5).
+//! How many replicas this replica's load calls for (docs/DESIGN.md §1.5).
 //!
 //! - Utilisation law: CPU demand = arrival rate × busy time per request, against the cores this replica has
 //!   (cgroup v2 `cpu.max`, else the runtime's workers).

@@ -10,14 +10,14 @@ use std::collections::BTreeMap;
 
 use rootscale_proto::v1 as proto;
 
-use crate::aggregate::stats::AGENTS_PER_EDGE;
+use crate::{aggregate::stats::AGENTS_PER_EDGE, exchange::report::ValidReport};
 
 /// Windows after which an agent no edge mentioned is forgotten.
 pub const EXPIRE_AFTER: u64 = 12;
 
 /// One agent of a neighbour.
 #[derive(Clone, Debug, Default)]
-pub struct AgentState {
+pub struct NeighborAgent {
     /// The last window in which one of our edges named it.
     pub last_seen: u64,
     /// It did not answer the last report sent to it.
@@ -27,7 +27,7 @@ pub struct AgentState {
 /// One neighbour service.
 #[derive(Clone, Debug, Default)]
 pub struct Neighbor {
-    pub agents: BTreeMap<String, AgentState>,
+    pub agents: BTreeMap<String, NeighborAgent>,
     /// The last window it sent us a report for, its decision and CPU utilisation then.
     pub last_window: Option<u64>,
     pub last_decision: Option<proto::Decision>,
@@ -41,12 +41,21 @@ impl Neighbor {
     }
 }
 
+/// Whether a report's sender is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heard {
+    Known,
+    UnknownService,
+    /// The service is a neighbour, but no edge of ours named this agent for it.
+    UnknownAgent,
+}
+
 /// All neighbours, by service name.
 #[derive(Debug)]
 pub struct Neighbors {
     cap: usize,
     by_service: BTreeMap<String, Neighbor>,
-    /// Neighbours or agents refused because the table was full, and reports from services that are not neighbours.
+    /// Neighbours or agents refused because the table was full.
     pub refused: u64,
 }
 
@@ -69,7 +78,7 @@ impl Neighbors {
         match neighbor.agents.get_mut(agent) {
             Some(known) => known.last_seen = known.last_seen.max(window_id),
             None if room => {
-                neighbor.agents.insert(agent.to_string(), AgentState { last_seen: window_id, failed: false });
+                neighbor.agents.insert(agent.to_string(), NeighborAgent { last_seen: window_id, failed: false });
             }
             None => self.refused += 1,
         }
@@ -83,30 +92,24 @@ impl Neighbors {
         self.by_service.retain(|_, neighbor| !neighbor.agents.is_empty());
     }
 
-    /// A report arrived from `service`. Returns false (and tracks nothing) if it is not a neighbour.
-    pub fn heard_from(
-        &mut self,
-        service: &str,
-        agent: &str,
-        window_id: u64,
-        decision: Option<proto::Decision>,
-        cpu_utilization: Option<f64>,
-    ) -> bool {
-        let Some(neighbor) = self.by_service.get_mut(service) else {
-            self.refused += 1;
-            return false;
+    /// A report arrived. It is heard (the neighbour's decision and utilisation noted) only from an agent one of
+    /// this service's own edges named for the service the report names.
+    pub fn heard_from(&mut self, report: &ValidReport) -> Heard {
+        let Some(neighbor) = self.by_service.get_mut(&report.from_service) else {
+            return Heard::UnknownService;
         };
-        if let Some(known) = neighbor.agents.get_mut(agent) {
-            known.failed = false;
+        let Some(agent) = neighbor.agents.get_mut(&report.from_agent) else {
+            return Heard::UnknownAgent;
+        };
+        agent.failed = false;
+        neighbor.last_window = Some(neighbor.last_window.map_or(report.window_id, |w| w.max(report.window_id)));
+        if report.decision.is_some() {
+            neighbor.last_decision = report.decision.clone();
         }
-        neighbor.last_window = Some(neighbor.last_window.map_or(window_id, |w| w.max(window_id)));
-        if decision.is_some() {
-            neighbor.last_decision = decision;
+        if report.utilization.is_some() {
+            neighbor.cpu_utilization = report.utilization;
         }
-        if cpu_utilization.is_some() {
-            neighbor.cpu_utilization = cpu_utilization;
-        }
-        true
+        Heard::Known
     }
 
     /// The outcome of sending a report to `service`'s agent `agent` (only known agents are marked).
@@ -141,17 +144,29 @@ impl Neighbors {
 mod tests {
     use super::*;
 
+    fn report(service: &str, agent: &str, window_id: u64, utilization: Option<f64>) -> ValidReport {
+        ValidReport {
+            from_service: service.into(),
+            from_agent: agent.into(),
+            window_id,
+            utilization,
+            addressed_to: None,
+            decision: None,
+            delegation: None,
+        }
+    }
+
     #[test]
     fn a_neighbour_is_stale_when_every_agent_failed_and_fresh_again_when_heard_from() {
         let mut neighbors = Neighbors::new(2);
-        neighbors.learn("b", "10.0.0.2:9797", 1);
-        neighbors.learn("b", "10.0.0.3:9797", 1);
-        neighbors.sent("b", "10.0.0.2:9797", false);
+        neighbors.learn("b", "127.0.0.2:9797", 1);
+        neighbors.learn("b", "127.0.0.3:9797", 1);
+        neighbors.sent("b", "127.0.0.2:9797", false);
         assert!(!neighbors.is_stale("b"), "one replica still answers");
-        neighbors.sent("b", "10.0.0.3:9797", false);
-        neighbors.sent("b", "10.9.9.9:9797", true); // not a known agent: ignored
+        neighbors.sent("b", "127.0.0.3:9797", false);
+        neighbors.sent("b", "127.9.9.9:9797", true); // not a known agent: ignored
         assert!(neighbors.is_stale("b"));
-        assert!(neighbors.heard_from("b", "10.0.0.3:9797", 5, None, Some(0.5)));
+        assert_eq!(neighbors.heard_from(&report("b", "127.0.0.3:9797", 5, Some(0.5))), Heard::Known);
         assert!(!neighbors.is_stale("b"));
         assert_eq!(neighbors.get("b").unwrap().cpu_utilization, Some(0.5));
     }
@@ -160,25 +175,28 @@ mod tests {
     fn the_table_is_bounded_and_strangers_are_not_tracked() {
         let mut neighbors = Neighbors::new(2);
         for service in ["a", "b", "c", "d"] {
-            neighbors.learn(service, "10.0.0.2:9797", 1);
+            neighbors.learn(service, "127.0.0.2:9797", 1);
         }
         assert_eq!(neighbors.len(), 2);
         for i in 0..20 {
-            neighbors.learn("a", &format!("10.0.0.{i}:9797"), 1);
+            neighbors.learn("a", &format!("127.0.0.{i}:9797"), 1);
         }
         assert_eq!(neighbors.get("a").unwrap().agents.len(), AGENTS_PER_EDGE);
-        assert!(!neighbors.heard_from("stranger", "10.0.0.9:9797", 1, None, Some(5.0)));
+        assert_eq!(neighbors.heard_from(&report("stranger", "127.0.0.9:9797", 1, Some(5.0))), Heard::UnknownService);
         assert!(neighbors.get("stranger").is_none());
+        // A known name from an agent no edge named: not heard, nothing noted.
+        assert_eq!(neighbors.heard_from(&report("a", "127.0.9.9:9797", 1, Some(5.0))), Heard::UnknownAgent);
+        assert_eq!(neighbors.get("a").unwrap().cpu_utilization, None);
     }
 
     #[test]
     fn agents_no_edge_mentions_are_forgotten() {
         let mut neighbors = Neighbors::new(8);
-        neighbors.learn("b", "10.0.0.2:9797", 1);
-        neighbors.learn("b", "10.0.0.3:9797", 20);
-        neighbors.learn("c", "10.0.0.4:9797", 2);
+        neighbors.learn("b", "127.0.0.2:9797", 1);
+        neighbors.learn("b", "127.0.0.3:9797", 20);
+        neighbors.learn("c", "127.0.0.4:9797", 2);
         neighbors.expire(10);
-        assert_eq!(neighbors.get("b").unwrap().agents.keys().collect::<Vec<_>>(), ["10.0.0.3:9797"]);
+        assert_eq!(neighbors.get("b").unwrap().agents.keys().collect::<Vec<_>>(), ["127.0.0.3:9797"]);
         assert!(neighbors.get("c").is_none());
     }
 }

@@ -1,13 +1,26 @@
 //! Sends reports to neighbour agents: concurrently, each bounded by a timeout, over cached gRPC channels, with the
-//! shared token and TLS when configured. Runs on the agent's tasks, never on the request path.
+//! report's proof (a MAC under the mesh key), the shared token and TLS when configured. Runs on the agent's tasks,
+//! never on the request path. It only ever dials agents learned from this service's own edges.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures_util::future::join_all;
 use rootscale_proto::v1::{NeighborReport, neighbor_client::NeighborClient};
 use tonic::{
     metadata::MetadataValue,
     transport::{Channel, ClientTlsConfig, Endpoint},
+};
+
+use crate::{
+    exchange::outbox::Outgoing,
+    identity::{
+        KeyRing,
+        peer::{REPORT_PROOF_METADATA, report_proof},
+    },
 };
 
 /// Channels kept at most; past that the cache starts over.
@@ -18,11 +31,17 @@ pub struct Sender {
     timeout: Duration,
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
     tls: Option<ClientTlsConfig>,
+    keys: Option<Arc<KeyRing>>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl Sender {
-    pub fn new(timeout: Duration, token: Option<&str>, tls: Option<ClientTlsConfig>) -> Result<Self, crate::Error> {
+    pub fn new(
+        timeout: Duration,
+        token: Option<&str>,
+        tls: Option<ClientTlsConfig>,
+        keys: Option<Arc<KeyRing>>,
+    ) -> Result<Self, crate::Error> {
         let token = match token {
             Some(token) => Some(
                 format!("Bearer {token}")
@@ -31,7 +50,7 @@ impl Sender {
             ),
             None => None,
         };
-        Ok(Self { timeout, token, tls, channels: Mutex::new(HashMap::new()) })
+        Ok(Self { timeout, token, tls, keys, channels: Mutex::new(HashMap::new()) })
     }
 
     fn channel(&self, agent: &str) -> Result<Channel, String> {
@@ -58,7 +77,12 @@ impl Sender {
     /// Sends one report; `Err` says why the agent did not take it.
     pub async fn send(&self, agent: &str, report: NeighborReport) -> Result<(), String> {
         let channel = self.channel(agent)?;
+        let proof =
+            self.keys.as_ref().map(|keys| report_proof(&keys.current(), &prost::Message::encode_to_vec(&report)));
         let mut request = tonic::Request::new(report);
+        if let Some(proof) = proof {
+            request.metadata_mut().insert(REPORT_PROOF_METADATA, proof);
+        }
         request.set_timeout(self.timeout);
         if let Some(token) = &self.token {
             request.metadata_mut().insert("authorization", token.clone());
@@ -71,11 +95,11 @@ impl Sender {
         }
     }
 
-    /// Sends every report at once; returns each outcome in order.
-    pub async fn send_all(&self, reports: Vec<(String, NeighborReport)>) -> Vec<(String, Result<(), String>)> {
-        join_all(reports.into_iter().map(|(agent, report)| async move {
-            let outcome = self.send(&agent, report).await;
-            (agent, outcome)
+    /// Sends every report at once; returns each with its outcome, in order.
+    pub async fn send_all(&self, outbox: Vec<Outgoing>) -> Vec<(Outgoing, Result<(), String>)> {
+        join_all(outbox.into_iter().map(|outgoing| async move {
+            let outcome = self.send(&outgoing.agent, outgoing.report.clone()).await;
+            (outgoing, outcome)
         }))
         .await
     }

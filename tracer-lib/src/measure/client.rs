@@ -103,15 +103,15 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        if self.layer.send_caller {
-            request.headers_mut().insert(CALLER_HEADER, self.layer.tracer.shared.caller_header.clone());
-        }
         let fallback = match (&self.layer.callee, request.uri().authority()) {
             (Callee::Named(name), _) => Fallback::Named(name.clone()),
             (Callee::Learned(_), Some(authority)) => Fallback::Authority(authority.clone()),
             (Callee::Learned(learned), None) => Fallback::Learned(learned.clone()),
         };
         let call = Call::start(self.layer.tracer.clone(), fallback);
+        if self.layer.send_caller {
+            request.headers_mut().insert(CALLER_HEADER, self.layer.tracer.caller_header(call.started));
+        }
         CallFuture { inner: self.inner.call(request), call: Some(call) }
     }
 }
@@ -185,6 +185,9 @@ impl Call {
             return false;
         };
         match Timing::parse(value) {
+            // A responder that cannot prove membership is taken as an uninstrumented callee: its numbers and the
+            // address it names are not believed, so nothing is ever dialled on its word (docs/DESIGN.md §1.6).
+            Ok(timing) if !self.tracer.believes_timing(&timing) => false,
             Ok(timing) => {
                 if let Fallback::Learned(learned) = &self.fallback
                     && learned.get().is_none()

@@ -5,18 +5,23 @@
 //! caller can count it and carry on as if the header were absent.
 //!
 //! ```text
-//! rootscale-caller: s=checkout;a=10.0.3.7:9797
-//! rootscale-timing: v=1;s=payments;t=41873;w=40211;k=l;at=payments;a=10.0.3.9:9797
+//! rootscale-caller: s=checkout;a=127.0.0.7:9797;i=352718904;p=9f86d081884c7d659a2feaa0c55ad015
+//! rootscale-timing: v=1;s=payments;t=41873;w=40211;k=l;at=payments;a=127.0.0.9:9797;i=352718904;p=3c5a…
 //! rootscale-timing: v=1;s=cart;t=23011;w=20950;k=n;at=cart>redis-proxy
 //! ```
 //! `t` is the responder's total and `w` the largest wait in its subtree, both in microseconds; `k` is the wait's
-//! kind (`l` local, `n` network) and `at` where it was (a service, or `caller>callee` for a link).
+//! kind (`l` local, `n` network) and `at` where it was (a service, or `caller>callee` for a link). With a mesh key,
+//! `i` (the window id) and `p` (the membership proof, 32 lowercase hex digits; see [`crate::identity::proof`])
+//! end both headers; a header is only believed when its proof verifies.
 
 use std::ops::Range;
 
 use http::{HeaderName, HeaderValue};
 
-use crate::measure::record::{Wait, WaitPoint};
+use crate::{
+    identity::proof::is_proof_text,
+    measure::record::{Wait, WaitPoint},
+};
 
 /// Request header naming the calling service and its agent.
 pub const CALLER_HEADER: HeaderName = HeaderName::from_static("rootscale-caller");
@@ -28,8 +33,8 @@ pub const MAX_SERVICE_NAME: usize = 63;
 /// Longest agent address accepted (`host:port`).
 pub const MAX_AGENT_ADDR: usize = 100;
 /// Longest header value accepted: room for the longest valid timing header (two names of 63 in `at`, a 100-byte
-/// agent address, 12-digit numbers) with a margin.
-pub const MAX_HEADER_LEN: usize = 400;
+/// agent address, 12-digit numbers, the window id and the proof) with a margin.
+pub const MAX_HEADER_LEN: usize = 480;
 /// Durations above this (about 11.5 days in µs) are refused as absurd.
 pub const MAX_DURATION_US: u64 = 999_999_999_999;
 
@@ -161,7 +166,20 @@ impl<'a> Fields<'a> {
         if valid_agent_bytes(self.value(&range)) { Ok(range) } else { Err(HeaderError::BadField(key)) }
     }
 
-    /// The next field as a duration in whole microseconds: 1–12 decimal digits.
+    /// The optional `i=<window id>;p=<proof>` pair that ends a header: the window id and the proof's text.
+    fn proof(&mut self) -> Result<Option<(u64, Range<usize>)>, HeaderError> {
+        if !self.peek_is(b"i") {
+            return Ok(None);
+        }
+        let window_id = self.micros("i")?;
+        let proof = self.expect("p")?;
+        if !is_proof_text(self.value(&proof)) {
+            return Err(HeaderError::BadField("p"));
+        }
+        Ok(Some((window_id, proof)))
+    }
+
+    /// The next field as a whole number (a duration in microseconds, a window id): 1–12 decimal digits.
     fn micros(&mut self, key: &'static str) -> Result<u64, HeaderError> {
         let range = self.expect(key)?;
         let digits = self.value(&range);
@@ -190,17 +208,24 @@ pub struct CallerHeader {
     raw: HeaderValue,
     service: Range<usize>,
     agent: Option<Range<usize>>,
+    proof: Option<(u64, Range<usize>)>,
 }
 
 impl CallerHeader {
     pub fn parse(raw: &HeaderValue) -> Result<Self, HeaderError> {
         let mut fields = Fields::new(raw)?;
         let service = fields.name("s")?;
-        let agent = if fields.at_end() { None } else { Some(fields.agent("a")?) };
+        let agent = if fields.peek_is(b"a") { Some(fields.agent("a")?) } else { None };
+        let proof = fields.proof()?;
         if !fields.at_end() {
             return Err(HeaderError::Trailing);
         }
-        Ok(Self { raw: raw.clone(), service, agent })
+        Ok(Self { raw: raw.clone(), service, agent, proof })
+    }
+
+    /// The window id and proof text the header ends with, if any.
+    pub fn proof(&self) -> Option<(u64, &[u8])> {
+        self.proof.as_ref().map(|(window_id, range)| (*window_id, &self.raw.as_bytes()[range.clone()]))
     }
 
     fn slice(&self, range: &Range<usize>) -> &str {
@@ -217,13 +242,19 @@ impl CallerHeader {
 
     /// The header a service sends on its outbound requests.
     pub fn encode(service: &str, agent: Option<&str>) -> HeaderValue {
-        let mut value = String::with_capacity(8 + service.len() + agent.map_or(0, str::len));
+        Self::encode_with_proof(service, agent, "")
+    }
+
+    /// The header with `proof_fields` (`;i=…;p=…`, or empty) at its end.
+    pub fn encode_with_proof(service: &str, agent: Option<&str>, proof_fields: &str) -> HeaderValue {
+        let mut value = String::with_capacity(8 + service.len() + agent.map_or(0, str::len) + proof_fields.len());
         value.push_str("s=");
         value.push_str(service);
         if let Some(agent) = agent {
             value.push_str(";a=");
             value.push_str(agent);
         }
+        value.push_str(proof_fields);
         // Callers validate names and addresses before building the header; fall back to a bare name otherwise.
         HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("s=invalid"))
     }
@@ -244,6 +275,7 @@ pub struct Timing {
     at: Range<usize>,
     /// For a net wait, the callee of the link.
     at_to: Option<Range<usize>>,
+    proof: Option<(u64, Range<usize>)>,
 }
 
 impl Timing {
@@ -278,10 +310,16 @@ impl Timing {
             _ => return Err(HeaderError::BadField("k")),
         };
         let agent = if fields.peek_is(b"a") { Some(fields.agent("a")?) } else { None };
+        let proof = fields.proof()?;
         if !fields.at_end() {
             return Err(HeaderError::Trailing);
         }
-        Ok(Self { raw: raw.clone(), service, agent, total_us, wait_us, at, at_to })
+        Ok(Self { raw: raw.clone(), service, agent, total_us, wait_us, at, at_to, proof })
+    }
+
+    /// The window id and proof text the header ends with, if any.
+    pub fn proof(&self) -> Option<(u64, &[u8])> {
+        self.proof.as_ref().map(|(window_id, range)| (*window_id, &self.raw.as_bytes()[range.clone()]))
     }
 
     fn slice(&self, range: &Range<usize>) -> &str {
@@ -360,9 +398,16 @@ impl TimingEncoder {
     }
 
     /// The header for a response whose total was `total_us` and whose largest wait is `wait_us` at `point`
-    /// (`None`: this service's own local wait). Writes only what [`Timing::parse`] accepts: the wait is capped at
-    /// the total, and a point with a name that is not a valid service name is replaced by this service.
-    pub fn encode(&self, total_us: u64, wait_us: u64, point: Option<WaitPointRef<'_>>) -> Option<HeaderValue> {
+    /// (`None`: this service's own local wait), ended by `proof_fields` (`;i=…;p=…`, or empty). Writes only what
+    /// [`Timing::parse`] accepts: the wait is capped at the total, and a point with a name that is not a valid
+    /// service name is replaced by this service.
+    pub fn encode(
+        &self,
+        total_us: u64,
+        wait_us: u64,
+        point: Option<WaitPointRef<'_>>,
+        proof_fields: &[u8],
+    ) -> Option<HeaderValue> {
         let total_us = total_us.min(MAX_DURATION_US);
         let wait_us = wait_us.min(total_us);
         let point = point.filter(|point| match point {
@@ -370,8 +415,9 @@ impl TimingEncoder {
             WaitPointRef::Net { from, to } => valid_service_name(from) && valid_service_name(to),
         });
         let mut buffer = itoa::Buffer::new();
-        let mut value =
-            bytes::BytesMut::with_capacity(self.prefix.len() + self.own_local.len() + self.suffix.len() + 64);
+        let mut value = bytes::BytesMut::with_capacity(
+            self.prefix.len() + self.own_local.len() + self.suffix.len() + proof_fields.len() + 64,
+        );
         value.extend_from_slice(&self.prefix);
         value.extend_from_slice(buffer.format(total_us).as_bytes());
         value.extend_from_slice(b";w=");
@@ -390,6 +436,7 @@ impl TimingEncoder {
             }
         }
         value.extend_from_slice(&self.suffix);
+        value.extend_from_slice(proof_fields);
         HeaderValue::from_maybe_shared(value.freeze()).ok()
     }
 }
@@ -417,24 +464,29 @@ mod tests {
     fn timing_round_trip() {
         let wait = Wait { point: WaitPoint::Net { from: "cart".into(), to: "redis".into() }, us: 20_950 };
         let encoder = TimingEncoder::new("cart", Some("127.0.0.1:9000"));
-        let header = encoder.encode(23_011, wait.us, Some(wait.point.as_ref())).unwrap();
+        let header = encoder.encode(23_011, wait.us, Some(wait.point.as_ref()), b"").unwrap();
         assert_eq!(header, "v=1;s=cart;t=23011;w=20950;k=n;at=cart>redis;a=127.0.0.1:9000");
         let parsed = Timing::parse(&header).unwrap();
         assert_eq!(parsed.total_us, 23_011);
         assert_eq!(parsed.service(), "cart");
         assert_eq!(parsed.largest_wait(), wait);
         assert_eq!(parsed.agent(), Some("127.0.0.1:9000"));
-        let own = TimingEncoder::new("web", None).encode(5, 4, None).unwrap();
+        let own = TimingEncoder::new("web", None).encode(5, 4, None, b"").unwrap();
         assert_eq!(own, "v=1;s=web;t=5;w=4;k=l;at=web");
         let parsed = Timing::parse(&own).unwrap();
         assert_eq!((parsed.wait_point(), parsed.agent()), (WaitPointRef::Local("web"), None));
-        let other = TimingEncoder::new("web", None).encode(5, 4, Some(WaitPointRef::Local("db"))).unwrap();
+        let other = TimingEncoder::new("web", None).encode(5, 4, Some(WaitPointRef::Local("db")), b"").unwrap();
         assert_eq!(other, "v=1;s=web;t=5;w=4;k=l;at=db");
     }
 
     #[test]
     fn malformed_values_are_refused() {
-        let long = format!("s={}", "a".repeat(400));
+        let long = format!("s={}", "a".repeat(MAX_HEADER_LEN));
+        let proof = "0123456789abcdef0123456789abcdef";
+        let (upper, short_proof) =
+            (format!("s=web;i=5;p={}", proof.to_uppercase()), format!("s=web;i=5;p={}", &proof[1..]));
+        let (no_window, leading_zero) = (format!("s=web;p={proof}"), format!("s=web;i=05;p={proof}"));
+        let (after_proof, before_agent) = (format!("s=web;i=5;p={proof};a=h:1"), format!("s=web;i=5;p={proof}"));
         let bad_callers = [
             "",
             "s=",
@@ -453,7 +505,16 @@ mod tests {
             long.as_str(),
             "s=ab/cd",
             "s=web;a=[zz]:80",
+            "s=web;i=5",
+            "s=web;i=5;p=",
+            upper.as_str(),
+            short_proof.as_str(),
+            no_window.as_str(),
+            leading_zero.as_str(),
+            after_proof.as_str(),
         ];
+        let with_proof = CallerHeader::parse(&hv(&before_agent)).unwrap();
+        assert_eq!(with_proof.proof(), Some((5, proof.as_bytes())));
         for bad in bad_callers {
             if let Ok(value) = HeaderValue::from_bytes(bad.as_bytes()) {
                 assert!(CallerHeader::parse(&value).is_err(), "accepted caller {bad:?}");
@@ -490,6 +551,13 @@ mod tests {
         ];
         for bad in bad_timings {
             assert!(Timing::parse(&hv(bad)).is_err(), "accepted timing {bad:?}");
+        }
+        let timing = format!("v=1;s=a;t=5;w=1;k=l;at=a;a=127.0.0.1:9;i=7;p={proof}");
+        assert_eq!(Timing::parse(&hv(&timing)).unwrap().proof(), Some((7, proof.as_bytes())));
+        for bad in
+            [format!("v=1;s=a;t=5;w=1;k=l;at=a;i=7;p={proof};a=127.0.0.1:9"), format!("v=1;s=a;t=5;w=1;k=l;at=a;i=7")]
+        {
+            assert!(Timing::parse(&hv(&bad)).is_err(), "accepted timing {bad:?}");
         }
         let non_ascii = HeaderValue::from_bytes(b"v=1;s=\xff;t=1;w=1;k=l;at=a").unwrap();
         assert_eq!(Timing::parse(&non_ascii).unwrap_err(), HeaderError::BadField("s"));

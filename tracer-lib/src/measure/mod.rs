@@ -1,5 +1,5 @@
-//! Measure: what one request and each of its outbound calls spent where (DESIGN.md 1.1), and the in-band headers
-//! that carry a callee's timing back to its caller (DESIGN.md 1.2).
+//! Measure: what one request and each of its outbound calls spent where (docs/DESIGN.md §1.1), and the in-band headers
+//! that carry a callee's timing back to its caller (docs/DESIGN.md §1.2).
 //!
 //! - [`server`]: the layer on a service's inbound side.
 //! - [`client`]: the layer on its outbound HTTP/gRPC clients.

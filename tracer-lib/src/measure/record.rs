@@ -1,4 +1,4 @@
-//! What one request and one outbound call measured: the values DESIGN.md 1.1 defines.
+//! What one request and one outbound call measured: the values docs/DESIGN.md §1.1 defines.
 
 use std::{sync::Arc, time::Duration};
 

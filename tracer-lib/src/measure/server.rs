@@ -84,7 +84,9 @@ where
         let start = Instant::now();
         self.tracer.shared.aggregator.note_arrival();
         let caller = request.headers().get(CALLER_HEADER).and_then(|value| match CallerHeader::parse(value) {
-            Ok(caller) => Some(caller),
+            // A caller that cannot prove membership is outside traffic: measured, but not named, not learned as
+            // a neighbour, and not answered with timings (docs/DESIGN.md §1.6).
+            Ok(caller) => self.tracer.believes_caller(&caller, start).then_some(caller),
             Err(error) => {
                 self.tracer.count_malformed_caller();
                 tracing::debug!(%error, "ignoring malformed rootscale-caller header");
@@ -170,12 +172,13 @@ impl Measurement {
         }
     }
 
-    fn timing_header(&self, snapshot: &Snapshot) -> Option<HeaderValue> {
+    fn timing_header(&self, snapshot: &Snapshot, at: Instant) -> Option<HeaderValue> {
         let point = match &snapshot.largest {
             Largest::Own => None,
             Largest::Call(wait) => Some(wait.point.as_ref()),
         };
-        self.tracer.shared.timing_encoder.encode(snapshot.total_us, snapshot.largest_us, point)
+        let proof = self.tracer.timing_proof(at);
+        self.tracer.shared.timing_encoder.encode(snapshot.total_us, snapshot.largest_us, point, &proof)
     }
 
     /// Records the request as ended at `at`.
@@ -287,7 +290,7 @@ where
                 let deferred = is_grpc(response.headers()) && !response.headers().contains_key(GRPC_STATUS);
                 if send_timing && !deferred {
                     let snapshot = request.snapshot(ended);
-                    if let Some(value) = request.timing_header(&snapshot) {
+                    if let Some(value) = request.timing_header(&snapshot, ended) {
                         response.headers_mut().insert(TIMING_HEADER, value);
                     }
                 }
@@ -378,7 +381,7 @@ impl<B: Body> Body for ServerBody<B> {
                 Some(trailers) => {
                     if state.trailers_timing {
                         let snapshot = state.request.snapshot(ended);
-                        if let Some(value) = state.request.timing_header(&snapshot) {
+                        if let Some(value) = state.request.timing_header(&snapshot, ended) {
                             trailers.insert(TIMING_HEADER, value);
                         }
                     }

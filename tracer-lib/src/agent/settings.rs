@@ -1,4 +1,5 @@
 //! The agent's settings: built-in defaults, then the environment (as Kubernetes' downward API fills it), then code.
+//! Starting the agent is [`crate::agent::start`]'s.
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
@@ -11,7 +12,10 @@
 //! | `ROOTSCALE_SLO` / `ROOTSCALE_SLO_PERCENTILE` | an entry service's SLO, for use without the operator | none / `95` |
 //! | `ROOTSCALE_CONCURRENCY` | requests one replica serves at once (its pool), for Little's law | none |
 //! | `ROOTSCALE_AGENT_TOKEN` | shared token required on the agent's gRPC calls | none |
-//! | `ROOTSCALE_AGENT_TLS_CERT` / `_KEY` / `_CA` | PEM files: serve and call over TLS | none |
+//! | `ROOTSCALE_AGENT_TLS_CERT` / `_KEY` / `_CA` | PEM files: serve and call over mutual TLS | none |
+//! | `ROOTSCALE_AGENT_TLS_SERVER_NAME` | the name other agents' certificates are checked against | the address |
+//! | `ROOTSCALE_MESH_KEY_FILE` | the mesh key file (one key per line; reloaded each window) | none |
+//! | `ROOTSCALE_OPERATOR_IDENTITY` | the DNS name in the operator's client certificate | `rootscale-operator` |
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -19,14 +23,16 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{oneshot, watch};
+/// How long a report to a neighbour may take, by default.
+pub const DEFAULT_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Neighbour services tracked at most, by default.
+pub const DEFAULT_MAX_NEIGHBORS: usize = 256;
 
 use crate::{
-    Error, Observer, Tracer,
-    agent::{Agent, grpc, state::AgentState},
-    decide::{AggregationMode, Capacity, PolicyConfig, Slo},
-    exchange::sender::Sender,
-    measure::headers::{valid_agent_addr, valid_service_name},
+    Error, Observer,
+    decide::{AggregationMode, PolicyConfig, Slo},
+    identity::{KeyRing, peer::DEFAULT_OPERATOR_IDENTITY},
+    measure::headers::valid_service_name,
 };
 
 /// The default agent port.
@@ -60,6 +66,8 @@ pub struct AgentBuilder {
     pub(crate) max_neighbors: usize,
     pub(crate) observer: Option<Arc<dyn Observer>>,
     pub(crate) cpu_cores: Option<f64>,
+    pub(crate) mesh_keys: Option<Arc<KeyRing>>,
+    pub(crate) operator_identity: String,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -94,10 +102,12 @@ impl AgentBuilder {
             concurrency: None,
             token: None,
             tls: None,
-            exchange_timeout: Duration::from_secs(1),
-            max_neighbors: 256,
+            exchange_timeout: DEFAULT_EXCHANGE_TIMEOUT,
+            max_neighbors: DEFAULT_MAX_NEIGHBORS,
             observer: None,
             cpu_cores: None,
+            mesh_keys: None,
+            operator_identity: DEFAULT_OPERATOR_IDENTITY.to_string(),
         }
     }
 
@@ -154,6 +164,14 @@ impl AgentBuilder {
                         .into(),
                 ));
             }
+        }
+        if let Some(path) = env("ROOTSCALE_MESH_KEY_FILE") {
+            let keys = KeyRing::from_file(&path)
+                .map_err(|error| Error::Config(format!("ROOTSCALE_MESH_KEY_FILE={path:?}: {error}")))?;
+            builder.mesh_keys = Some(Arc::new(keys));
+        }
+        if let Some(identity) = env("ROOTSCALE_OPERATOR_IDENTITY") {
+            builder.operator_identity = identity;
         }
         Ok(builder)
     }
@@ -214,8 +232,23 @@ impl AgentBuilder {
         self
     }
 
+    /// Mutual TLS on the agent's port and on its calls to other agents.
     pub fn tls(mut self, files: TlsFiles) -> Self {
         self.tls = Some(files);
+        self
+    }
+
+    /// The mesh key: the in-band headers and the reports carry proofs made with it, and only members' are
+    /// believed (docs/DESIGN.md §1.6).
+    pub fn mesh_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.mesh_keys = Some(keys);
+        self
+    }
+
+    /// The DNS name in the operator's client certificate (with TLS): its `Advisor` calls may change this agent's
+    /// settings; other members' only get answers (default `rootscale-operator`).
+    pub fn operator_identity(mut self, name: &str) -> Self {
+        self.operator_identity = name.to_string();
         self
     }
 
@@ -236,7 +269,7 @@ impl AgentBuilder {
         self
     }
 
-    fn check(&self) -> Result<(), Error> {
+    pub(crate) fn check(&self) -> Result<(), Error> {
         if !valid_service_name(&self.service) {
             return Err(Error::InvalidServiceName(self.service.clone()));
         }
@@ -258,102 +291,9 @@ impl AgentBuilder {
         if self.token.as_ref().is_some_and(|token| token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic())) {
             return Err(Error::Config("the agent token must be non-empty visible ASCII".into()));
         }
+        if rustls_pki_types::ServerName::try_from(self.operator_identity.as_str()).is_err() {
+            return Err(Error::Config(format!("operator identity {:?} is not a DNS name", self.operator_identity)));
+        }
         Ok(())
-    }
-
-    /// Binds the agent's port, builds the service's tracer and starts the agent on a thread of its own, so a
-    /// service that saturates its own runtime cannot starve the agent that is to report it.
-    pub async fn start(self) -> Result<Agent, Error> {
-        self.check()?;
-        // Measured on the caller's runtime: the service's own CPU, not the agent's thread.
-        let mut capacity = Capacity::detect(self.concurrency);
-        if let Some(cores) = self.cpu_cores {
-            capacity.cores = cores;
-        }
-        if self.token.is_some() && self.tls.is_none() {
-            tracing::warn!(
-                "the agent token travels in clear text to agent addresses learned in-band; configure TLS to protect it"
-            );
-        }
-        let (ready, started) = oneshot::channel();
-        let (stop, stopped) = watch::channel(false);
-        let (finished, done) = oneshot::channel();
-        let thread = std::thread::Builder::new().name(format!("rootscale-agent-{}", self.service));
-        thread
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(runtime) => runtime,
-                    Err(error) => {
-                        let _ = ready.send(Err(Error::Config(format!("cannot start the agent's runtime: {error}"))));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let mut stopped_after = stopped.clone();
-                    match self.launch(capacity, stopped).await {
-                        Ok((tracer, state, local_addr, tasks)) => {
-                            let _ = ready.send(Ok((tracer, state, local_addr)));
-                            crate::agent::stop_requested(&mut stopped_after).await;
-                            for task in tasks {
-                                let _ = task.await;
-                            }
-                        }
-                        Err(error) => {
-                            let _ = ready.send(Err(error));
-                        }
-                    }
-                });
-                let _ = finished.send(());
-            })
-            .map_err(|error| Error::Config(format!("cannot start the agent's thread: {error}")))?;
-        let (tracer, state, local_addr) =
-            started.await.map_err(|_| Error::Config("the agent's thread ended while starting".into()))??;
-        Ok(Agent { tracer, state, local_addr, stop, done })
-    }
-
-    /// Runs on the agent's own runtime: binds, builds the tracer, spawns the window closer, the window task and the
-    /// gRPC server.
-    async fn launch(
-        self,
-        capacity: Capacity,
-        stopped: watch::Receiver<bool>,
-    ) -> Result<(Tracer, Arc<AgentState>, SocketAddr, Vec<tokio::task::JoinHandle<()>>), Error> {
-        let listener = tokio::net::TcpListener::bind(self.listen)
-            .await
-            .map_err(|error| Error::Bind { addr: self.listen, error })?;
-        let local_addr = listener.local_addr().map_err(|error| Error::Bind { addr: self.listen, error })?;
-        let advertise = match &self.advertise {
-            Some(addr) => addr.clone(),
-            None if local_addr.ip().is_unspecified() => format!("127.0.0.1:{}", local_addr.port()),
-            None => local_addr.to_string(),
-        };
-        if !valid_agent_addr(&advertise) {
-            return Err(Error::InvalidAgentAddress(advertise));
-        }
-        let mut tracer = Tracer::builder(self.service.clone()).agent_addr(advertise.clone()).window(self.window);
-        if let Some(observer) = &self.observer {
-            tracer = tracer.observer(observer.clone());
-        }
-        let tracer = tracer.build()?;
-        let tls = match &self.tls {
-            Some(files) => Some(grpc::Tls::load(files)?),
-            None => None,
-        };
-        let sender = Sender::new(self.exchange_timeout, self.token.as_deref(), tls.as_ref().map(grpc::Tls::client))?;
-        let state = Arc::new(AgentState::new(tracer.clone(), &self, advertise.clone(), capacity, sender));
-        let mut tasks = Vec::new();
-        let closer = tracer.run_window_closer();
-        let mut closer_stopped = stopped.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::select! {
-                () = closer => {}
-                () = crate::agent::stop_requested(&mut closer_stopped) => {}
-            }
-        }));
-        tasks.push(tokio::spawn(crate::agent::state::run_windows(state.clone(), stopped.clone())));
-        let server = grpc::serve(state.clone(), listener, self.token.clone(), tls, stopped)?;
-        tasks.push(tokio::spawn(server));
-        tracing::info!(service = %self.service, agent = %advertise, %local_addr, "rootscale agent started");
-        Ok((tracer, state, local_addr, tasks))
     }
 }

@@ -1,0 +1,164 @@
+//! The decision's inputs for one closed window: the settings in force, the service's utilisation history (for
+//! `saturated` and `idle`), what the neighbours said and the delegations received — assembled for
+//! [`policy::decide`] and [`recommend`], which stay pure.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    time::Duration,
+};
+
+use crate::{
+    aggregate::WindowStats,
+    decide::{
+        Capacity, Decision, Delegated, PolicyConfig, PolicyInput, Recommendation, Slo, policy, recommend,
+        recommend::utilization,
+    },
+    exchange::neighbors::Neighbors,
+};
+
+/// HPA's default scale-down stabilisation, used until the operator says otherwise.
+pub const DEFAULT_STABILIZATION: Duration = Duration::from_secs(300);
+/// Longest stabilisation accepted (a day).
+pub const MAX_STABILIZATION: Duration = Duration::from_secs(86_400);
+/// Utilisation history kept (windows), enough for an hour of 5 s windows.
+const MAX_HISTORY: usize = 720;
+
+/// The settings the rule runs with: configured at start, then changed only by the authenticated operator.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecisionSettings {
+    pub slo: Option<Slo>,
+    pub current_replicas: u32,
+    pub target_utilization: f64,
+    pub stabilization: Duration,
+}
+
+impl DecisionSettings {
+    /// The settings of an agent nobody has advised yet.
+    pub fn configured(slo: Option<Slo>, policy: &PolicyConfig) -> Self {
+        Self {
+            slo,
+            current_replicas: 1,
+            target_utilization: policy.target_utilization,
+            stabilization: DEFAULT_STABILIZATION,
+        }
+    }
+
+    /// These settings with `update`'s fields in place of theirs; an absent field keeps what is in force.
+    pub fn with(self, update: &SettingsUpdate) -> Self {
+        Self {
+            slo: update.slo.or(self.slo),
+            current_replicas: update.current_replicas.unwrap_or(self.current_replicas),
+            target_utilization: update.target_utilization.unwrap_or(self.target_utilization),
+            stabilization: update.stabilization.unwrap_or(self.stabilization),
+        }
+    }
+}
+
+/// What an `Advisor` question asks to use; `None` fields were left empty.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SettingsUpdate {
+    pub slo: Option<Slo>,
+    pub current_replicas: Option<u32>,
+    pub target_utilization: Option<f64>,
+    pub stabilization: Option<Duration>,
+}
+
+/// The utilisation of recent windows, oldest first, bounded.
+#[derive(Debug, Default)]
+pub struct UtilizationHistory {
+    windows: VecDeque<(u64, f64)>,
+}
+
+impl UtilizationHistory {
+    pub fn push(&mut self, window_id: u64, load: f64) {
+        self.windows.push_back((window_id, load));
+        while self.windows.len() > MAX_HISTORY {
+            self.windows.pop_front();
+        }
+    }
+
+    /// One window's burst (a backlog released upstream, the noise of a short window) is not saturation: what
+    /// counts is the lower of this window's utilisation and the one just before it (0 after a gap).
+    fn sustained(&self, window_id: u64, load: f64) -> f64 {
+        self.windows
+            .iter()
+            .rev()
+            .find(|(id, _)| id.saturating_add(1) == window_id)
+            .map_or(0.0, |(_, before)| before.min(load))
+    }
+
+    /// Whether the last `windows` windows all stayed below `below`.
+    fn idle_throughout(&self, windows: usize, below: f64) -> bool {
+        self.windows.len() >= windows && self.windows.iter().rev().take(windows).all(|(_, value)| *value < below)
+    }
+}
+
+/// Everything the rule is run with for one window.
+pub struct WindowInputs<'a> {
+    pub service: &'a str,
+    pub stats: &'a WindowStats,
+    pub window_ms: u64,
+    pub capacity: Capacity,
+    pub policy: &'a PolicyConfig,
+    pub settings: DecisionSettings,
+    pub history: &'a UtilizationHistory,
+    pub neighbors: &'a Neighbors,
+    pub delegations: &'a [Delegated],
+}
+
+/// Runs the rule and the replica count on one window.
+pub fn decide_window(inputs: &WindowInputs<'_>) -> (Decision, Recommendation) {
+    let WindowInputs { service, stats, window_ms, capacity, policy, settings, history, neighbors, delegations } =
+        *inputs;
+    let load = utilization(stats, window_ms, capacity);
+    let target = settings.target_utilization;
+    let needed_windows = usize::try_from(
+        u64::try_from(settings.stabilization.as_millis()).unwrap_or(u64::MAX).div_ceil(window_ms.max(1)).max(1),
+    )
+    .unwrap_or(MAX_HISTORY)
+    .min(MAX_HISTORY);
+    let stale: HashSet<String> = neighbors.iter().filter(|(_, n)| n.stale()).map(|(name, _)| name.clone()).collect();
+    let neighbor_cpu: HashMap<String, f64> =
+        neighbors.iter().filter_map(|(name, n)| n.cpu_utilization.map(|u| (name.clone(), u))).collect();
+    let policy = PolicyConfig { target_utilization: target, ..policy.clone() };
+    let input = PolicyInput {
+        service,
+        stats,
+        window_ms,
+        slo: settings.slo,
+        delegations,
+        stale_callees: &stale,
+        neighbor_cpu: &neighbor_cpu,
+        cpu_utilization: load.cpu,
+        utilization: history.sustained(stats.window_id, load.max()),
+        idle_throughout: history.idle_throughout(needed_windows, policy.idle_fraction * target),
+    };
+    let decision = policy::decide(&input, &policy);
+    let recommendation = recommend(decision.verdict, stats, window_ms, settings.current_replicas, target, capacity);
+    (decision, recommendation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_field_keeps_the_setting_in_force() {
+        let configured =
+            DecisionSettings::configured(Some(Slo { latency_us: 200_000, percentile: 95.0 }), &PolicyConfig::default());
+        let kept = configured.with(&SettingsUpdate::default());
+        assert_eq!(kept, configured);
+        let changed = configured.with(&SettingsUpdate { current_replicas: Some(3), ..Default::default() });
+        assert_eq!((changed.slo, changed.current_replicas), (configured.slo, 3));
+    }
+
+    #[test]
+    fn a_gap_in_the_history_starts_sustained_utilisation_over() {
+        let mut history = UtilizationHistory::default();
+        history.push(10, 0.9);
+        assert_eq!(history.sustained(11, 0.8), 0.8);
+        assert_eq!(history.sustained(12, 0.8), 0.0);
+        assert!(history.idle_throughout(1, 1.0));
+        assert!(!history.idle_throughout(2, 1.0), "not enough windows yet");
+    }
+}

@@ -1,0 +1,89 @@
+//! What an agent sends after deciding a window: one report to each agent of each neighbour on an edge with
+//! traffic, and with the reports to the callees its decision names, the delegation — passed on with the path it
+//! came down.
+
+use std::sync::Arc;
+
+use rootscale_proto::v1 as proto;
+
+use crate::{
+    aggregate::WindowStats,
+    decide::{Capacity, Decision, Delegated, recommend::utilization},
+    exchange::report::{self, ReportHead},
+};
+
+/// One report to send.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// The neighbour service and the agent it goes to.
+    pub service: String,
+    pub agent: String,
+    pub report: proto::NeighborReport,
+}
+
+/// Reports to send.
+pub type Outbox = Vec<Outgoing>;
+
+/// Who is sending, about which window.
+pub struct Sender<'a> {
+    pub service: &'a str,
+    pub agent: &'a str,
+    pub window_ms: u64,
+    pub capacity: Capacity,
+}
+
+/// The reports for a decided window. `received` is the first delegation this service got for the window (its
+/// path is extended, not restarted); `only_to` limits the reports to those callees (a delegation that arrived
+/// after the window was decided is passed on to the callees it newly points at, and nobody else).
+pub fn reports(
+    from: &Sender<'_>,
+    stats: &WindowStats,
+    decision: &Decision,
+    received: Option<&Delegated>,
+    only_to: Option<&[Arc<str>]>,
+) -> Outbox {
+    let wire_decision = decision.to_proto();
+    let summary = report::summary(stats, utilization(stats, from.window_ms, from.capacity).cpu);
+    let head = ReportHead {
+        service: from.service,
+        agent: from.agent,
+        window_id: stats.window_id,
+        window_ms: from.window_ms,
+        summary: &summary,
+        decision: &wire_decision,
+    };
+    let mut path: Vec<String> = received.map(|d| d.path.clone()).unwrap_or_default();
+    path.push(from.service.to_string());
+    // A full path means a loop or an absurd depth: stop passing the question on.
+    let may_delegate = path.len() <= report::MAX_DELEGATION_PATH;
+    let mut outbox = Vec::new();
+    for (callee, edge) in &stats.outbound {
+        if only_to.is_some_and(|only| !only.contains(callee)) {
+            continue;
+        }
+        let delegated = may_delegate && decision.delegated_to.contains(callee);
+        let delegation = delegated.then(|| {
+            let remote_wait_us = edge.remote_wait.percentile_us(decision.percentile).unwrap_or(0);
+            report::delegation(decision, &path, remote_wait_us)
+        });
+        for agent in &edge.callee_agents {
+            outbox.push(Outgoing {
+                service: callee.to_string(),
+                agent: agent.to_string(),
+                report: head.to_callee(callee, edge, delegation.clone()),
+            });
+        }
+    }
+    if only_to.is_none() {
+        for (caller, edge) in &stats.inbound {
+            for agent in &edge.caller_agents {
+                outbox.push(Outgoing {
+                    service: caller.to_string(),
+                    agent: agent.to_string(),
+                    report: head.to_caller(caller, edge),
+                });
+            }
+        }
+    }
+    outbox
+}
