@@ -210,8 +210,9 @@ impl AgentClient {
         self
     }
 
-    pub fn has_mesh_keys(&self) -> bool {
-        self.mesh_keys.is_some()
+    /// The keys questions are signed with.
+    pub fn mesh_keys(&self) -> Option<&Arc<KeyRing>> {
+        self.mesh_keys.as_ref()
     }
 
     /// Sends `token` on every call; it must be non-empty visible ASCII (as the agents require).

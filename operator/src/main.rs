@@ -1,7 +1,7 @@
 //! `rootscale-operator run` runs the operator; `crd` prints the ScalingDecision CRD; `api-calls` lists the API
 //! calls it makes (what RBAC must grant).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
 use rootscale_operator::{
@@ -10,6 +10,7 @@ use rootscale_operator::{
     run::{RunConfig, run},
     tls::{AgentTls, AgentTlsFiles},
 };
+use rootscale_tracer::identity::KeyRing;
 
 #[derive(Parser)]
 #[command(name = "rootscale-operator", version, about = "rootscale's Kubernetes operator")]
@@ -59,6 +60,10 @@ struct RunArgs {
     /// an IP SAN.
     #[arg(long, env = "ROOTSCALE_AGENT_TLS_SERVER_NAME")]
     agent_tls_server_name: Option<String>,
+    /// The mesh key file (the agents' `ROOTSCALE_MESH_KEY_FILE`): every question to an agent carries the operator's
+    /// proof made with it, which agents with a key require. Read again every resync, for rotation.
+    #[arg(long, env = "ROOTSCALE_MESH_KEY_FILE")]
+    mesh_key_file: Option<PathBuf>,
     /// The namespace of the leader-election Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
@@ -105,7 +110,25 @@ fn agent_client(args: &RunArgs) -> Result<AgentClient, String> {
     if let Some(tls) = AgentTls::load(&files).map_err(|error| error.to_string())? {
         client = client.with_tls(tls);
     }
+    if let Some(path) = &args.mesh_key_file {
+        let keys = KeyRing::from_file(path).map_err(|error| format!("--mesh-key-file: {error}"))?;
+        client = client.with_mesh_keys(Arc::new(keys));
+    }
     Ok(client)
+}
+
+/// Reads the mesh key file again every `period`: a rotated key is in force from the next resync on.
+fn reload_mesh_keys(keys: Arc<KeyRing>, period: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            match keys.reload() {
+                Ok(true) => tracing::info!("mesh key file changed: new keys in force"),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "mesh key file unreadable: the keys in force stay"),
+            }
+        }
+    });
 }
 
 #[tokio::main]
@@ -158,6 +181,13 @@ async fn main() -> std::process::ExitCode {
              (--agent-tls-cert and --agent-tls-key) and will refuse these calls"
         ),
         Some(tls) => tracing::info!(files = ?tls.files(), "calling the agents over mutual TLS"),
+    }
+    match agents.mesh_keys() {
+        Some(keys) => reload_mesh_keys(keys.clone(), args.resync),
+        None if agents.tls().is_none() => tracing::warn!(
+            "no --mesh-key-file: agents with a mesh key refuse the operator's questions without its proof"
+        ),
+        None => {}
     }
     let leader_election = if args.no_leader_election {
         None

@@ -45,7 +45,7 @@ fn config(leader_election: Option<(String, String)>, dashboard_addr: Option<std:
         http_addr: "127.0.0.1:0".parse().unwrap(),
         operator: OperatorConfig {
             resync: Duration::from_secs(1),
-            agents: AgentClient::new(Duration::from_millis(800)),
+            agents: AgentClient::new(Duration::from_millis(800)).with_mesh_keys(support::shop::mesh_keys()),
         },
         leader_election,
         dashboard_addr,

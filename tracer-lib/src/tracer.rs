@@ -330,10 +330,10 @@ impl Tracer {
         membership.verify(HeaderRole::Caller, caller.service(), caller.agent(), caller.proof(), now).is_ok()
     }
 
-    /// Whether a callee's timing header received now is believed (as [`Tracer::believes_caller`]).
-    pub(crate) fn believes_timing(&self, timing: &Timing) -> bool {
+    /// Whether a callee's timing header received at `at` is believed (as [`Tracer::believes_caller`]).
+    pub(crate) fn believes_timing(&self, timing: &Timing, at: Instant) -> bool {
         let Some(membership) = &self.shared.membership else { return true };
-        let now = self.window_clock().window_id(Instant::now());
+        let now = self.window_clock().window_id(at);
         membership.verify(HeaderRole::Timing, timing.service(), timing.agent(), timing.proof(), now).is_ok()
     }
 

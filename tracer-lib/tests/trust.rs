@@ -217,7 +217,7 @@ async fn a_rogue_callee_cannot_make_the_agent_dial() {
         get(move || async move {
             let window = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
                 / WINDOW.as_millis();
-            let forged = if window % 2 == 0 {
+            let forged = if window.is_multiple_of(2) {
                 format!("v=1;s=svc-rogue;t=5000;w=4000;k=l;at=svc-rogue;a={fake_addr}")
             } else {
                 format!("v=1;s=svc-rogue;t=5000;w=4000;k=l;at=svc-rogue;a={fake_addr};i={window};p={FORGED_PROOF}")

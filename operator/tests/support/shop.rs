@@ -11,7 +11,10 @@ use axum::{Router, routing::get};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use rootscale_tracer::{Agent, AgentBuilder};
+use rootscale_tracer::{
+    Agent, AgentBuilder,
+    identity::{KeyRing, MeshKeys},
+};
 use serde_json::{Value, json};
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -22,9 +25,16 @@ pub struct Service {
     pub addr: SocketAddr,
 }
 
-/// An HTTP service with its agent; each request holds one of `slots` for 20 ms, then calls `callee`.
+/// The mesh key of the tests' mesh: services prove membership with it, and the operator asks with it.
+pub fn mesh_keys() -> Arc<KeyRing> {
+    static KEYS: std::sync::OnceLock<Arc<KeyRing>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| Arc::new(KeyRing::fixed(MeshKeys::generate().unwrap()))).clone()
+}
+
+/// An HTTP service with its agent (a member of the tests' mesh); each request holds one of `slots` for 20 ms, then
+/// calls `callee`.
 pub async fn service(name: &str, slots: usize, callee: Option<SocketAddr>) -> Service {
-    service_with(Agent::builder(name), slots, callee).await
+    service_with(Agent::builder(name).mesh_keys(mesh_keys()), slots, callee).await
 }
 
 /// The same, with the agent built from `builder` (with TLS, say) on a free loopback port.

@@ -176,8 +176,9 @@ impl Call {
         Self::start(tracer, Fallback::Named(name))
     }
 
-    /// Takes the timing header from a response head or trailers; a later one (trailers) wins.
-    fn read_timing(&mut self, headers: &HeaderMap) -> bool {
+    /// Takes the timing header from a response head or trailers, received at `at`; a later one (trailers) wins.
+    /// Returns whether one was taken.
+    fn read_timing(&mut self, headers: &HeaderMap, at: Instant) -> bool {
         if grpc_server_error(headers) {
             self.error = true;
         }
@@ -187,7 +188,7 @@ impl Call {
         match Timing::parse(value) {
             // A responder that cannot prove membership is taken as an uninstrumented callee: its numbers and the
             // address it names are not believed, so nothing is ever dialled on its word (docs/DESIGN.md §1.6).
-            Ok(timing) if !self.tracer.believes_timing(&timing) => false,
+            Ok(timing) if !self.tracer.believes_timing(&timing, at) => false,
             Ok(timing) => {
                 if let Fallback::Learned(learned) = &self.fallback
                     && learned.get().is_none()
@@ -312,8 +313,14 @@ where
         };
         match result {
             Ok(response) => {
-                if call.read_timing(response.headers()) {
-                    call.timing_head_at = Some(Instant::now());
+                // The head's arrival: the end of the link's time, and the instant the proof is checked at.
+                let head_at = response.headers().contains_key(TIMING_HEADER).then(Instant::now);
+                if let Some(head_at) = head_at
+                    && call.read_timing(response.headers(), head_at)
+                {
+                    call.timing_head_at = Some(head_at);
+                } else if head_at.is_none() {
+                    call.read_timing(response.headers(), call.started);
                 }
                 call.error |= response.status().is_server_error();
                 Poll::Ready(Ok(response.map(|body| CallBody::new(body, call))))
@@ -373,7 +380,7 @@ impl<B: Body> Body for CallBody<B> {
             Some(Err(_)) => call.finish(now, true),
             Some(Ok(frame)) => match frame.trailers_ref() {
                 Some(trailers) => {
-                    call.read_timing(trailers);
+                    call.read_timing(trailers, now);
                     call.finish(now, false);
                 }
                 None if this.inner.is_end_stream() => call.finish(now, false),

@@ -554,9 +554,10 @@ mod tests {
         }
         let timing = format!("v=1;s=a;t=5;w=1;k=l;at=a;a=127.0.0.1:9;i=7;p={proof}");
         assert_eq!(Timing::parse(&hv(&timing)).unwrap().proof(), Some((7, proof.as_bytes())));
-        for bad in
-            [format!("v=1;s=a;t=5;w=1;k=l;at=a;i=7;p={proof};a=127.0.0.1:9"), format!("v=1;s=a;t=5;w=1;k=l;at=a;i=7")]
-        {
+        for bad in [
+            format!("v=1;s=a;t=5;w=1;k=l;at=a;i=7;p={proof};a=127.0.0.1:9"),
+            "v=1;s=a;t=5;w=1;k=l;at=a;i=7".to_string(),
+        ] {
             assert!(Timing::parse(&hv(&bad)).is_err(), "accepted timing {bad:?}");
         }
         let non_ascii = HeaderValue::from_bytes(b"v=1;s=\xff;t=1;w=1;k=l;at=a").unwrap();

@@ -4,11 +4,11 @@
 //! |---|---|---|---|
 //! | nothing | anyone | anyone | anyone's (open: the agent says so at start) |
 //! | token | with the token | with the token | the token holder's |
-//! | mesh key | with a valid report MAC | with the operator's proof only | the operator's |
-//! | TLS | a certificate from the CA | a certificate from the CA | the certificate naming the operator |
+//! | mesh key | with a valid report MAC | with the operator's proof only | the proof's maker |
+//! | TLS (with or without a key) | a certificate from the CA (and the MAC) | a certificate from the CA | the certificate naming the operator |
 //!
-//! Settings combine: each one configured must be satisfied. With TLS and a key, a member's certificate without the
-//! operator's proof gets answers but changes nothing.
+//! Settings combine: each one configured must be satisfied (the token on top of the rest). With TLS, a member's
+//! certificate gets answers but changes nothing, whatever proof it sends.
 
 use std::sync::Arc;
 
@@ -101,27 +101,23 @@ impl Access {
     /// Who asks an `Advisor` question (`method` is the RPC's name), or why the question is refused.
     pub fn asker<T: prost::Message>(&self, request: &Request<T>, method: &str) -> Result<Asker, Status> {
         self.check_token(request)?;
-        if self.tls.is_some() && self.certificate_names_operator(request) {
-            return Ok(Asker::Operator);
+        if self.tls.is_some() {
+            // The handshake has checked the certificate against the CA: a member at least. Only the operator's
+            // certificate makes it the operator — every member holds the mesh key, so a proof made with it is not
+            // enough here.
+            return Ok(if self.certificate_names_operator(request) { Asker::Operator } else { Asker::Member });
         }
         if let Some(keys) = &self.keys {
             let encoded = request.get_ref().encode_to_vec();
-            match verify_operator(&keys.current(), request.metadata(), method, &encoded) {
-                Ok(()) => return Ok(Asker::Operator),
-                // A member with a certificate from the CA, asking without the operator's proof.
-                Err(OperatorProofError::Missing) if self.tls.is_some() => return Ok(Asker::Member),
-                Err(error) => {
-                    return Err(Status::unauthenticated(match error {
-                        OperatorProofError::Missing => "only the operator may ask: no operator proof",
-                        OperatorProofError::Malformed => "the operator proof is malformed",
-                        OperatorProofError::Stale => "the operator proof is too old (or the clocks are far apart)",
-                        OperatorProofError::Bad => "the operator proof does not verify",
-                    }));
-                }
-            }
-        }
-        if self.tls.is_some() {
-            return Ok(Asker::Member);
+            return match verify_operator(&keys.current(), request.metadata(), method, &encoded) {
+                Ok(()) => Ok(Asker::Operator),
+                Err(error) => Err(Status::unauthenticated(match error {
+                    OperatorProofError::Missing => "only the operator may ask: no operator proof",
+                    OperatorProofError::Malformed => "the operator proof is malformed",
+                    OperatorProofError::Stale => "the operator proof is too old (or the clocks are far apart)",
+                    OperatorProofError::Bad => "the operator proof does not verify",
+                })),
+            };
         }
         // A token alone (checked above), or nothing: whoever passed is the operator.
         Ok(Asker::Operator)
