@@ -21,7 +21,8 @@ pub fn init_logging(default: &str) {
         }
     };
     // Tests call binaries' code more than once per process; the first subscriber stays.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 /// The example services' gRPC API (`proto/demo.proto`).

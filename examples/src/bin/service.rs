@@ -89,11 +89,36 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match axum::serve(listener, app).await {
+    // Kubernetes stops a pod with SIGTERM: finish the requests in flight, then stop the agent.
+    let served = axum::serve(listener, app).with_graceful_shutdown(terminated()).await;
+    agent.shutdown(std::time::Duration::from_secs(2)).await;
+    match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{error}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Resolves on SIGTERM or Ctrl-C (if neither can be listened for, never: the process is then stopped by force).
+async fn terminated() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("stopping: finishing the requests in flight");
 }
