@@ -2,8 +2,12 @@
 //!
 //! The inner services answer at once, and futures and bodies are polled by hand with a no-op waker, so what is
 //! left is the layers' own work: reading headers, the poll clock, the timing header, the body wrapper and the
-//! window record. Each layer is measured three ways in one run: bare, with rootscale, and with rootscale and a mesh
-//! key (the membership proof: a signed caller header per window, a checked proof per request from the cache).
+//! window record. Each layer is measured three ways: bare, with rootscale, and with rootscale and a mesh key (the
+//! membership proof: a signed caller header per window, a checked proof per request from the cache).
+//!
+//! First a side-by-side table: rounds in which every variant runs in turn, so a noisy neighbour slows all of them
+//! alike; it prints each variant's median and the medians of the per-round differences (what the layer adds, and
+//! what the key adds on top). Then criterion's own measurement of each variant.
 //! Run: `cargo bench -p rootscale-tracer --bench layer_overhead`.
 
 use std::{
@@ -17,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::Criterion;
 use http::{HeaderValue, Request, Response, header::CONTENT_TYPE};
 use http_body::Body;
 use http_body_util::Full;
@@ -122,7 +126,21 @@ impl<B: Body> HeaderOf for Response<B> {
     }
 }
 
-fn layers(c: &mut Criterion) {
+/// One way of serving or calling, run once per call.
+struct Variant {
+    group: &'static str,
+    name: &'static str,
+    run: Box<dyn FnMut()>,
+}
+
+/// The six variants, and the tracers to check afterwards.
+struct Bench {
+    variants: Vec<Variant>,
+    plain: Tracer,
+    keyed: Tracer,
+}
+
+fn bench() -> Bench {
     let keys =
         Arc::new(KeyRing::fixed(MeshKeys::parse("bench-mesh-key-0123456789abcdefghijklmnopqrstuvwxyz").unwrap()));
     let plain = tracer("svc-b", "127.0.0.8:9797", None);
@@ -139,18 +157,8 @@ fn layers(c: &mut Criterion) {
     let signed_caller = header_written_by(caller, CALLER_HEADER, None);
     let callee = tracer("svc-c", "127.0.0.9:9797", Some(&keys)).server_layer().layer(service_fn(hello));
     let signed_timing = header_written_by(callee, TIMING_HEADER, Some(signed_caller.clone()));
-
-    let mut group = c.benchmark_group("server");
-    let mut bare = service_fn(hello);
-    group.bench_function("bare", |b| b.iter(|| round_trip(&mut bare, &signed_caller)));
-    let mut traced = plain.server_layer().layer(service_fn(hello));
     let unsigned = HeaderValue::from_static("s=svc-a;a=127.0.0.7:9797");
-    group.bench_function("rootscale", |b| b.iter(|| round_trip(&mut traced, &unsigned)));
-    let mut proved = keyed.server_layer().layer(service_fn(hello));
-    group.bench_function("rootscale+key", |b| b.iter(|| round_trip(&mut proved, &signed_caller)));
-    group.finish();
-
-    let mut group = c.benchmark_group("client");
+    let unsigned_timing = HeaderValue::from_static("v=1;s=svc-c;t=41873;w=40211;k=l;at=svc-c;a=127.0.0.9:9797");
     let timed = |timing: HeaderValue| {
         service_fn(move |_request: Request<Full<Bytes>>| {
             let mut response = hello_response();
@@ -158,33 +166,124 @@ fn layers(c: &mut Criterion) {
             std::future::ready(Ok::<_, Infallible>(response))
         })
     };
-    let unsigned_timing = HeaderValue::from_static("v=1;s=svc-c;t=41873;w=40211;k=l;at=svc-c;a=127.0.0.9:9797");
-    let mut bare = timed(signed_timing.clone());
-    group.bench_function("bare", |b| b.iter(|| round_trip(&mut bare, &signed_caller)));
-    let mut traced = plain.client_layer().layer(timed(unsigned_timing));
-    group.bench_function("rootscale", |b| b.iter(|| round_trip(&mut traced, &unsigned)));
-    let mut proved = keyed.client_layer().layer(timed(signed_timing));
-    group.bench_function("rootscale+key", |b| b.iter(|| round_trip(&mut proved, &signed_caller)));
-    group.finish();
-    // Every proof was believed: a refused one would measure the refusal, not the membership.
-    let refused: u64 = [&keyed]
-        .iter()
-        .filter_map(|tracer| tracer.rejections())
-        .map(|counts| {
-            use rootscale_tracer::identity::{HeaderRole, Rejection};
-            [HeaderRole::Caller, HeaderRole::Timing]
-                .into_iter()
-                .flat_map(|role| Rejection::ALL.map(|reason| counts.get(role, reason)))
-                .sum::<u64>()
-        })
-        .sum();
-    assert_eq!(refused, 0, "the benchmark's proofs were refused");
-    // Close the windows the benchmark filled, so nothing is dropped as unclosed.
-    for tracer in [&plain, &keyed] {
-        let now = tracer.window_clock().window_id(std::time::Instant::now());
-        black_box(tracer.close_window(now).map(|window| window.stats.requests));
+    fn variant<S>(group: &'static str, name: &'static str, mut service: S, caller: HeaderValue) -> Variant
+    where
+        S: Service<Request<Full<Bytes>>> + 'static,
+        S::Response: IntoBody,
+        S::Error: std::fmt::Debug,
+    {
+        Variant { group, name, run: Box::new(move || round_trip(&mut service, &caller)) }
+    }
+    let variants = vec![
+        variant("server", "bare", service_fn(hello), signed_caller.clone()),
+        variant("server", "rootscale", plain.server_layer().layer(service_fn(hello)), unsigned.clone()),
+        variant("server", "rootscale+key", keyed.server_layer().layer(service_fn(hello)), signed_caller.clone()),
+        variant("client", "bare", timed(signed_timing.clone()), signed_caller.clone()),
+        variant("client", "rootscale", plain.client_layer().layer(timed(unsigned_timing)), unsigned),
+        variant("client", "rootscale+key", keyed.client_layer().layer(timed(signed_timing)), signed_caller),
+    ];
+    Bench { variants, plain, keyed }
+}
+
+impl Bench {
+    /// Every proof was believed (a refused one would measure the refusal, not the membership); the windows the
+    /// benchmark filled are closed, so nothing is dropped as unclosed.
+    fn finish(self) {
+        use rootscale_tracer::identity::{HeaderRole, Rejection};
+        let counts = self.keyed.rejections().expect("a keyed tracer counts refusals");
+        let refused: u64 = [HeaderRole::Caller, HeaderRole::Timing]
+            .into_iter()
+            .flat_map(|role| Rejection::ALL.map(|reason| counts.get(role, reason)))
+            .sum();
+        assert_eq!(refused, 0, "the benchmark's proofs were refused");
+        for tracer in [&self.plain, &self.keyed] {
+            let now = tracer.window_clock().window_id(std::time::Instant::now());
+            black_box(tracer.close_window(now).map(|window| window.stats.requests));
+        }
     }
 }
 
-criterion_group!(benches, layers);
-criterion_main!(benches);
+fn layers(c: &mut Criterion) {
+    let mut bench = bench();
+    for group_name in ["server", "client"] {
+        let mut group = c.benchmark_group(group_name);
+        for variant in bench.variants.iter_mut().filter(|variant| variant.group == group_name) {
+            group.bench_function(variant.name, |b| b.iter(|| (variant.run)()));
+        }
+        group.finish();
+    }
+    bench.finish();
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Rounds of every variant in turn; per variant the median ns per call, per group the median per-round added cost.
+fn side_by_side() {
+    const ROUNDS: usize = 31;
+    const CALLS: u32 = 20_000;
+    let mut bench = bench();
+    let mut ns: Vec<Vec<f64>> = vec![Vec::with_capacity(ROUNDS); bench.variants.len()];
+    for round in 0..=ROUNDS {
+        for (index, variant) in bench.variants.iter_mut().enumerate() {
+            let start = std::time::Instant::now();
+            for _ in 0..CALLS {
+                (variant.run)();
+            }
+            // Round 0 warms caches and the allocator up; it is not counted.
+            if round > 0 {
+                ns[index].push(start.elapsed().as_nanos() as f64 / f64::from(CALLS));
+            }
+        }
+    }
+    println!("side by side: {ROUNDS} rounds of {CALLS} calls per variant, medians");
+    println!("| layer | bare ns | rootscale ns | rootscale+key ns | added by rootscale | added by the key |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (group, first) in [("server", 0), ("client", 3)] {
+        let diff =
+            |a: usize, b: usize| median(ns[b].iter().zip(&ns[a]).map(|(later, earlier)| later - earlier).collect());
+        println!(
+            "| {group} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} |",
+            median(ns[first].clone()),
+            median(ns[first + 1].clone()),
+            median(ns[first + 2].clone()),
+            diff(first, first + 1),
+            diff(first + 1, first + 2),
+        );
+    }
+    bench.finish();
+}
+
+/// `LAYER_OVERHEAD_ONLY=server/rootscale+key:100000` runs one variant that many times and nothing else: for counting
+/// instructions under valgrind's callgrind, which is deterministic where the clock on a shared machine is not
+/// (`.ci/overhead-instructions` runs every variant at two counts and prints instructions per call).
+fn only(spec: &str) {
+    let (variant, calls) = spec.rsplit_once(':').expect("LAYER_OVERHEAD_ONLY=group/name:calls");
+    let calls: u32 = calls.parse().expect("a number of calls");
+    let mut bench = bench();
+    let run = &mut bench
+        .variants
+        .iter_mut()
+        .find(|v| format!("{}/{}", v.group, v.name) == variant)
+        .expect("a variant: server|client / bare|rootscale|rootscale+key")
+        .run;
+    for _ in 0..calls {
+        run();
+    }
+    bench.finish();
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("LAYER_OVERHEAD_ONLY") {
+        return only(&spec);
+    }
+    // Criterion's `--profile-time` (for a profiler) measures one variant alone: no table then.
+    if !std::env::args().any(|arg| arg == "--profile-time") {
+        side_by_side();
+    }
+    let mut criterion = Criterion::default().configure_from_args();
+    layers(&mut criterion);
+    criterion.final_summary();
+}

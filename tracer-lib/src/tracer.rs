@@ -158,15 +158,18 @@ impl TracerBuilder {
         let service: Arc<str> = self.service.into();
         let agent: Option<Arc<str>> = self.agent.map(Into::into);
         let (windows, _) = watch::channel(None);
+        let clock = WindowClock::new(self.window);
         Ok(Tracer {
             shared: Arc::new(Shared {
-                membership: self.keys.map(|keys| Membership::new(keys, service.clone(), agent.clone())),
+                membership: self
+                    .keys
+                    .map(|keys| Membership::new(keys, service.clone(), agent.clone(), clock.window_id(Instant::now()))),
                 caller_header: CallerHeader::encode(&service, agent.as_deref()),
                 timing_encoder: TimingEncoder::new(&service, agent.as_deref()),
                 local_point: WaitPoint::Local { service: service.clone() },
                 service,
                 agent,
-                aggregator: Aggregator::new(WindowClock::new(self.window), self.edge_cap),
+                aggregator: Aggregator::new(clock, self.edge_cap),
                 counters: Counters::default(),
                 observer: self.observer,
                 timing_for_everyone: self.timing_for_everyone,
@@ -245,6 +248,9 @@ impl Tracer {
         if claimed.is_err() {
             return None;
         }
+        if let Some(membership) = &self.shared.membership {
+            membership.window_began(window_id.saturating_add(1));
+        }
         let closed = Arc::new(ClosedWindow {
             service: self.shared.service.clone(),
             window_ms: self.window_clock().window_ms(),
@@ -306,35 +312,41 @@ impl Tracer {
         }
     }
 
-    /// The `rootscale-caller` header for a call made at `at`.
-    pub(crate) fn caller_header(&self, at: Instant) -> HeaderValue {
+    /// The window a request or call proves its membership for (0 without a mesh key). Kept by the window closer,
+    /// so the request path reads an atomic instead of the clock.
+    pub(crate) fn proof_window(&self) -> u64 {
+        self.shared.membership.as_ref().map_or(0, Membership::current_window)
+    }
+
+    /// The `rootscale-caller` header for a call in `window` (see [`Tracer::proof_window`]).
+    pub(crate) fn caller_header(&self, window: u64) -> HeaderValue {
         match &self.shared.membership {
-            Some(membership) => membership.caller_header(self.window_clock().window_id(at)),
+            Some(membership) => membership.caller_header(window),
             None => self.shared.caller_header.clone(),
         }
     }
 
-    /// The `;i=…;p=…` that ends a timing header sent at `at` (empty without a mesh key).
-    pub(crate) fn timing_proof(&self, at: Instant) -> bytes::Bytes {
+    /// `write` of the `;i=…;p=…` that ends a timing header in `window` (empty without a mesh key).
+    pub(crate) fn with_timing_proof<R>(&self, window: u64, write: impl FnOnce(&[u8]) -> R) -> R {
         match &self.shared.membership {
-            Some(membership) => membership.timing_proof(self.window_clock().window_id(at)),
-            None => bytes::Bytes::new(),
+            Some(membership) => membership.with_timing_proof(window, write),
+            None => write(b""),
         }
     }
 
-    /// Whether a caller header received at `at` is believed: always without a mesh key, else when its proof
+    /// Whether a caller header received in `window` is believed: always without a mesh key, else when its proof
     /// verifies (a refusal is counted).
-    pub(crate) fn believes_caller(&self, caller: &CallerHeader, at: Instant) -> bool {
+    pub(crate) fn believes_caller(&self, caller: &CallerHeader, window: u64) -> bool {
         let Some(membership) = &self.shared.membership else { return true };
-        let now = self.window_clock().window_id(at);
-        membership.verify(HeaderRole::Caller, caller.service(), caller.agent(), caller.proof(), now).is_ok()
+        let (service, agent) = caller.claimed();
+        membership.verify(HeaderRole::Caller, service, agent, caller.proof(), window).is_ok()
     }
 
-    /// Whether a callee's timing header received at `at` is believed (as [`Tracer::believes_caller`]).
-    pub(crate) fn believes_timing(&self, timing: &Timing, at: Instant) -> bool {
+    /// Whether a callee's timing header received in `window` is believed (as [`Tracer::believes_caller`]).
+    pub(crate) fn believes_timing(&self, timing: &Timing, window: u64) -> bool {
         let Some(membership) = &self.shared.membership else { return true };
-        let now = self.window_clock().window_id(at);
-        membership.verify(HeaderRole::Timing, timing.service(), timing.agent(), timing.proof(), now).is_ok()
+        let (service, agent) = timing.claimed();
+        membership.verify(HeaderRole::Timing, service, agent, timing.proof(), window).is_ok()
     }
 
     pub(crate) fn count_malformed_caller(&self) {

@@ -34,6 +34,7 @@ use rootscale_tracer::{
     identity::{
         HeaderRole, KeyRing, MeshKeys, Rejection,
         peer::{OPERATOR_PROOF_METADATA, REPORT_PROOF_METADATA, operator_proof},
+        proof::WINDOW_TAG_MODULUS,
     },
 };
 use tokio::{io::AsyncReadExt, io::AsyncWriteExt, net::TcpListener};
@@ -134,7 +135,7 @@ fn window_now(tracer: &Tracer) -> u64 {
     tracer.window_clock().window_id(Instant::now())
 }
 
-const FORGED_PROOF: &str = "0123456789abcdef0123456789abcdef";
+const FORGED_PROOF: &str = "Zm9yZ2VkcHJvb2Zz";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outside_caller_cannot_name_an_address_to_dial_nor_read_timings() {
@@ -148,8 +149,9 @@ async fn an_outside_caller_cannot_name_an_address_to_dial_nor_read_timings() {
         let bare = get_with(service, &format!("s=svc-fake;a={}", fake.addr)).await;
         assert!(bare.headers().get("rootscale-timing").is_none(), "timings answered to an outsider");
         missing += 1;
-        let window = window_now(agent.tracer());
-        let proofed = get_with(service, &format!("s=svc-fake;a={};i={window};p={FORGED_PROOF}", fake.addr)).await;
+        // A forged proof for the current window (the header names it by its id modulo the tag's range).
+        let tag = window_now(agent.tracer()) % WINDOW_TAG_MODULUS;
+        let proofed = get_with(service, &format!("s=svc-fake;a={};i={tag};p={FORGED_PROOF}", fake.addr)).await;
         assert!(proofed.headers().get("rootscale-timing").is_none(), "timings answered to a forged proof");
         forged += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -220,7 +222,8 @@ async fn a_rogue_callee_cannot_make_the_agent_dial() {
             let forged = if window.is_multiple_of(2) {
                 format!("v=1;s=svc-rogue;t=5000;w=4000;k=l;at=svc-rogue;a={fake_addr}")
             } else {
-                format!("v=1;s=svc-rogue;t=5000;w=4000;k=l;at=svc-rogue;a={fake_addr};i={window};p={FORGED_PROOF}")
+                let tag = window as u64 % WINDOW_TAG_MODULUS;
+                format!("v=1;s=svc-rogue;t=5000;w=4000;k=l;at=svc-rogue;a={fake_addr};i={tag};p={FORGED_PROOF}")
             };
             ([("rootscale-timing", forged)], "ok")
         }),
@@ -314,7 +317,7 @@ async fn forged_reports_and_delegations_are_refused_and_change_no_verdict() {
         let mut neighbor = NeighborClient::new(channel(&back).await);
         let mut request = tonic::Request::new(delegation_report(("svc-front", &front_agent), "svc-back", window));
         request.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
-        request.metadata_mut().insert(REPORT_PROOF_METADATA, FORGED_PROOF.repeat(2).parse().unwrap());
+        request.metadata_mut().insert(REPORT_PROOF_METADATA, "0f".repeat(32).parse().unwrap());
         assert_eq!(neighbor.exchange(request).await.unwrap_err().code(), Code::Unauthenticated);
         unauthenticated += 1;
         tokio::time::sleep(WINDOW / 2).await;

@@ -27,8 +27,11 @@ impl WindowClock {
     }
 
     pub fn unix_ms(&self, at: Instant) -> u64 {
-        let since = u64::try_from(at.saturating_duration_since(self.anchor).as_millis()).unwrap_or(u64::MAX);
-        self.anchor_unix_ms.saturating_add(since)
+        // Whole seconds and the millisecond part, without the 128-bit arithmetic of `Duration::as_millis`: this
+        // runs on every request.
+        let since = at.saturating_duration_since(self.anchor);
+        let since_ms = since.as_secs().saturating_mul(1000).saturating_add(u64::from(since.subsec_millis()));
+        self.anchor_unix_ms.saturating_add(since_ms)
     }
 
     /// The window `at` falls in.

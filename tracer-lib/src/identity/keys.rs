@@ -20,6 +20,8 @@ use crate::Error;
 pub const MIN_KEY_BYTES: usize = 32;
 /// Longest key accepted.
 pub const MAX_KEY_BYTES: usize = 1024;
+/// The shortest MAC prefix that proves anything (96 bits).
+pub const MIN_PROOF_BYTES: usize = 12;
 /// Keys one file may hold: the one that signs and the one being rotated in or out.
 pub const MAX_KEYS: usize = 2;
 /// Largest key file read.
@@ -94,9 +96,9 @@ impl MeshKeys {
         sign_with(&self.keys[0], parts)
     }
 
-    /// Whether `proof` is a prefix (at least 16 bytes) of the MAC of `parts` under any of the keys.
+    /// Whether `proof` is a prefix (at least [`MIN_PROOF_BYTES`]) of the MAC of `parts` under any of the keys.
     pub(crate) fn verify(&self, parts: &[&[u8]], proof: &[u8]) -> bool {
-        if proof.len() < 16 {
+        if proof.len() < MIN_PROOF_BYTES {
             return false;
         }
         self.keys.iter().any(|key| {
@@ -223,11 +225,11 @@ mod tests {
         let parts: [&[u8]; 2] = [b"caller", b"svc"];
         let by_old = old.sign(&parts);
         let by_new = new.sign(&parts);
-        assert!(rolling.verify(&parts, &by_old.as_ref()[..16]));
+        assert!(rolling.verify(&parts, &by_old.as_ref()[..12]));
         assert!(rolling.verify(&parts, &by_new.as_ref()[..16]));
-        assert!(!old.verify(&parts, &by_new.as_ref()[..16]));
-        assert!(!new.verify(&[b"caller", b"svd"], &by_new.as_ref()[..16]));
-        assert!(!new.verify(&[b"calle", b"rsvc"], &by_new.as_ref()[..16]), "parts are length-prefixed");
+        assert!(!old.verify(&parts, &by_new.as_ref()[..12]));
+        assert!(!new.verify(&[b"caller", b"svd"], &by_new.as_ref()[..12]));
+        assert!(!new.verify(&[b"calle", b"rsvc"], &by_new.as_ref()[..12]), "parts are length-prefixed");
         assert!(!new.verify(&parts, &by_new.as_ref()[..8]), "too short a proof proves nothing");
     }
 

@@ -12,7 +12,13 @@ pub mod keys;
 pub mod peer;
 pub mod proof;
 
-use std::sync::Arc;
+use std::{
+    cell::RefCell,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -21,66 +27,148 @@ pub use keys::{KeyRing, MeshKeys};
 pub use proof::{HeaderRole, Rejection, RejectionCounts};
 
 use crate::measure::headers::CallerHeader;
-use proof::{Claim, ProofCache, WindowSigned, proof_fields};
+use proof::{Claim, ProofCache, proof_fields, resolve_window};
 
 /// A tracer's membership of the mesh: its keys, the headers it signs each window, and the proofs it has checked.
 pub(crate) struct Membership {
     pub keys: Arc<KeyRing>,
     service: Arc<str>,
     agent: Option<Arc<str>>,
-    caller_header: WindowSigned<HeaderValue>,
-    timing_proof: WindowSigned<Bytes>,
     checked: ProofCache,
     pub rejections: RejectionCounts,
+    /// The window now, as the window closer last set it: proofs are made and checked for it without reading the
+    /// clock on the request path. It lags the clock by at most the closer's grace, within [`proof::WINDOW_SKEW`].
+    current_window: AtomicU64,
+    /// Tells this membership's headers from other tracers' in the threads' caches.
+    id: u64,
+    /// Bumped when the keys change: headers signed with older keys are signed anew.
+    generation: AtomicU64,
 }
 
+/// The headers one thread signed for one tracer and window: each thread signs its own once per window (two HMACs),
+/// so the request path reads a thread-local value — no lock, no shared atomic.
+struct SignedHere {
+    owner: u64,
+    generation: u64,
+    window_id: u64,
+    caller: HeaderValue,
+    timing: Bytes,
+}
+
+/// Tracers whose headers one thread keeps signed at once (more, in one thread, take turns).
+const SIGNED_PER_THREAD: usize = 8;
+
+struct ThreadSigned {
+    entries: [Option<SignedHere>; SIGNED_PER_THREAD],
+    next: usize,
+}
+
+thread_local! {
+    static SIGNED: RefCell<ThreadSigned> =
+        const { RefCell::new(ThreadSigned { entries: [const { None }; SIGNED_PER_THREAD], next: 0 }) };
+}
+
+static NEXT_MEMBERSHIP_ID: AtomicU64 = AtomicU64::new(1);
+
 impl Membership {
-    pub fn new(keys: Arc<KeyRing>, service: Arc<str>, agent: Option<Arc<str>>) -> Self {
+    pub fn new(keys: Arc<KeyRing>, service: Arc<str>, agent: Option<Arc<str>>, current_window: u64) -> Self {
         Self {
+            current_window: AtomicU64::new(current_window),
             keys,
             service,
             agent,
-            caller_header: WindowSigned::new(),
-            timing_proof: WindowSigned::new(),
             checked: ProofCache::new(),
             rejections: RejectionCounts::default(),
+            id: NEXT_MEMBERSHIP_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
         }
     }
 
+    /// The window proofs are made and checked for now.
+    pub fn current_window(&self) -> u64 {
+        self.current_window.load(Ordering::Relaxed)
+    }
+
+    /// Window `window_id` began (the closer closed the one before it).
+    pub fn window_began(&self, window_id: u64) {
+        self.current_window.fetch_max(window_id, Ordering::Relaxed);
+    }
+
     fn claim(&self, window_id: u64) -> Claim<'_> {
-        Claim { service: &self.service, agent: self.agent.as_deref(), window_id }
+        let agent = self.agent.as_deref().unwrap_or_default();
+        Claim { service: self.service.as_bytes(), agent: agent.as_bytes(), window_id }
     }
 
-    /// This service's `rootscale-caller` for `window_id`, signed once per window.
+    fn sign(&self, window_id: u64, generation: u64) -> SignedHere {
+        let keys = self.keys.current();
+        let caller = proof_fields(&keys, HeaderRole::Caller, &self.claim(window_id));
+        SignedHere {
+            owner: self.id,
+            generation,
+            window_id,
+            caller: CallerHeader::encode_with_proof(&self.service, self.agent.as_deref(), &caller),
+            timing: Bytes::from(proof_fields(&keys, HeaderRole::Timing, &self.claim(window_id))),
+        }
+    }
+
+    /// `read` of this thread's signed headers for `window_id`, signed now if they are not yet.
+    fn with_signed<R>(&self, window_id: u64, read: impl FnOnce(&SignedHere) -> R) -> R {
+        let generation = self.generation.load(Ordering::Relaxed);
+        SIGNED.with(|signed| match signed.try_borrow_mut() {
+            Ok(mut signed) => {
+                let ours = |entry: &Option<SignedHere>| {
+                    entry.as_ref().is_some_and(|entry| entry.owner == self.id && entry.generation == generation)
+                };
+                // The slot used last is the likely one: most threads serve one tracer.
+                let last = (signed.next + SIGNED_PER_THREAD - 1) % SIGNED_PER_THREAD;
+                let found = if ours(&signed.entries[last]) { Some(last) } else { signed.entries.iter().position(ours) };
+                let slot = found.unwrap_or(signed.next);
+                if found.is_none() {
+                    signed.next = (signed.next + 1) % SIGNED_PER_THREAD;
+                }
+                match &signed.entries[slot] {
+                    Some(entry) if found.is_some() && entry.window_id == window_id => read(entry),
+                    _ => {
+                        let entry = self.sign(window_id, generation);
+                        let result = read(&entry);
+                        signed.entries[slot] = Some(entry);
+                        result
+                    }
+                }
+            }
+            // Re-entered from inside `read` (never, today): sign without keeping it.
+            Err(_) => read(&self.sign(window_id, generation)),
+        })
+    }
+
+    /// This service's `rootscale-caller` for `window_id`.
     pub fn caller_header(&self, window_id: u64) -> HeaderValue {
-        self.caller_header.get(window_id, || {
-            let fields = proof_fields(&self.keys.current(), HeaderRole::Caller, &self.claim(window_id));
-            CallerHeader::encode_with_proof(&self.service, self.agent.as_deref(), &fields)
-        })
+        self.with_signed(window_id, |signed| signed.caller.clone())
     }
 
-    /// The `;i=…;p=…` that ends this service's `rootscale-timing` in `window_id`.
-    pub fn timing_proof(&self, window_id: u64) -> Bytes {
-        self.timing_proof.get(window_id, || {
-            Bytes::from(proof_fields(&self.keys.current(), HeaderRole::Timing, &self.claim(window_id)))
-        })
+    /// `write` of the `;i=…;p=…` that ends this service's `rootscale-timing` in `window_id`.
+    pub fn with_timing_proof<R>(&self, window_id: u64, write: impl FnOnce(&[u8]) -> R) -> R {
+        self.with_signed(window_id, |signed| write(&signed.timing))
     }
 
     /// Checks a received header's claim; a refusal is counted by header and reason.
     pub fn verify(
         &self,
         role: HeaderRole,
-        service: &str,
-        agent: Option<&str>,
+        service: &[u8],
+        agent: &[u8],
         proof: Option<(u64, &[u8])>,
         now_window: u64,
     ) -> Result<(), Rejection> {
         let outcome = match proof {
             None => Err(Rejection::MissingProof),
-            Some((window_id, proof)) => {
-                let claim = Claim { service, agent, window_id };
-                self.checked.check(&self.keys, role, &claim, Some(proof), now_window)
-            }
+            Some((tag, proof)) => match resolve_window(tag, now_window) {
+                None => Err(Rejection::StaleWindow),
+                Some(window_id) => {
+                    let claim = Claim { service, agent, window_id };
+                    self.checked.check(&self.keys, role, &claim, Some(proof), now_window)
+                }
+            },
         };
         if let Err(reason) = outcome {
             self.rejections.count(role, reason);
@@ -93,8 +181,7 @@ impl Membership {
     pub fn reload_keys(&self) -> Result<bool, crate::Error> {
         let changed = self.keys.reload()?;
         if changed {
-            self.caller_header.clear();
-            self.timing_proof.clear();
+            self.generation.fetch_add(1, Ordering::Relaxed);
             self.checked.clear();
         }
         Ok(changed)

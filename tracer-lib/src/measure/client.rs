@@ -110,7 +110,7 @@ where
         };
         let call = Call::start(self.layer.tracer.clone(), fallback);
         if self.layer.send_caller {
-            request.headers_mut().insert(CALLER_HEADER, self.layer.tracer.caller_header(call.started));
+            request.headers_mut().insert(CALLER_HEADER, self.layer.tracer.caller_header(call.proof_window));
         }
         CallFuture { inner: self.inner.call(request), call: Some(call) }
     }
@@ -148,6 +148,8 @@ pub(crate) struct Call {
     /// When the response head arrived, if the timing came with it (plain HTTP): the callee's `total` ends at its
     /// head, so the link's time is measured to the head too, not to the end of a possibly streamed body.
     timing_head_at: Option<Instant>,
+    /// The window the call's membership proofs are for: its caller header's, and the callee timing's it checks.
+    proof_window: u64,
     error: bool,
     malformed_timing: bool,
 }
@@ -160,6 +162,7 @@ impl Call {
             request.call_started(started);
         }
         Self {
+            proof_window: tracer.proof_window(),
             tracer,
             request,
             started,
@@ -176,9 +179,9 @@ impl Call {
         Self::start(tracer, Fallback::Named(name))
     }
 
-    /// Takes the timing header from a response head or trailers, received at `at`; a later one (trailers) wins.
-    /// Returns whether one was taken.
-    fn read_timing(&mut self, headers: &HeaderMap, at: Instant) -> bool {
+    /// Takes the timing header from a response head or trailers; a later one (trailers) wins. Returns whether one
+    /// was taken.
+    fn read_timing(&mut self, headers: &HeaderMap) -> bool {
         if grpc_server_error(headers) {
             self.error = true;
         }
@@ -188,7 +191,7 @@ impl Call {
         match Timing::parse(value) {
             // A responder that cannot prove membership is taken as an uninstrumented callee: its numbers and the
             // address it names are not believed, so nothing is ever dialled on its word (docs/DESIGN.md §1.6).
-            Ok(timing) if !self.tracer.believes_timing(&timing, at) => false,
+            Ok(timing) if !self.tracer.believes_timing(&timing, self.proof_window) => false,
             Ok(timing) => {
                 if let Fallback::Learned(learned) = &self.fallback
                     && learned.get().is_none()
@@ -314,13 +317,8 @@ where
         match result {
             Ok(response) => {
                 // The head's arrival: the end of the link's time, and the instant the proof is checked at.
-                let head_at = response.headers().contains_key(TIMING_HEADER).then(Instant::now);
-                if let Some(head_at) = head_at
-                    && call.read_timing(response.headers(), head_at)
-                {
-                    call.timing_head_at = Some(head_at);
-                } else if head_at.is_none() {
-                    call.read_timing(response.headers(), call.started);
+                if call.read_timing(response.headers()) {
+                    call.timing_head_at = Some(Instant::now());
                 }
                 call.error |= response.status().is_server_error();
                 Poll::Ready(Ok(response.map(|body| CallBody::new(body, call))))
@@ -380,7 +378,7 @@ impl<B: Body> Body for CallBody<B> {
             Some(Err(_)) => call.finish(now, true),
             Some(Ok(frame)) => match frame.trailers_ref() {
                 Some(trailers) => {
-                    call.read_timing(trailers, now);
+                    call.read_timing(trailers);
                     call.finish(now, false);
                 }
                 None if this.inner.is_end_stream() => call.finish(now, false),

@@ -5,13 +5,13 @@
 //! caller can count it and carry on as if the header were absent.
 //!
 //! ```text
-//! rootscale-caller: s=checkout;a=127.0.0.7:9797;i=352718904;p=9f86d081884c7d659a2feaa0c55ad015
-//! rootscale-timing: v=1;s=payments;t=41873;w=40211;k=l;at=payments;a=127.0.0.9:9797;i=352718904;p=3c5a…
+//! rootscale-caller: s=checkout;a=127.0.0.7:9797;i=56;p=n3QxIT0tDu8vY7Ge
+//! rootscale-timing: v=1;s=payments;t=41873;w=40211;k=l;at=payments;a=127.0.0.9:9797;i=56;p=Qb1k-7Xc_2mWdP0a
 //! rootscale-timing: v=1;s=cart;t=23011;w=20950;k=n;at=cart>redis-proxy
 //! ```
 //! `t` is the responder's total and `w` the largest wait in its subtree, both in microseconds; `k` is the wait's
 //! kind (`l` local, `n` network) and `at` where it was (a service, or `caller>callee` for a link). With a mesh key,
-//! `i` (the window id) and `p` (the membership proof, 32 lowercase hex digits; see [`crate::identity::proof`])
+//! `i` (the window's tag) and `p` (the membership proof, 16 base64url characters; see [`crate::identity::proof`])
 //! end both headers; a header is only believed when its proof verifies.
 
 use std::ops::Range;
@@ -19,7 +19,7 @@ use std::ops::Range;
 use http::{HeaderName, HeaderValue};
 
 use crate::{
-    identity::proof::is_proof_text,
+    identity::proof::{PROOF_TEXT, WINDOW_TAG_MODULUS},
     measure::record::{Wait, WaitPoint},
 };
 
@@ -166,16 +166,35 @@ impl<'a> Fields<'a> {
         if valid_agent_bytes(self.value(&range)) { Ok(range) } else { Err(HeaderError::BadField(key)) }
     }
 
-    /// The optional `i=<window id>;p=<proof>` pair that ends a header: the window id and the proof's text.
+    /// The optional `i=<window tag>;p=<proof>` pair that ends a header: the window's tag and the proof's text.
     fn proof(&mut self) -> Result<Option<(u64, Range<usize>)>, HeaderError> {
         if !self.peek_is(b"i") {
             return Ok(None);
         }
-        let window_id = self.micros("i")?;
-        let proof = self.expect("p")?;
-        if !is_proof_text(self.value(&proof)) {
-            return Err(HeaderError::BadField("p"));
+        // The window's tag: 1–3 digits, no leading zero, below the tag's modulus. Parsed by hand: every request of
+        // a member carries one.
+        let rest = &self.bytes[self.position + 2..];
+        let digits = rest.iter().take(4).take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 3 || (digits > 1 && rest[0] == b'0') {
+            return Err(HeaderError::BadField("i"));
         }
+        let window_id = rest[..digits].iter().fold(0u64, |value, digit| value * 10 + u64::from(digit - b'0'));
+        if window_id >= WINDOW_TAG_MODULUS {
+            return Err(HeaderError::BadField("i"));
+        }
+        if rest.get(digits) != Some(&b';') {
+            return Err(HeaderError::MissingField("p"));
+        }
+        self.position += 2 + digits + 1;
+        // The proof is the last field and has a fixed length: no need to scan for the next `;`.
+        let rest = &self.bytes[self.position..];
+        if rest.len() != 2 + PROOF_TEXT || !rest.starts_with(b"p=") {
+            return Err(if self.peek_is(b"p") { HeaderError::BadField("p") } else { HeaderError::MissingField("p") });
+        }
+        // Its characters are checked with the proof itself (a text that is not base64url never verifies,
+        // and is counted as a bad proof), so a member's header is not read twice.
+        let proof = self.position + 2..self.bytes.len();
+        self.position = self.bytes.len();
         Ok(Some((window_id, proof)))
     }
 
@@ -223,9 +242,15 @@ impl CallerHeader {
         Ok(Self { raw: raw.clone(), service, agent, proof })
     }
 
-    /// The window id and proof text the header ends with, if any.
+    /// The window's tag (its id modulo `WINDOW_TAG_MODULUS`) and the proof text the header ends with, if any.
     pub fn proof(&self) -> Option<(u64, &[u8])> {
         self.proof.as_ref().map(|(window_id, range)| (*window_id, &self.raw.as_bytes()[range.clone()]))
+    }
+
+    /// What the header claims, as bytes, for checking its proof: the service, and the agent (empty if none).
+    pub fn claimed(&self) -> (&[u8], &[u8]) {
+        let bytes = self.raw.as_bytes();
+        (&bytes[self.service.clone()], self.agent.as_ref().map_or(&[][..], |range| &bytes[range.clone()]))
     }
 
     fn slice(&self, range: &Range<usize>) -> &str {
@@ -317,9 +342,15 @@ impl Timing {
         Ok(Self { raw: raw.clone(), service, agent, total_us, wait_us, at, at_to, proof })
     }
 
-    /// The window id and proof text the header ends with, if any.
+    /// The window's tag (its id modulo `WINDOW_TAG_MODULUS`) and the proof text the header ends with, if any.
     pub fn proof(&self) -> Option<(u64, &[u8])> {
         self.proof.as_ref().map(|(window_id, range)| (*window_id, &self.raw.as_bytes()[range.clone()]))
+    }
+
+    /// What the header claims, as bytes, for checking its proof: the service, and the agent (empty if none).
+    pub fn claimed(&self) -> (&[u8], &[u8]) {
+        let bytes = self.raw.as_bytes();
+        (&bytes[self.service.clone()], self.agent.as_ref().map_or(&[][..], |range| &bytes[range.clone()]))
     }
 
     fn slice(&self, range: &Range<usize>) -> &str {
@@ -482,11 +513,11 @@ mod tests {
     #[test]
     fn malformed_values_are_refused() {
         let long = format!("s={}", "a".repeat(MAX_HEADER_LEN));
-        let proof = "0123456789abcdef0123456789abcdef";
-        let (upper, short_proof) =
-            (format!("s=web;i=5;p={}", proof.to_uppercase()), format!("s=web;i=5;p={}", &proof[1..]));
+        let proof = "Zm9yZ2VkcHJvb2Zz";
+        let short_proof = format!("s=web;i=5;p={}", &proof[1..]);
         let (no_window, leading_zero) = (format!("s=web;p={proof}"), format!("s=web;i=05;p={proof}"));
         let (after_proof, before_agent) = (format!("s=web;i=5;p={proof};a=h:1"), format!("s=web;i=5;p={proof}"));
+        let (big_tag, long_tag) = (format!("s=web;i=256;p={proof}"), format!("s=web;i=1000;p={proof}"));
         let bad_callers = [
             "",
             "s=",
@@ -507,11 +538,12 @@ mod tests {
             "s=web;a=[zz]:80",
             "s=web;i=5",
             "s=web;i=5;p=",
-            upper.as_str(),
             short_proof.as_str(),
             no_window.as_str(),
             leading_zero.as_str(),
             after_proof.as_str(),
+            big_tag.as_str(),
+            long_tag.as_str(),
         ];
         let with_proof = CallerHeader::parse(&hv(&before_agent)).unwrap();
         assert_eq!(with_proof.proof(), Some((5, proof.as_bytes())));

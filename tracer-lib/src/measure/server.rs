@@ -83,10 +83,11 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let start = Instant::now();
         self.tracer.shared.aggregator.note_arrival();
+        let proof_window = self.tracer.proof_window();
         let caller = request.headers().get(CALLER_HEADER).and_then(|value| match CallerHeader::parse(value) {
             // A caller that cannot prove membership is outside traffic: measured, but not named, not learned as
             // a neighbour, and not answered with timings (docs/DESIGN.md §1.6).
-            Ok(caller) => self.tracer.believes_caller(&caller, start).then_some(caller),
+            Ok(caller) => self.tracer.believes_caller(&caller, proof_window).then_some(caller),
             Err(error) => {
                 self.tracer.count_malformed_caller();
                 tracing::debug!(%error, "ignoring malformed rootscale-caller header");
@@ -102,6 +103,7 @@ where
                 clock: PollClock::new(RequestContext::new(start)),
                 head_only,
                 transfer: Duration::ZERO,
+                proof_window,
             }),
         }
     }
@@ -116,6 +118,8 @@ struct Measurement {
     head_only: bool,
     /// Time between handing out one body frame and being asked for the next: the server writing it out.
     transfer: Duration,
+    /// The window the request's membership proofs are for: the caller's checked, the timing's made.
+    proof_window: u64,
 }
 
 /// The largest wait of a request: its own local wait, or one from a call on its critical path.
@@ -172,13 +176,14 @@ impl Measurement {
         }
     }
 
-    fn timing_header(&self, snapshot: &Snapshot, at: Instant) -> Option<HeaderValue> {
+    fn timing_header(&self, snapshot: &Snapshot) -> Option<HeaderValue> {
         let point = match &snapshot.largest {
             Largest::Own => None,
             Largest::Call(wait) => Some(wait.point.as_ref()),
         };
-        let proof = self.tracer.timing_proof(at);
-        self.tracer.shared.timing_encoder.encode(snapshot.total_us, snapshot.largest_us, point, &proof)
+        let encoder = &self.tracer.shared.timing_encoder;
+        let (total_us, largest_us) = (snapshot.total_us, snapshot.largest_us);
+        self.tracer.with_timing_proof(self.proof_window, |proof| encoder.encode(total_us, largest_us, point, proof))
     }
 
     /// Records the request as ended at `at`.
@@ -290,7 +295,7 @@ where
                 let deferred = is_grpc(response.headers()) && !response.headers().contains_key(GRPC_STATUS);
                 if send_timing && !deferred {
                     let snapshot = request.snapshot(ended);
-                    if let Some(value) = request.timing_header(&snapshot, ended) {
+                    if let Some(value) = request.timing_header(&snapshot) {
                         response.headers_mut().insert(TIMING_HEADER, value);
                     }
                 }
@@ -381,7 +386,7 @@ impl<B: Body> Body for ServerBody<B> {
                 Some(trailers) => {
                     if state.trailers_timing {
                         let snapshot = state.request.snapshot(ended);
-                        if let Some(value) = state.request.timing_header(&snapshot, ended) {
+                        if let Some(value) = state.request.timing_header(&snapshot) {
                             trailers.insert(TIMING_HEADER, value);
                         }
                     }
