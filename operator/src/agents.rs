@@ -3,26 +3,19 @@
 //! answer, fails TLS verification, or answers garbage, counts as missing data — which never scales a Deployment
 //! down.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use rootscale_proto::v1::{RecommendRequest, RecommendResponse, advisor_client::AdvisorClient};
 use rootscale_tracer::{
+    exchange::channels::ChannelCache,
     identity::{
         KeyRing,
         peer::{OPERATOR_PROOF_METADATA, operator_proof},
     },
     measure::headers::valid_service_name,
 };
-use tonic::{
-    metadata::{Ascii, MetadataValue},
-    transport::{Channel, Endpoint},
-};
+use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::{
     Error,
@@ -184,7 +177,7 @@ pub struct AgentClient {
     tls: Option<AgentTls>,
     /// The mesh key: every question carries the operator's proof made with it, so the agents keep its settings.
     mesh_keys: Option<Arc<KeyRing>>,
-    channels: Arc<Mutex<HashMap<SocketAddr, Channel>>>,
+    channels: Arc<ChannelCache>,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -201,7 +194,13 @@ impl std::fmt::Debug for AgentClient {
 impl AgentClient {
     /// Plain HTTP/2, no token.
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout, token: None, tls: None, mesh_keys: None, channels: Arc::default() }
+        Self {
+            timeout,
+            token: None,
+            tls: None,
+            mesh_keys: None,
+            channels: Arc::new(ChannelCache::new(timeout, None, MAX_CHANNELS)),
+        }
     }
 
     /// Signs every question with the mesh key (the operator's proof).
@@ -229,6 +228,7 @@ impl AgentClient {
 
     /// Calls the agents over TLS.
     pub fn with_tls(mut self, tls: AgentTls) -> Self {
+        self.channels = Arc::new(ChannelCache::new(self.timeout, Some(tls.client()), MAX_CHANNELS));
         self.tls = Some(tls);
         self
     }
@@ -243,28 +243,6 @@ impl AgentClient {
 
     pub fn tls(&self) -> Option<&AgentTls> {
         self.tls.as_ref()
-    }
-
-    /// The agent's channel: cached, else a new one that connects on its first call (and again after a failure).
-    fn channel(&self, agent: SocketAddr) -> Result<Channel, String> {
-        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(channel) = channels.get(&agent) {
-            return Ok(channel.clone());
-        }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{agent}"))
-            .map_err(|error| format!("bad agent address {agent}: {error}"))?
-            .connect_timeout(self.timeout)
-            .timeout(self.timeout);
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.client()).map_err(|error| format!("TLS for {agent}: {error}"))?;
-        }
-        let channel = endpoint.connect_lazy();
-        if channels.len() >= MAX_CHANNELS {
-            channels.clear();
-        }
-        channels.insert(agent, channel.clone());
-        Ok(channel)
     }
 
     /// One call's request to `method`: the message and the metadata every call carries.
@@ -321,7 +299,7 @@ impl AgentClient {
 
 async fn ask_one(client: &AgentClient, pod: &str, agent: SocketAddr, request: RecommendRequest) -> Answer {
     let timeout = client.timeout;
-    let channel = match client.channel(agent) {
+    let channel = match client.channels.channel(&agent.to_string()) {
         Ok(channel) => channel,
         Err(why) => return Answer::unanswered(pod, why),
     };

@@ -2,21 +2,14 @@
 //! report's proof (a MAC under the mesh key), the shared token and TLS when configured. Runs on the agent's tasks,
 //! never on the request path. It only ever dials agents learned from this service's own edges.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use rootscale_proto::v1::{NeighborReport, neighbor_client::NeighborClient};
-use tonic::{
-    metadata::MetadataValue,
-    transport::{Channel, ClientTlsConfig, Endpoint},
-};
+use tonic::{metadata::MetadataValue, transport::ClientTlsConfig};
 
 use crate::{
-    exchange::outbox::Outgoing,
+    exchange::{channels::ChannelCache, outbox::Outgoing},
     identity::{
         KeyRing,
         peer::{REPORT_PROOF_METADATA, report_proof},
@@ -30,9 +23,8 @@ const MAX_CHANNELS: usize = 512;
 pub struct Sender {
     timeout: Duration,
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
-    tls: Option<ClientTlsConfig>,
     keys: Option<Arc<KeyRing>>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: ChannelCache,
 }
 
 impl Sender {
@@ -50,33 +42,12 @@ impl Sender {
             ),
             None => None,
         };
-        Ok(Self { timeout, token, tls, keys, channels: Mutex::new(HashMap::new()) })
-    }
-
-    fn channel(&self, agent: &str) -> Result<Channel, String> {
-        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(channel) = channels.get(agent) {
-            return Ok(channel.clone());
-        }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{agent}"))
-            .map_err(|error| format!("bad agent address {agent}: {error}"))?
-            .connect_timeout(self.timeout)
-            .timeout(self.timeout);
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(|error| format!("TLS for {agent}: {error}"))?;
-        }
-        let channel = endpoint.connect_lazy();
-        if channels.len() >= MAX_CHANNELS {
-            channels.clear();
-        }
-        channels.insert(agent.to_string(), channel.clone());
-        Ok(channel)
+        Ok(Self { timeout, token, keys, channels: ChannelCache::new(timeout, tls, MAX_CHANNELS) })
     }
 
     /// Sends one report; `Err` says why the agent did not take it.
     pub async fn send(&self, agent: &str, report: NeighborReport) -> Result<(), String> {
-        let channel = self.channel(agent)?;
+        let channel = self.channels.channel(agent)?;
         let proof =
             self.keys.as_ref().map(|keys| report_proof(&keys.current(), &prost::Message::encode_to_vec(&report)));
         let mut request = tonic::Request::new(report);
