@@ -48,8 +48,12 @@ impl AgentBuilder {
         if let Some(cores) = self.cpu_cores {
             capacity.cores = cores;
         }
+        // Without a key, outsiders can steer the agent: a warning. With a key but no TLS, what is left open is
+        // confidentiality on the wire — said at info level, so a loopback demo of many replicas is not a wall of
+        // warnings.
         match what_is_open(&self) {
-            Some(open) => tracing::warn!(service = %self.service, "{open}"),
+            Some(open) if self.mesh_keys.is_none() => tracing::warn!(service = %self.service, "{open}"),
+            Some(open) => tracing::info!(service = %self.service, "{open}"),
             None => tracing::info!(service = %self.service, "rootscale agent security: mesh key and TLS on"),
         }
         let (ready, started) = oneshot::channel();
