@@ -104,7 +104,9 @@ pub struct TracerBuilder {
 
 impl TracerBuilder {
     /// The mesh key (docs/DESIGN.md §1.6): headers carry a proof made with it, and only headers whose proof
-    /// verifies are believed; the rest is outside traffic. Without it every well-formed header is believed.
+    /// verifies are believed; the rest is outside traffic. Without it every well-formed header is believed. Proofs
+    /// are for the window the window closer last began, so [`Tracer::run_window_closer`] must run (the agent runs
+    /// it): without it the proofs go stale after a window.
     pub fn mesh_keys(mut self, keys: Arc<KeyRing>) -> Self {
         self.keys = Some(keys);
         self
