@@ -6,7 +6,6 @@
 
 #![allow(dead_code)]
 
-use std::os::unix::process::CommandExt as _;
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
@@ -42,17 +41,14 @@ impl Browser {
             assert!(
                 Path::new(path).exists(),
                 "{path} is missing: the browser tests need Debian's chromium and chromium-driver \
-                 (`./scripts/test` installs them)"
+                 (`apt-get install chromium chromium-driver`; .ci/run installs them)"
             );
         }
         let port = free_port();
-        // A process group of its own, so that stopping it stops the Chromium it started too: a browser left
-        // running would take CPU from the tests that follow.
         let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .process_group(0)
             .spawn()
             .expect("chromedriver starts");
         let mut browser = Self {
@@ -146,15 +142,9 @@ impl Browser {
         std::fs::write(path, png).unwrap();
     }
 
-    /// Ends the session (which closes Chromium) and stops chromedriver and whatever it left.
+    /// Ends the session (which closes Chromium) and stops chromedriver.
     pub async fn close(mut self) {
         let _ = self.call("DELETE", &format!("/session/{}", self.session), None).await;
-        self.stop();
-    }
-
-    /// Kills chromedriver's process group (chromedriver and the browser it started) and reaps chromedriver.
-    fn stop(&mut self) {
-        let _ = Command::new("kill").arg("-KILL").arg(format!("-{}", self.driver.id())).status();
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -162,7 +152,7 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.driver.kill();
     }
 }
 
