@@ -41,7 +41,7 @@ impl Browser {
             assert!(
                 Path::new(path).exists(),
                 "{path} is missing: the browser tests need Debian's chromium and chromium-driver \
-                 (`apt-get install chromium chromium-driver`; .ci/run installs them)"
+                 (`./scripts/test` installs them)"
             );
         }
         let port = free_port();
