@@ -296,11 +296,6 @@ impl Tracer {
         self.shared.windows.borrow().clone()
     }
 
-    /// Whether this tracer proves and checks membership with a mesh key.
-    pub fn has_mesh_key(&self) -> bool {
-        self.shared.membership.is_some()
-    }
-
     /// Headers refused as outside traffic, by header and reason (`None` without a mesh key).
     pub fn rejections(&self) -> Option<&RejectionCounts> {
         self.shared.membership.as_ref().map(|membership| &membership.rejections)

@@ -20,10 +20,6 @@ impl ChannelCache {
         Self { timeout, tls, cap: cap.max(1), channels: Mutex::new(HashMap::new()) }
     }
 
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// The channel to the agent at `agent` (`host:port`); `Err` says why there is none.
     pub fn channel(&self, agent: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -44,14 +40,5 @@ impl ChannelCache {
         }
         channels.insert(agent.to_string(), channel.clone());
         Ok(channel)
-    }
-
-    /// Channels kept now.
-    pub fn len(&self) -> usize {
-        self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }

@@ -175,10 +175,6 @@ impl KeyRing {
         self.keys.load()
     }
 
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
-    }
-
     /// Reads the key file again. Returns whether the keys changed; a file that cannot be read or holds bad keys
     /// keeps the keys in force (and says why), so a half-written Secret never locks a service out of its mesh.
     pub fn reload(&self) -> Result<bool, Error> {

@@ -311,21 +311,21 @@ pub struct RejectionCounts {
 }
 
 impl RejectionCounts {
-    pub(crate) fn count(&self, role: HeaderRole, reason: Rejection) {
+    fn counter(&self, role: HeaderRole, reason: Rejection) -> &std::sync::atomic::AtomicU64 {
         let row = match role {
             HeaderRole::Caller => &self.caller,
             HeaderRole::Timing => &self.timing,
         };
-        row[reason.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &row[reason.index()]
+    }
+
+    pub(crate) fn count(&self, role: HeaderRole, reason: Rejection) {
+        self.counter(role, reason).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many `role` headers were refused for `reason`.
     pub fn get(&self, role: HeaderRole, reason: Rejection) -> u64 {
-        let row = match role {
-            HeaderRole::Caller => &self.caller,
-            HeaderRole::Timing => &self.timing,
-        };
-        row[reason.index()].load(std::sync::atomic::Ordering::Relaxed)
+        self.counter(role, reason).load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
