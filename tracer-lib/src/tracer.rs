@@ -16,11 +16,14 @@ use tokio::sync::watch;
 use crate::{
     Error,
     aggregate::{Aggregator, WindowClock, WindowStats},
-    identity::{HeaderRole, KeyRing, Membership, RejectionCounts},
+    identity::{
+        HeaderRole, KeyRing, Membership, Rejection, RejectionCounts,
+        believed::{self, Reader},
+    },
     measure::{
         client::ClientLayer,
         downstream::Dependency,
-        headers::{CallerHeader, Timing, TimingEncoder, valid_agent_addr, valid_service_name},
+        headers::{CallerHeader, HeaderError, Timing, TimingEncoder, valid_agent_addr, valid_service_name},
         record::{CallRecord, RequestRecord, WaitPoint},
         server::ServerLayer,
     },
@@ -66,6 +69,8 @@ pub(crate) struct Shared {
     pub(crate) agent: Option<Arc<str>>,
     /// The caller header without a proof (no mesh key).
     caller_header: HeaderValue,
+    /// Tells the headers this tracer believed from other tracers' on the same thread.
+    reader_id: u64,
     pub(crate) timing_encoder: TimingEncoder,
     /// With a mesh key: the proofs this service makes and checks.
     membership: Option<Membership>,
@@ -167,6 +172,7 @@ impl TracerBuilder {
                     .keys
                     .map(|keys| Membership::new(keys, service.clone(), agent.clone(), clock.window_id(Instant::now()))),
                 caller_header: CallerHeader::encode(&service, agent.as_deref()),
+                reader_id: believed::new_reader_id(),
                 timing_encoder: TimingEncoder::new(&service, agent.as_deref()),
                 local_point: WaitPoint::Local { service: service.clone() },
                 service,
@@ -331,26 +337,74 @@ impl Tracer {
         }
     }
 
-    /// Whether a caller header received in `window` is believed: always without a mesh key, else when its proof
-    /// verifies (a refusal is counted).
-    pub(crate) fn believes_caller(&self, caller: &CallerHeader, window: u64) -> bool {
-        let Some(membership) = &self.shared.membership else { return true };
-        let (service, agent) = caller.claimed();
-        membership.verify(HeaderRole::Caller, service, agent, caller.proof(), window).is_ok()
+    /// Who reads `role` headers for this tracer, with its keys' generation (see [`believed`]).
+    fn reader(&self, role: HeaderRole) -> Reader {
+        let generation = self.shared.membership.as_ref().map_or(0, Membership::generation);
+        Reader { id: self.shared.reader_id, generation, role }
     }
 
-    /// Whether a callee's timing header received in `window` is believed (as [`Tracer::believes_caller`]).
-    pub(crate) fn believes_timing(&self, timing: &Timing, window: u64) -> bool {
-        let Some(membership) = &self.shared.membership else { return true };
-        let (service, agent) = timing.claimed();
-        membership.verify(HeaderRole::Timing, service, agent, timing.proof(), window).is_ok()
+    /// Whether a header's claim is believed: without a mesh key always (`Ok(None)`: there is no window to be
+    /// current in); with one when its proof verifies (`Ok` of the window it was made in). A refusal is counted by
+    /// header and reason.
+    fn believes(
+        &self,
+        role: HeaderRole,
+        claimed: (&[u8], &[u8]),
+        proof: Option<(u64, &[u8])>,
+        window: u64,
+    ) -> Result<Option<u64>, Rejection> {
+        match &self.shared.membership {
+            None => Ok(None),
+            Some(membership) => membership.verify(role, claimed.0, claimed.1, proof, window).map(Some),
+        }
     }
 
-    pub(crate) fn count_malformed_caller(&self) {
-        self.shared.counters.malformed_caller.fetch_add(1, Ordering::Relaxed);
+    /// The window a recognised header end must be current for: `None` without a mesh key.
+    fn recall_window(&self, window: u64) -> Option<u64> {
+        self.shared.membership.as_ref().map(|_| window)
     }
 
-    pub(crate) fn count_malformed_timing(&self) {
-        self.shared.counters.malformed_timing.fetch_add(1, Ordering::Relaxed);
+    /// A request's `rootscale-caller`, received in `window`, if well formed and believed: without a mesh key any
+    /// well-formed one, with a key one whose proof verifies (docs/DESIGN.md §1.6). A malformed or refused header is
+    /// counted and read as absent.
+    pub(crate) fn read_caller(&self, value: &HeaderValue, window: u64) -> Option<CallerHeader> {
+        let reader = self.reader(HeaderRole::Caller);
+        let now = self.recall_window(window);
+        match CallerHeader::parse_recognizing(value, |service, end| reader.recall(now, service, end)) {
+            Ok((caller, true)) => Some(caller),
+            Ok((caller, false)) => {
+                let made_in = self.believes(HeaderRole::Caller, caller.claimed(), caller.proof(), window).ok()?;
+                let (end, fields) = caller.end();
+                reader.remember(made_in, caller.claimed().0, end, fields);
+                Some(caller)
+            }
+            Err(error) => {
+                self.shared.counters.malformed_caller.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%error, "ignoring malformed rootscale-caller header");
+                None
+            }
+        }
+    }
+
+    /// A callee's `rootscale-timing`, received in `window`: `Ok(None)` when it is well formed but not believed
+    /// (as [`Tracer::read_caller`]); a malformed one is counted and returned as the error.
+    pub(crate) fn read_timing(&self, value: &HeaderValue, window: u64) -> Result<Option<Timing>, HeaderError> {
+        let reader = self.reader(HeaderRole::Timing);
+        let now = self.recall_window(window);
+        match Timing::parse_recognizing(value, |service, end| reader.recall(now, service, end)) {
+            Ok((timing, true)) => Ok(Some(timing)),
+            Ok((timing, false)) => {
+                let Ok(made_in) = self.believes(HeaderRole::Timing, timing.claimed(), timing.proof(), window) else {
+                    return Ok(None);
+                };
+                let (end, fields) = timing.end();
+                reader.remember(made_in, timing.claimed().0, end, fields);
+                Ok(Some(timing))
+            }
+            Err(error) => {
+                self.shared.counters.malformed_timing.fetch_add(1, Ordering::Relaxed);
+                Err(error)
+            }
+        }
     }
 }

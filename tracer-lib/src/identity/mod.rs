@@ -6,8 +6,10 @@
 //!   measured as an anonymous request, never named as an edge, never dialled, never answered with timings.
 //! - [`peer`]: reports carry a MAC over their bytes, and the operator's questions a MAC of their own; with mutual
 //!   TLS, the operator is told apart by the name in its certificate.
+//! - [`believed`]: the header ends each thread has checked, known again by their bytes for the rest of the window.
 //! - [`keys`]: the key file, reloaded each window for rotation without a restart.
 
+pub mod believed;
 pub mod keys;
 pub mod peer;
 pub mod proof;
@@ -60,12 +62,15 @@ const SIGNED_PER_THREAD: usize = 8;
 
 struct ThreadSigned {
     entries: [Option<SignedHere>; SIGNED_PER_THREAD],
+    /// The slot read last.
+    last: usize,
+    /// The slot a tracer new to this thread takes.
     next: usize,
 }
 
 thread_local! {
     static SIGNED: RefCell<ThreadSigned> =
-        const { RefCell::new(ThreadSigned { entries: [const { None }; SIGNED_PER_THREAD], next: 0 }) };
+        const { RefCell::new(ThreadSigned { entries: [const { None }; SIGNED_PER_THREAD], last: 0, next: 0 }) };
 }
 
 static NEXT_MEMBERSHIP_ID: AtomicU64 = AtomicU64::new(1);
@@ -114,30 +119,37 @@ impl Membership {
     /// `read` of this thread's signed headers for `window_id`, signed now if they are not yet.
     fn with_signed<R>(&self, window_id: u64, read: impl FnOnce(&SignedHere) -> R) -> R {
         let generation = self.generation.load(Ordering::Relaxed);
-        SIGNED.with(|signed| match signed.try_borrow_mut() {
-            Ok(mut signed) => {
-                let ours = |entry: &Option<SignedHere>| {
-                    entry.as_ref().is_some_and(|entry| entry.owner == self.id && entry.generation == generation)
-                };
-                // The slot used last is the likely one: most threads serve one tracer.
-                let last = (signed.next + SIGNED_PER_THREAD - 1) % SIGNED_PER_THREAD;
-                let found = if ours(&signed.entries[last]) { Some(last) } else { signed.entries.iter().position(ours) };
-                let slot = found.unwrap_or(signed.next);
-                if found.is_none() {
-                    signed.next = (signed.next + 1) % SIGNED_PER_THREAD;
+        SIGNED.with(|signed| {
+            let Ok(mut signed) = signed.try_borrow_mut() else {
+                // Re-entered from inside `read` (never, today): sign without keeping it.
+                return read(&self.sign(window_id, generation));
+            };
+            let ours = |entry: &SignedHere| entry.owner == self.id && entry.generation == generation;
+            // The slot used last is the likely one: most threads serve one tracer.
+            if let Some(entry) = &signed.entries[signed.last]
+                && ours(entry)
+                && entry.window_id == window_id
+            {
+                return read(entry);
+            }
+            let slot = match signed.entries.iter().position(|entry| entry.as_ref().is_some_and(ours)) {
+                Some(slot) => slot,
+                None => {
+                    let slot = signed.next;
+                    signed.next = (slot + 1) % SIGNED_PER_THREAD;
+                    slot
                 }
-                match &signed.entries[slot] {
-                    Some(entry) if found.is_some() && entry.window_id == window_id => read(entry),
-                    _ => {
-                        let entry = self.sign(window_id, generation);
-                        let result = read(&entry);
-                        signed.entries[slot] = Some(entry);
-                        result
-                    }
+            };
+            signed.last = slot;
+            match &signed.entries[slot] {
+                Some(entry) if entry.window_id == window_id => read(entry),
+                _ => {
+                    let entry = self.sign(window_id, generation);
+                    let result = read(&entry);
+                    signed.entries[slot] = Some(entry);
+                    result
                 }
             }
-            // Re-entered from inside `read` (never, today): sign without keeping it.
-            Err(_) => read(&self.sign(window_id, generation)),
         })
     }
 
@@ -151,7 +163,13 @@ impl Membership {
         self.with_signed(window_id, |signed| write(&signed.timing))
     }
 
-    /// Checks a received header's claim; a refusal is counted by header and reason.
+    /// The generation of the keys: bumped when they change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Checks a received header's claim: the window its proof was made in, or why it is refused (counted by header
+    /// and reason).
     pub fn verify(
         &self,
         role: HeaderRole,
@@ -159,14 +177,14 @@ impl Membership {
         agent: &[u8],
         proof: Option<(u64, &[u8])>,
         now_window: u64,
-    ) -> Result<(), Rejection> {
+    ) -> Result<u64, Rejection> {
         let outcome = match proof {
             None => Err(Rejection::MissingProof),
             Some((tag, proof)) => match resolve_window(tag, now_window) {
                 None => Err(Rejection::StaleWindow),
                 Some(window_id) => {
                     let claim = Claim { service, agent, window_id };
-                    self.checked.check(&self.keys, role, &claim, Some(proof), now_window)
+                    self.checked.check(&self.keys, role, &claim, Some(proof), now_window).map(|()| window_id)
                 }
             },
         };

@@ -3,20 +3,14 @@
 //! A proof is the first [`PROOF_BYTES`] of HMAC-SHA256 under the mesh key over (what the header is, the service it
 //! names, the agent address it names, the window id), written as base64url in the header's `p` field after the
 //! window's tag in `i`. It is made once per window per service and thread (`Membership`) and checked once per
-//! distinct value per window ([`ProofCache`]), so a request pays for a lookup, not for an HMAC.
+//! distinct value per window ([`ProofCache`]), so a request pays for a comparison, not for an HMAC.
 //!
 //! The proof covers who speaks and where its agent is, not the timing numbers beside it: those change on every
 //! response and are bounded by the parser anyway. A proof seen by a third party (a caller header sent to an
 //! outside API) can be replayed within its window, but only to name the same service at the same agent address —
 //! which points at the real member, never at the replayer.
 
-use std::{
-    cell::RefCell,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::sync::Mutex;
 
 use crate::identity::keys::{KeyRing, MeshKeys};
 
@@ -159,7 +153,6 @@ impl Rejection {
 
 /// A verified (or refused) claim, remembered for its window. The proof is kept as the header's text, so a hit
 /// costs comparisons only.
-#[derive(Clone)]
 struct Entry {
     role: HeaderRole,
     window_id: u64,
@@ -181,61 +174,15 @@ impl Entry {
 
 /// Remembers the outcome of checking each distinct (claim, proof) per window, in a fixed number of slots. Each slot
 /// has its own lock, taken with `try_lock` only: a request never waits; on contention it checks the HMAC itself.
-/// In front of the slots, each thread keeps the last few outcomes it used ([`RECENT_PER_THREAD`]), so the usual
-/// request — from a caller this thread has just seen — touches no shared memory at all.
+/// In front of it, each thread recognises the headers it has believed lately ([`crate::identity::believed`]), so the
+/// usual request does not come here at all.
 pub(crate) struct ProofCache {
     slots: Box<[Mutex<Option<Entry>>]>,
-    /// Tells this cache's entries from other caches' in the threads' recent lists.
-    id: u64,
-    /// Bumped when the keys change: recent outcomes of an older generation are not used.
-    generation: AtomicU64,
 }
-
-/// Outcomes each thread keeps in front of the shared slots.
-const RECENT_PER_THREAD: usize = 4;
-
-/// One thread's recent outcomes: (cache id, generation, entry), replaced round-robin.
-struct Recent {
-    entries: [Option<(u64, u64, Entry)>; RECENT_PER_THREAD],
-    next: usize,
-}
-
-thread_local! {
-    static RECENT: RefCell<Recent> = const { RefCell::new(Recent { entries: [const { None }; RECENT_PER_THREAD], next: 0 }) };
-}
-
-static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl ProofCache {
     pub fn new() -> Self {
-        Self {
-            slots: (0..CACHE_SLOTS).map(|_| Mutex::new(None)).collect(),
-            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
-            generation: AtomicU64::new(0),
-        }
-    }
-
-    /// This thread's recent outcome for (role, claim, proof), if any.
-    fn recent(&self, role: HeaderRole, claim: &Claim<'_>, proof: &[u8; PROOF_TEXT]) -> Option<bool> {
-        let generation = self.generation.load(Ordering::Relaxed);
-        RECENT.with(|recent| {
-            let recent = recent.try_borrow().ok()?;
-            recent.entries.iter().flatten().find_map(|(id, entry_generation, entry)| {
-                (*id == self.id && *entry_generation == generation && entry.matches(role, claim, proof))
-                    .then_some(entry.valid)
-            })
-        })
-    }
-
-    fn remember(&self, entry: &Entry) {
-        let generation = self.generation.load(Ordering::Relaxed);
-        RECENT.with(|recent| {
-            if let Ok(mut recent) = recent.try_borrow_mut() {
-                let next = recent.next;
-                recent.entries[next] = Some((self.id, generation, entry.clone()));
-                recent.next = (next + 1) % RECENT_PER_THREAD;
-            }
-        });
+        Self { slots: (0..CACHE_SLOTS).map(|_| Mutex::new(None)).collect() }
     }
 
     /// The slot of a proof: its text is a MAC (or a forgery), spread evenly enough to index by. A forger who picks
@@ -248,7 +195,6 @@ impl ProofCache {
 
     /// Forgets every outcome (the keys changed).
     pub fn clear(&self) {
-        self.generation.fetch_add(1, Ordering::Relaxed);
         for slot in &self.slots {
             *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
         }
@@ -269,37 +215,28 @@ impl ProofCache {
         }
         // (Callers resolve a header's tag to a window first; a window out of reach is stale either way.)
         let Ok(text) = <[u8; PROOF_TEXT]>::try_from(proof) else { return Err(Rejection::BadProof) };
-        let outcome = |valid: bool| if valid { Ok(()) } else { Err(Rejection::BadProof) };
-        if let Some(valid) = self.recent(role, claim, &text) {
-            return outcome(valid);
-        }
         let slot = self.slot(role, &text);
-        let shared = match slot.try_lock() {
-            Ok(entry) => entry.as_ref().filter(|entry| entry.matches(role, claim, &text)).cloned(),
+        let known = match slot.try_lock() {
+            Ok(entry) => entry.as_ref().filter(|entry| entry.matches(role, claim, &text)).map(|entry| entry.valid),
             Err(_) => None,
         };
-        let entry = match shared {
-            Some(entry) => entry,
-            None => {
-                // A text that is not base64url is a forgery: it never verifies.
-                let window = claim.window_id.to_be_bytes();
-                let valid = decode(&text).is_some_and(|mac| keys.current().verify(&claim.parts(role, &window), &mac));
-                let entry = Entry {
+        let valid = known.unwrap_or_else(|| {
+            // A text that is not base64url is a forgery: it never verifies.
+            let window = claim.window_id.to_be_bytes();
+            let valid = decode(&text).is_some_and(|mac| keys.current().verify(&claim.parts(role, &window), &mac));
+            if let Ok(mut slot) = slot.try_lock() {
+                *slot = Some(Entry {
                     role,
                     window_id: claim.window_id,
                     service: claim.service.into(),
                     agent: claim.agent.into(),
                     proof: text,
                     valid,
-                };
-                if let Ok(mut slot) = slot.try_lock() {
-                    *slot = Some(entry.clone());
-                }
-                entry
+                });
             }
-        };
-        self.remember(&entry);
-        outcome(entry.valid)
+            valid
+        });
+        if valid { Ok(()) } else { Err(Rejection::BadProof) }
     }
 }
 

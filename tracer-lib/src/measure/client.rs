@@ -188,11 +188,8 @@ impl Call {
         let Some(value) = headers.get(TIMING_HEADER) else {
             return false;
         };
-        match Timing::parse(value) {
-            // A responder that cannot prove membership is taken as an uninstrumented callee: its numbers and the
-            // address it names are not believed, so nothing is ever dialled on its word (docs/DESIGN.md §1.6).
-            Ok(timing) if !self.tracer.believes_timing(&timing, self.proof_window) => false,
-            Ok(timing) => {
+        match self.tracer.read_timing(value, self.proof_window) {
+            Ok(Some(timing)) => {
                 if let Fallback::Learned(learned) = &self.fallback
                     && learned.get().is_none()
                 {
@@ -201,9 +198,11 @@ impl Call {
                 self.timing = Some(timing);
                 true
             }
+            // A responder that cannot prove membership is taken as an uninstrumented callee: its numbers and the
+            // address it names are not believed, so nothing is ever dialled on its word (docs/DESIGN.md §1.6).
+            Ok(None) => false,
             Err(error) => {
                 self.malformed_timing = true;
-                self.tracer.count_malformed_timing();
                 tracing::debug!(%error, "ignoring malformed rootscale-timing header");
                 false
             }

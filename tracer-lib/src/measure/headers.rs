@@ -166,13 +166,41 @@ impl<'a> Fields<'a> {
         if valid_agent_bytes(self.value(&range)) { Ok(range) } else { Err(HeaderError::BadField(key)) }
     }
 
+    /// The end of a header: the optional agent address and the optional `i=<window tag>;p=<proof>` pair, which
+    /// must end the value. Positions in the result are relative to where the end begins.
+    fn claim_end(&mut self) -> Result<ClaimEnd, HeaderError> {
+        let origin = self.position;
+        let agent = if self.peek_is(b"a") { Some(self.agent("a")?) } else { None };
+        let proof = self.proof()?;
+        if !self.at_end() {
+            return Err(HeaderError::Trailing);
+        }
+        let relative = |range: Range<usize>| range.start - origin..range.end - origin;
+        Ok(ClaimEnd { agent: agent.map(relative), proof: proof.map(|(tag, range)| (tag, relative(range))) })
+    }
+
+    /// The end of a header as [`Fields::claim_end`] reads it, unless `recognize` knows these exact bytes (with the
+    /// service they follow) from an earlier header: then they are not read again.
+    fn claim_end_recognizing(
+        &mut self,
+        service: &Range<usize>,
+        recognize: impl FnOnce(&[u8], &[u8]) -> Option<ClaimEnd>,
+    ) -> Result<(ClaimEnd, bool), HeaderError> {
+        let end = &self.bytes[self.position..];
+        // A known end's bytes were checked when it was first read: nothing in it needs reading again.
+        if let Some(known) = recognize(self.value(service), end) {
+            self.position = self.bytes.len();
+            return Ok((known, true));
+        }
+        Ok((self.claim_end()?, false))
+    }
+
     /// The optional `i=<window tag>;p=<proof>` pair that ends a header: the window's tag and the proof's text.
     fn proof(&mut self) -> Result<Option<(u64, Range<usize>)>, HeaderError> {
         if !self.peek_is(b"i") {
             return Ok(None);
         }
-        // The window's tag: 1–3 digits, no leading zero, below the tag's modulus. Parsed by hand: every request of
-        // a member carries one.
+        // The window's tag: 1–3 digits, no leading zero, below the tag's modulus.
         let rest = &self.bytes[self.position + 2..];
         let digits = rest.iter().take(4).take_while(|b| b.is_ascii_digit()).count();
         if digits == 0 || digits > 3 || (digits > 1 && rest[0] == b'0') {
@@ -220,49 +248,104 @@ fn field_str<'h>(raw: &'h HeaderValue, range: &Range<usize>) -> &'h str {
     std::str::from_utf8(&raw.as_bytes()[range.clone()]).unwrap_or_default()
 }
 
+/// Where the fields that end a header lie — the agent address and the membership proof (the window's tag, and the
+/// proof's text) — relative to the start of that end. The same bytes always make the same claim, so a reader who
+/// has checked them once can recognise them by comparison ([`crate::identity::believed`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClaimEnd {
+    agent: Option<Range<usize>>,
+    proof: Option<(u64, Range<usize>)>,
+}
+
+impl ClaimEnd {
+    /// Whether the end carries a proof.
+    pub fn has_proof(&self) -> bool {
+        self.proof.is_some()
+    }
+}
+
+/// A header's claim, with the end's fields placed in it: `end_at` is where the end begins.
+#[derive(Clone, Debug)]
+struct Claimed {
+    service: Range<usize>,
+    end_at: usize,
+    end: ClaimEnd,
+}
+
+impl Claimed {
+    fn shift(&self, range: &Range<usize>) -> Range<usize> {
+        self.end_at + range.start..self.end_at + range.end
+    }
+
+    fn service<'h>(&self, raw: &'h HeaderValue) -> &'h str {
+        field_str(raw, &self.service)
+    }
+
+    fn agent<'h>(&self, raw: &'h HeaderValue) -> Option<&'h str> {
+        self.end.agent.as_ref().map(|range| field_str(raw, &self.shift(range)))
+    }
+
+    fn proof<'h>(&self, raw: &'h HeaderValue) -> Option<(u64, &'h [u8])> {
+        self.end.proof.as_ref().map(|(tag, range)| (*tag, &raw.as_bytes()[self.shift(range)]))
+    }
+
+    fn claimed<'h>(&self, raw: &'h HeaderValue) -> (&'h [u8], &'h [u8]) {
+        let bytes = raw.as_bytes();
+        (&bytes[self.service.clone()], self.agent(raw).map_or(&[][..], str::as_bytes))
+    }
+
+    fn end_bytes<'h>(&self, raw: &'h HeaderValue) -> &'h [u8] {
+        &raw.as_bytes()[self.end_at..]
+    }
+}
+
 /// A parsed `rootscale-caller` header. Borrows nothing: it keeps the header value (a cheap reference-counted
 /// clone) and the positions of its fields, so the request path does not allocate.
 #[derive(Clone, Debug)]
 pub struct CallerHeader {
     raw: HeaderValue,
-    service: Range<usize>,
-    agent: Option<Range<usize>>,
-    proof: Option<(u64, Range<usize>)>,
+    claim: Claimed,
 }
 
 impl CallerHeader {
     pub fn parse(raw: &HeaderValue) -> Result<Self, HeaderError> {
+        Self::parse_recognizing(raw, |_, _| None).map(|(header, _)| header)
+    }
+
+    /// Parses `raw`, taking the fields of its end from `recognize` (given the service and the end's bytes) when it
+    /// knows them; says whether it did.
+    pub fn parse_recognizing(
+        raw: &HeaderValue,
+        recognize: impl FnOnce(&[u8], &[u8]) -> Option<ClaimEnd>,
+    ) -> Result<(Self, bool), HeaderError> {
         let mut fields = Fields::new(raw)?;
         let service = fields.name("s")?;
-        let agent = if fields.peek_is(b"a") { Some(fields.agent("a")?) } else { None };
-        let proof = fields.proof()?;
-        if !fields.at_end() {
-            return Err(HeaderError::Trailing);
-        }
-        Ok(Self { raw: raw.clone(), service, agent, proof })
+        let end_at = fields.position;
+        let (end, recognized) = fields.claim_end_recognizing(&service, recognize)?;
+        Ok((Self { raw: raw.clone(), claim: Claimed { service, end_at, end } }, recognized))
     }
 
     /// The window's tag (its id modulo `WINDOW_TAG_MODULUS`) and the proof text the header ends with, if any.
     pub fn proof(&self) -> Option<(u64, &[u8])> {
-        self.proof.as_ref().map(|(window_id, range)| (*window_id, &self.raw.as_bytes()[range.clone()]))
+        self.claim.proof(&self.raw)
     }
 
     /// What the header claims, as bytes, for checking its proof: the service, and the agent (empty if none).
     pub fn claimed(&self) -> (&[u8], &[u8]) {
-        let bytes = self.raw.as_bytes();
-        (&bytes[self.service.clone()], self.agent.as_ref().map_or(&[][..], |range| &bytes[range.clone()]))
+        self.claim.claimed(&self.raw)
     }
 
-    fn slice(&self, range: &Range<usize>) -> &str {
-        field_str(&self.raw, range)
+    /// The header's end (agent and proof) as bytes, and its fields: what a reader remembers to recognise it.
+    pub fn end(&self) -> (&[u8], &ClaimEnd) {
+        (self.claim.end_bytes(&self.raw), &self.claim.end)
     }
 
     pub fn service(&self) -> &str {
-        self.slice(&self.service)
+        self.claim.service(&self.raw)
     }
 
     pub fn agent(&self) -> Option<&str> {
-        self.agent.as_ref().map(|r| self.slice(r))
+        self.claim.agent(&self.raw)
     }
 
     /// The header a service sends on its outbound requests.
@@ -290,8 +373,7 @@ impl CallerHeader {
 #[derive(Clone, Debug)]
 pub struct Timing {
     raw: HeaderValue,
-    service: Range<usize>,
-    agent: Option<Range<usize>>,
+    claim: Claimed,
     /// The responder's `total`, µs.
     pub total_us: u64,
     /// The largest wait in the responder's subtree, µs.
@@ -300,11 +382,19 @@ pub struct Timing {
     at: Range<usize>,
     /// For a net wait, the callee of the link.
     at_to: Option<Range<usize>>,
-    proof: Option<(u64, Range<usize>)>,
 }
 
 impl Timing {
     pub fn parse(raw: &HeaderValue) -> Result<Self, HeaderError> {
+        Self::parse_recognizing(raw, |_, _| None).map(|(timing, _)| timing)
+    }
+
+    /// Parses `raw`, taking the fields of its end from `recognize` (given the service and the end's bytes) when it
+    /// knows them; says whether it did.
+    pub fn parse_recognizing(
+        raw: &HeaderValue,
+        recognize: impl FnOnce(&[u8], &[u8]) -> Option<ClaimEnd>,
+    ) -> Result<(Self, bool), HeaderError> {
         let mut fields = Fields::new(raw)?;
         let version = fields.expect("v")?;
         if fields.value(&version) != b"1" {
@@ -334,23 +424,25 @@ impl Timing {
             b"l" => return Err(HeaderError::BadField("at")),
             _ => return Err(HeaderError::BadField("k")),
         };
-        let agent = if fields.peek_is(b"a") { Some(fields.agent("a")?) } else { None };
-        let proof = fields.proof()?;
-        if !fields.at_end() {
-            return Err(HeaderError::Trailing);
-        }
-        Ok(Self { raw: raw.clone(), service, agent, total_us, wait_us, at, at_to, proof })
+        let end_at = fields.position;
+        let (end, recognized) = fields.claim_end_recognizing(&service, recognize)?;
+        let claim = Claimed { service, end_at, end };
+        Ok((Self { raw: raw.clone(), claim, total_us, wait_us, at, at_to }, recognized))
     }
 
     /// The window's tag (its id modulo `WINDOW_TAG_MODULUS`) and the proof text the header ends with, if any.
     pub fn proof(&self) -> Option<(u64, &[u8])> {
-        self.proof.as_ref().map(|(window_id, range)| (*window_id, &self.raw.as_bytes()[range.clone()]))
+        self.claim.proof(&self.raw)
     }
 
     /// What the header claims, as bytes, for checking its proof: the service, and the agent (empty if none).
     pub fn claimed(&self) -> (&[u8], &[u8]) {
-        let bytes = self.raw.as_bytes();
-        (&bytes[self.service.clone()], self.agent.as_ref().map_or(&[][..], |range| &bytes[range.clone()]))
+        self.claim.claimed(&self.raw)
+    }
+
+    /// The header's end (agent and proof) as bytes, and its fields: what a reader remembers to recognise it.
+    pub fn end(&self) -> (&[u8], &ClaimEnd) {
+        (self.claim.end_bytes(&self.raw), &self.claim.end)
     }
 
     fn slice(&self, range: &Range<usize>) -> &str {
@@ -359,12 +451,12 @@ impl Timing {
 
     /// The responding service.
     pub fn service(&self) -> &str {
-        self.slice(&self.service)
+        self.claim.service(&self.raw)
     }
 
     /// The responder's agent, if it announced one.
     pub fn agent(&self) -> Option<&str> {
-        self.agent.as_ref().map(|r| self.slice(r))
+        self.claim.agent(&self.raw)
     }
 
     /// Where the largest wait in the responder's subtree was.

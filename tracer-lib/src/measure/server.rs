@@ -84,16 +84,10 @@ where
         let start = Instant::now();
         self.tracer.shared.aggregator.note_arrival();
         let proof_window = self.tracer.proof_window();
-        let caller = request.headers().get(CALLER_HEADER).and_then(|value| match CallerHeader::parse(value) {
-            // A caller that cannot prove membership is outside traffic: measured, but not named, not learned as
-            // a neighbour, and not answered with timings (docs/DESIGN.md §1.6).
-            Ok(caller) => self.tracer.believes_caller(&caller, proof_window).then_some(caller),
-            Err(error) => {
-                self.tracer.count_malformed_caller();
-                tracing::debug!(%error, "ignoring malformed rootscale-caller header");
-                None
-            }
-        });
+        // A caller that cannot prove membership is outside traffic: measured, but not named, not learned as a
+        // neighbour, and not answered with timings (docs/DESIGN.md §1.6).
+        let caller =
+            request.headers().get(CALLER_HEADER).and_then(|value| self.tracer.read_caller(value, proof_window));
         let head_only = request.method() == Method::HEAD;
         ServerFuture {
             inner: self.inner.call(request),
