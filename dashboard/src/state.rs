@@ -12,6 +12,9 @@ use crate::model::{Event, Frame};
 
 /// Frames kept: at one a second, ten minutes.
 const FRAMES: usize = 600;
+/// Services and edges kept across all frames: the history shortens as the graph grows (at a thousand services,
+/// a minute), so its memory stays bounded whatever the number of services (about 20 MB at a few hundred bytes each).
+const FRAME_ITEMS: usize = 60_000;
 /// Events kept.
 const EVENTS: usize = 1000;
 /// Updates a slow page may fall behind by before it is told to reload the state.
@@ -74,7 +77,18 @@ impl Dashboard {
     /// A new picture of the services.
     pub fn publish(&self, frame: Frame) {
         let frame = Arc::new(frame);
-        push(&self.inner.frames, frame.clone(), FRAMES);
+        {
+            let mut frames = self.inner.frames.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let items = |frame: &Frame| frame.services.len() + frame.edges.len();
+            let mut kept: usize = frames.iter().map(|frame| items(frame)).sum::<usize>() + items(&frame);
+            // The newest frame always stays, whatever its size.
+            while !frames.is_empty() && (frames.len() >= FRAMES || kept > FRAME_ITEMS) {
+                if let Some(oldest) = frames.pop_front() {
+                    kept -= items(&oldest);
+                }
+            }
+            frames.push_back(frame.clone());
+        }
         // No page open is not an error.
         let _ = self.inner.updates.send(Update::Frame(frame));
     }
@@ -120,5 +134,19 @@ mod tests {
         assert_eq!((state.frames.len(), state.events.len()), (FRAMES, 1));
         // The subscriber fell behind by more than the backlog: it is told so.
         assert!(matches!(updates.try_recv(), Err(broadcast::error::TryRecvError::Lagged(_))));
+    }
+
+    #[test]
+    fn a_large_graph_keeps_a_shorter_history() {
+        let dashboard = Dashboard::new("t", "kubernetes");
+        let big = Frame { services: vec![crate::model::ServiceView::default(); 1000], ..Frame::default() };
+        for _ in 0..200 {
+            dashboard.publish(big.clone());
+        }
+        let kept = dashboard.state().frames.len();
+        assert_eq!(kept, FRAME_ITEMS / 1000, "{kept} frames of a thousand services");
+        let huge = Frame { services: vec![crate::model::ServiceView::default(); FRAME_ITEMS + 1], ..Frame::default() };
+        dashboard.publish(huge);
+        assert_eq!(dashboard.state().frames.len(), 1, "the newest frame stays alone");
     }
 }

@@ -91,7 +91,14 @@ fn a_healthy_run_under_moderate_load_has_no_root_cause() {
                     topology.name,
                     first + k
                 );
-                assert_eq!(seen.verdict, Verdict::Healthy, "{}: {service}: {}", topology.name, seen.reason);
+                // Not triggered: healthy, or idle where a service's share of the load is small.
+                assert!(
+                    matches!(seen.verdict, Verdict::Healthy | Verdict::Idle),
+                    "{}: {service}: {:?}: {}",
+                    topology.name,
+                    seen.verdict,
+                    seen.reason
+                );
             }
         }
         let (_, ok, failed, _) = running.load();

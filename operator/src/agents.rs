@@ -23,8 +23,24 @@ use crate::{
     tls::AgentTls,
 };
 
-/// Largest replica count an agent may ask for; more is garbage.
-const MAX_DESIRED: u32 = 10_000;
+/// Largest usage ratio taken as real (a replica at 1,000 times its target); more is garbage.
+const MAX_USAGE_RATIO: f64 = 1_000.0;
+/// Longest text kept from an agent (a reason, an error): it goes into status, conditions and Events.
+pub const MAX_AGENT_TEXT: usize = 512;
+
+/// `text` as it may be shown: control characters replaced, cut to [`MAX_AGENT_TEXT`] bytes on a character
+/// boundary, with `…` when cut.
+pub fn bounded_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_AGENT_TEXT + 3));
+    for c in text.chars() {
+        if out.len() + c.len_utf8() > MAX_AGENT_TEXT {
+            out.push('…');
+            break;
+        }
+        out.push(if c.is_control() { ' ' } else { c });
+    }
+    out
+}
 
 /// What the operator tells every agent of a Deployment.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,14 +51,13 @@ pub struct Query {
     pub slo: Option<(Duration, f64)>,
     pub target_utilization: f64,
     pub current_replicas: u32,
-    pub scale_down_stabilization: Duration,
 }
 
 /// One pod's answer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Answer {
     pub pod: String,
-    /// The agent's verdict and desired replicas, or why there is none.
+    /// The agent's verdict and usage ratio, or why there is none.
     pub advice: Result<Advice, String>,
     /// The service's latency at the SLO percentile, if it answered.
     pub observed_latency: Option<Duration>,
@@ -121,35 +136,39 @@ fn request(query: &Query) -> RecommendRequest {
         slo_percentile: query.slo.map_or(0.0, |(_, percentile)| percentile),
         target_utilization: query.target_utilization,
         current_replicas: query.current_replicas,
-        scale_down_stabilization_s: u32::try_from(query.scale_down_stabilization.as_secs()).unwrap_or(u32::MAX),
         namespace: query.namespace.clone(),
         deployment: query.deployment.clone(),
     }
 }
 
-/// Reads an agent's answer; anything out of range is garbage.
+/// Reads an agent's answer; anything out of range is garbage, and its texts are bounded.
 fn interpret(pod: &str, response: RecommendResponse) -> Answer {
-    let reason =
-        response.decision.as_ref().and_then(|d| d.evidence.as_ref()).map(|e| e.reason.clone()).unwrap_or_default();
+    let reason = response
+        .decision
+        .as_ref()
+        .and_then(|d| d.evidence.as_ref())
+        .map(|e| bounded_text(&e.reason))
+        .unwrap_or_default();
+    // The suspect is a service name, or nothing.
     let suspect = response
         .decision
         .as_ref()
         .and_then(|d| d.bottleneck.as_ref())
         .map(|point| point.service.clone())
-        .filter(|service| !service.is_empty());
+        .filter(|service| valid_service_name(service));
     let verdict = match response.decision.as_ref() {
         Some(decision) => Verdict::from_proto(decision.verdict)
             .ok_or_else(|| "the agent answered with an unknown verdict".to_string()),
         None => Err("the agent answered without a decision".to_string()),
     };
-    let desired = response.recommendation.as_ref().map(|r| r.desired_replicas);
-    let advice = match (verdict, desired) {
+    let ratio = response.recommendation.as_ref().map(|r| r.usage_ratio);
+    let advice = match (verdict, ratio) {
         (Err(error), _) => Err(error),
         (Ok(_), None) => Err("the agent answered without a recommendation".to_string()),
-        (Ok(_), Some(desired)) if desired == 0 || desired > MAX_DESIRED => {
-            Err(format!("the agent asked for {desired} replicas"))
+        (Ok(_), Some(ratio)) if !(ratio.is_finite() && (0.0..=MAX_USAGE_RATIO).contains(&ratio)) => {
+            Err(format!("the agent answered with a usage ratio of {ratio}"))
         }
-        (Ok(verdict), Some(desired)) => Ok(Advice { verdict, desired_replicas: desired }),
+        (Ok(verdict), Some(usage_ratio)) => Ok(Advice { verdict, usage_ratio }),
     };
     let observed = (response.observed_latency_us > 0).then(|| Duration::from_micros(response.observed_latency_us));
     let delegated_to = response
@@ -306,7 +325,7 @@ async fn ask_one(client: &AgentClient, pod: &str, agent: SocketAddr, request: Re
     let mut advisor = AdvisorClient::new(channel);
     match tokio::time::timeout(timeout, advisor.recommend(client.request("Recommend", request))).await {
         Ok(Ok(response)) => interpret(pod, response.into_inner()),
-        Ok(Err(status)) => Answer::unanswered(pod, client.failure(agent, &status)),
+        Ok(Err(status)) => Answer::unanswered(pod, bounded_text(&client.failure(agent, &status))),
         Err(_) => Answer::unanswered(pod, format!("the agent at {agent} did not answer within {timeout:?}")),
     }
 }
@@ -323,23 +342,28 @@ mod tests {
 
     use super::*;
 
-    fn response(verdict: i32, desired: u32) -> RecommendResponse {
+    fn response(verdict: i32, usage_ratio: f64) -> RecommendResponse {
         RecommendResponse {
             decision: Some(Decision { verdict, ..Default::default() }),
-            recommendation: Some(Recommendation { desired_replicas: desired, ..Default::default() }),
+            recommendation: Some(Recommendation { usage_ratio, ..Default::default() }),
             ..Default::default()
         }
     }
 
     #[test]
     fn garbage_answers_are_missing_data() {
-        let good = interpret("p", response(WireVerdict::RootCause as i32, 4));
-        assert_eq!(good.advice(), Some(Advice { verdict: Verdict::RootCause, desired_replicas: 4 }));
+        let good = interpret("p", response(WireVerdict::RootCause as i32, 1.5));
+        assert_eq!(good.advice(), Some(Advice { verdict: Verdict::RootCause, usage_ratio: 1.5 }));
         for (bad, why) in [
-            (response(42, 4), "unknown verdict"),
-            (response(0, 4), "unknown verdict"),
-            (response(WireVerdict::Idle as i32, 0), "0 replicas"),
-            (response(WireVerdict::RootCause as i32, 1_000_000), "1000000 replicas"),
+            (response(42, 1.0), "unknown verdict"),
+            (response(0, 1.0), "unknown verdict"),
+            (response(WireVerdict::Idle as i32, -0.5), "usage ratio of -0.5"),
+            (response(WireVerdict::Idle as i32, f64::NAN), "usage ratio of NaN"),
+            (response(WireVerdict::RootCause as i32, 1e6), "usage ratio of 1000000"),
+            (
+                RecommendResponse { recommendation: None, ..response(WireVerdict::Idle as i32, 0.1) },
+                "without a recommendation",
+            ),
             (RecommendResponse::default(), "without a decision"),
         ] {
             let answer = interpret("p", bad);
@@ -353,7 +377,7 @@ mod tests {
         use rootscale_proto::v1::{CalleeRate, Traffic as WireTraffic};
         let with = |traffic: WireTraffic| RecommendResponse {
             traffic: Some(traffic),
-            ..response(WireVerdict::Healthy as i32, 1)
+            ..response(WireVerdict::Healthy as i32, 1.0)
         };
         let good = WireTraffic {
             requests_per_second: 12.5,
@@ -381,5 +405,22 @@ mod tests {
             assert_eq!(answer.traffic, None);
             assert!(answer.advice.is_ok());
         }
+    }
+
+    #[test]
+    fn an_agents_texts_are_bounded_and_its_suspect_must_be_a_service_name() {
+        use rootscale_proto::v1::{Evidence, WaitPoint};
+        let huge = "x".repeat(1 << 20);
+        let mut wire = response(WireVerdict::RootCause as i32, 2.0);
+        if let Some(decision) = wire.decision.as_mut() {
+            decision.evidence = Some(Evidence { reason: format!("line\nbreak {huge}"), ..Default::default() });
+            decision.bottleneck = Some(WaitPoint { service: huge.clone(), ..Default::default() });
+        }
+        let answer = interpret("p", wire);
+        assert!(answer.reason.len() <= MAX_AGENT_TEXT + '…'.len_utf8(), "{}", answer.reason.len());
+        assert!(answer.reason.starts_with("line break x") && answer.reason.ends_with('…'));
+        assert_eq!(answer.suspect, None, "a megabyte is no service name");
+        assert_eq!(bounded_text("é".repeat(300).as_str()).chars().filter(|c| *c == 'é').count(), 256);
+        assert_eq!(bounded_text("short"), "short");
     }
 }

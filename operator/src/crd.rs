@@ -54,8 +54,8 @@ pub struct ScalingDecisionStatus {
     pub reference: String,
     /// Observed latency against the SLO, such as `182ms/200ms` (HPA's `TARGETS`), or `<unknown>`.
     pub targets: String,
-    /// The combined verdict: healthy, root-cause, delegated, network, saturated, idle, insufficient-data, or
-    /// invalid (bad annotations).
+    /// The combined verdict: healthy, root-cause, delegated, network, saturated, idle, insufficient-data; or why
+    /// nothing was decided: invalid (bad annotations), disabled (zero replicas), conflict (another autoscaler).
     pub verdict: String,
     pub min_replicas: u32,
     pub max_replicas: u32,

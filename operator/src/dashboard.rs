@@ -149,6 +149,16 @@ impl Board {
         }
     }
 
+    /// Keeps only the Deployments `keep` (namespace, name) says are still managed.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
+        let mut deployments = self.deployments.lock().unwrap_or_else(|p| p.into_inner());
+        let before = deployments.len();
+        deployments.retain(|(namespace, name), _| keep(namespace, name));
+        if deployments.len() != before {
+            self.changed.store(true, Ordering::Release);
+        }
+    }
+
     /// Publishes a frame if anything changed since the last one.
     pub fn publish_if_changed(&self) {
         if !self.changed.swap(false, Ordering::AcqRel) {
@@ -198,7 +208,7 @@ mod tests {
     fn answer(service: &str, verdict: Verdict, delegated_to: &[&str], calls: &[(&str, f64)]) -> Answer {
         Answer {
             pod: format!("{service}-0"),
-            advice: Ok(Advice { verdict, desired_replicas: 1 }),
+            advice: Ok(Advice { verdict, usage_ratio: 1.0 }),
             observed_latency: Some(Duration::from_millis(80)),
             reason: String::new(),
             suspect: None,

@@ -12,6 +12,10 @@ pub enum Error {
     /// The scale target could not be read or changed.
     #[error("scale target: {0}")]
     Target(String),
+    /// The target changed between reading and writing it (Kubernetes: 409 on a stale resourceVersion): decide again
+    /// on fresh state.
+    #[error("the scale target changed since it was read")]
+    Conflict,
     /// A Kubernetes API call failed.
     #[cfg(feature = "kubernetes")]
     #[error("Kubernetes API: {0}")]
@@ -25,6 +29,7 @@ impl Error {
             Error::InvalidConfig(_) => "invalid_config",
             Error::AgentTls(_) => "agent_tls",
             Error::Target(_) => "target",
+            Error::Conflict => "conflict",
             #[cfg(feature = "kubernetes")]
             Error::Kube(_) => "kube",
         }

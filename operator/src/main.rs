@@ -43,6 +43,9 @@ struct RunArgs {
     /// How long an agent may take to answer.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     agent_timeout: Duration,
+    /// Deployments reconciled at once (1–1024).
+    #[arg(long, default_value_t = rootscale_operator::controller::reconcile::DEFAULT_CONCURRENCY)]
+    concurrency: u16,
     /// A file holding the agents' shared token.
     #[arg(long, env = "ROOTSCALE_AGENT_TOKEN_FILE")]
     agent_token_file: Option<PathBuf>,
@@ -88,6 +91,9 @@ fn check(args: &RunArgs) -> Result<(), String> {
     if args.agent_timeout.is_zero() || args.agent_timeout > args.resync {
         return Err(format!("--agent-timeout {:?} must be above zero and at most --resync", args.agent_timeout));
     }
+    if !(1..=1024).contains(&args.concurrency) {
+        return Err(format!("--concurrency {} must be between 1 and 1024", args.concurrency));
+    }
     Ok(())
 }
 
@@ -115,6 +121,21 @@ fn agent_client(args: &RunArgs) -> Result<AgentClient, String> {
         client = client.with_mesh_keys(Arc::new(keys));
     }
     Ok(client)
+}
+
+/// An identity in the Lease for an instance started without `POD_NAME`: the host's name and a random suffix, so
+/// two containers (both pid 1) never share one.
+fn unique_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect::<String>())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "rootscale-operator".to_string());
+    let suffix = rootscale_tracer::identity::keys::generate_key_text()
+        .map(|text| text[..8].to_ascii_lowercase())
+        .unwrap_or_else(|_| format!("{:x}", std::process::id()));
+    format!("{host}-{suffix}")
 }
 
 /// Reads the mesh key file again every `period`: a rotated key is in force from the next resync on.
@@ -192,7 +213,7 @@ async fn main() -> std::process::ExitCode {
     let leader_election = if args.no_leader_election {
         None
     } else {
-        let identity = args.identity.clone().unwrap_or_else(|| format!("rootscale-operator-{}", std::process::id()));
+        let identity = args.identity.clone().unwrap_or_else(unique_identity);
         Some((args.lease_namespace.clone(), identity))
     };
     let client = match kube::Client::try_default().await {
@@ -205,7 +226,7 @@ async fn main() -> std::process::ExitCode {
     let config = RunConfig {
         namespaces: args.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
         http_addr: args.http_addr,
-        operator: OperatorConfig { resync: args.resync, agents },
+        operator: OperatorConfig { resync: args.resync, agents, concurrency: args.concurrency },
         leader_election,
         dashboard_addr: (!args.no_dashboard).then_some(args.dashboard_addr),
     };

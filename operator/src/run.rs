@@ -12,21 +12,25 @@ use std::{
 
 use axum::{Router, http::StatusCode, routing::get};
 use futures_util::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::{apps::v1::Deployment, autoscaling::v2::HorizontalPodAutoscaler, core::v1::Pod};
 use kube::{
-    Api, Client,
+    Api, Client, Resource, ResourceExt,
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
+        controller::Config as ControllerConfig,
         events::{Recorder, Reporter},
+        reflector::{self, Store},
         watcher,
     },
 };
 use kube_lease_manager::LeaseManagerBuilder;
+use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::{
     Error,
-    controller::reconcile::{Context, OperatorConfig, error_policy, reconcile},
+    controller::reconcile::{Cache, Context, OperatorConfig, error_policy, reconcile},
+    crd::ScalingDecision,
     dashboard::Board,
     metrics::Metrics,
 };
@@ -88,6 +92,60 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
+}
+
+/// The APIs of `K` the operator watches: one per namespace, or one for all.
+fn apis<K>(client: &Client, namespaces: &[String]) -> Vec<Api<K>>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    if namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        namespaces.iter().map(|namespace| Api::namespaced(client.clone(), namespace)).collect()
+    }
+}
+
+/// A store of `K` kept by a watch until `stop`, with `trim` applied to each object before it is kept (to keep
+/// only what a reconcile reads).
+fn watched<K>(api: Api<K>, trim: fn(&mut K), stop: watch::Receiver<bool>) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default()).default_backoff().modify(trim).reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut stop = stop;
+        loop {
+            tokio::select! {
+                next = stream.next() => match next {
+                    Some(Err(error)) => tracing::warn!(%error, kind = K::kind(&()).as_ref(), "watch failed; retrying"),
+                    Some(Ok(_)) => {}
+                    None => return,
+                },
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    });
+    store
+}
+
+/// What a reconcile reads of a pod: its name, namespace and labels, its phase, IP, start and conditions.
+fn trim_pod(pod: &mut Pod) {
+    pod.spec = None;
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    if let Some(status) = pod.status.as_mut() {
+        status.container_statuses = None;
+        status.init_container_statuses = None;
+        status.ephemeral_container_statuses = None;
+    }
+}
+
+fn trim_metadata<K: ResourceExt>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -154,6 +212,18 @@ pub async fn run_until(client: Client, config: RunConfig, stop: watch::Receiver<
             }
         }
     });
+    let namespaces = &config.namespaces;
+    let cache = Cache {
+        pods: apis(&client, namespaces).into_iter().map(|api| watched(api, trim_pod, stop.clone())).collect(),
+        decisions: apis::<ScalingDecision>(&client, namespaces)
+            .into_iter()
+            .map(|api| watched(api, trim_metadata, stop.clone()))
+            .collect(),
+        autoscalers: apis::<HorizontalPodAutoscaler>(&client, namespaces)
+            .into_iter()
+            .map(|api| watched(api, trim_metadata, stop.clone()))
+            .collect(),
+    };
     let context = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -163,22 +233,44 @@ pub async fn run_until(client: Client, config: RunConfig, stop: watch::Receiver<
         metrics,
         failures: Mutex::new(HashMap::new()),
         board,
+        cache,
     });
-    let apis: Vec<Api<Deployment>> = if config.namespaces.is_empty() {
-        vec![Api::all(client.clone())]
-    } else {
-        config.namespaces.iter().map(|namespace| Api::namespaced(client.clone(), namespace)).collect()
-    };
-    let controllers = apis.into_iter().map(|api| {
+    let controllers: Vec<_> = apis::<Deployment>(&client, namespaces)
+        .into_iter()
+        .map(|api| {
+            Controller::new(api, watcher::Config::default())
+                .with_config(ControllerConfig::default().concurrency(config.operator.concurrency))
+        })
+        .collect();
+    // What is kept per Deployment goes when the Deployment goes (or stops being managed): checked each resync
+    // against the controllers' own caches.
+    let deployments: Vec<Store<Deployment>> = controllers.iter().map(Controller::store).collect();
+    let pruned = context.clone();
+    let mut prune_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(pruned.config.resync);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => pruned.prune(|key| {
+                    let (namespace, name) = key.split_once('/').unwrap_or_default();
+                    let reference = reflector::ObjectRef::new(name).within(namespace);
+                    deployments.iter().filter_map(|store| store.get(&reference)).any(|deployment| {
+                        crate::annotations::parse(deployment.annotations()).is_ok_and(|managed| managed.is_some())
+                    })
+                }),
+                _ = prune_stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    });
+    let controllers = controllers.into_iter().map(|controller| {
         let context = context.clone();
-        Controller::new(api, watcher::Config::default())
-            .graceful_shutdown_on(stopped(stop.clone()))
-            .run(reconcile, error_policy, context)
-            .for_each(|result| async move {
+        controller.graceful_shutdown_on(stopped(stop.clone())).run(reconcile, error_policy, context).for_each(
+            |result| async move {
                 if let Err(error) = result {
                     tracing::debug!(%error, "controller event");
                 }
-            })
+            },
+        )
     });
     let _ = ready_sender.send(true);
     tracing::info!(namespaces = ?config.namespaces, "rootscale operator running");

@@ -16,7 +16,6 @@ fn query() -> Query {
         slo: Some((Duration::from_millis(200), 95.0)),
         target_utilization: 0.7,
         current_replicas: 2,
-        scale_down_stabilization: Duration::from_secs(300),
     }
 }
 
@@ -43,11 +42,11 @@ async fn every_pod_is_asked_at_once_and_silence_is_missing_data() {
     let answers = ask_all(&pods, &query(), &client).await;
     assert!(started.elapsed() < Duration::from_secs(2), "asked concurrently, bounded by the timeout");
     assert_eq!(answers.len(), 4);
-    // No traffic yet: the agents say insufficient-data and keep the current replicas.
+    // No traffic yet: the agents say insufficient-data, with no load at all.
     for answer in &answers[..2] {
         assert_eq!(
             answer.advice(),
-            Some(Advice { verdict: Verdict::InsufficientData, desired_replicas: 2 }),
+            Some(Advice { verdict: Verdict::InsufficientData, usage_ratio: 0.0 }),
             "{answer:?}"
         );
     }

@@ -1,6 +1,6 @@
 //! Request-level scenarios of one reconcile, in the style of kube-rs/controller-rs `fixtures.rs`: a `tower-test`
-//! mock stands in for the API server and asserts every request (method, path, body) in order; the agents are
-//! real gRPC servers on loopback.
+//! mock stands in for the API server and asserts every request (method, path, body) in order — and that no other
+//! request comes; the watches' caches are filled by hand; the agents are real gRPC servers on loopback.
 
 use std::{
     collections::HashMap,
@@ -10,15 +10,20 @@ use std::{
 };
 
 use http::{Request, Response};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::{apps::v1::Deployment, autoscaling::v2::HorizontalPodAutoscaler, core::v1::Pod};
 use kube::{
     Client,
     client::Body,
-    runtime::events::{Recorder, Reporter},
+    runtime::{
+        events::{Recorder, Reporter},
+        reflector::{self, Store, store::Writer},
+        watcher,
+    },
 };
 use rootscale_operator::{
     agents::AgentClient,
-    controller::reconcile::{Context, OperatorConfig, reconcile},
+    controller::reconcile::{Cache, Context, OperatorConfig, reconcile},
+    crd::ScalingDecision,
 };
 use rootscale_proto::v1::{
     Decision, Evidence, RecommendRequest, RecommendResponse, Recommendation, SnapshotRequest, SnapshotResponse,
@@ -55,18 +60,22 @@ impl ApiServerVerifier {
         .await
     }
 
-    /// What every reconcile of a valid Deployment reads first: its /scale (answered with `scale`), its previous
-    /// ScalingDecision (none) and its pods (one, whose agent is on loopback).
-    async fn reads(&mut self, scale: Value) {
-        self.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale).await;
-        self.expect("GET", "/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web", 404, not_found()).await;
-        self.expect("GET", "/api/v1/namespaces/shop/pods?&labelSelector=app%3Dweb", 200, pods("127.0.0.1")).await;
-    }
-
-    /// What every reconcile writes last: the ScalingDecision, then its status; returns the status apply.
+    /// What a first reconcile writes last: the ScalingDecision, then its status; returns the status apply.
     async fn records(&mut self) -> Value {
         self.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web?").await;
+        self.records_status().await
+    }
+
+    /// The status apply alone (the ScalingDecision exists).
+    async fn records_status(&mut self) -> Value {
         self.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web/status?").await
+    }
+
+    /// No request comes (the reconcile is over, or sends nothing more).
+    async fn expect_nothing(&mut self) {
+        if let Ok(Some((request, _))) = tokio::time::timeout(Duration::from_millis(300), self.0.next_request()).await {
+            panic!("unexpected request {} {}", request.method(), request.uri());
+        }
     }
 
     async fn expect_with(
@@ -92,10 +101,6 @@ impl ApiServerVerifier {
     }
 }
 
-fn not_found() -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
-}
-
 fn scale(replicas: u32) -> Value {
     scale_at(replicas, "41")
 }
@@ -106,28 +111,91 @@ fn scale_at(replicas: u32, version: &str) -> Value {
            "spec": {"replicas": replicas}, "status": {"replicas": replicas}})
 }
 
-fn deployment(annotations: &[(&str, &str)]) -> Arc<Deployment> {
+/// The Deployment `shop/web` at `replicas` (resourceVersion 41), selecting `app=web`.
+fn deployment_at(replicas: u32, annotations: &[(&str, &str)]) -> Arc<Deployment> {
     let annotations: serde_json::Map<String, Value> =
         annotations.iter().map(|(k, v)| (format!("rootscale.dev/{k}"), json!(v))).collect();
     Arc::new(
         serde_json::from_value(json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "web", "namespace": "shop", "uid": "d-1", "annotations": annotations},
-            "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}}}}
+            "metadata": {"name": "web", "namespace": "shop", "uid": "d-1", "resourceVersion": "41",
+                         "annotations": annotations},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}}}}
         }))
         .unwrap(),
     )
 }
 
-fn pods(agent_ip: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "7"}, "items": [{
-        "metadata": {"name": "web-1", "namespace": "shop"},
-        "status": {"phase": "Running", "podIP": agent_ip, "conditions": [{"type": "Ready", "status": "True"}]}
-    }]})
+fn deployment(annotations: &[(&str, &str)]) -> Arc<Deployment> {
+    deployment_at(2, annotations)
 }
 
-/// An agent that always says root-cause and asks for `desired` replicas.
-struct FixedAdvisor(u32);
+/// A pod of `web` (label `app=web`), Running, ready or not, started and ready an hour ago.
+fn pod(name: &str, ip: &str, ready: bool) -> Pod {
+    let an_hour_ago =
+        (k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(1)).to_string();
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web"}},
+        "status": {"phase": "Running", "podIP": ip, "startTime": an_hour_ago,
+                   "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" },
+                                   "lastTransitionTime": an_hour_ago}]}
+    }))
+    .unwrap()
+}
+
+/// A store that has listed `objects`, and its writer for later changes.
+fn listed<K>(objects: Vec<K>) -> (Store<K>, Writer<K>)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for object in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    (store, writer)
+}
+
+/// The watches' caches as a test fills them.
+struct Watches {
+    pods: Writer<Pod>,
+    decisions: Writer<ScalingDecision>,
+    autoscalers: Writer<HorizontalPodAutoscaler>,
+}
+
+impl Watches {
+    fn add_pod(&mut self, pod: Pod) {
+        self.pods.apply_watcher_event(&watcher::Event::Apply(pod));
+    }
+
+    /// Stores the ScalingDecision as the API would after the status apply `applied` (its body).
+    fn store_decision(&mut self, applied: &Value) {
+        let mut object = applied.clone();
+        object["metadata"] = json!({"name": "web", "namespace": "shop"});
+        object["spec"] = json!({"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}});
+        let decision: ScalingDecision = serde_json::from_value(object).unwrap();
+        self.decisions.apply_watcher_event(&watcher::Event::Apply(decision));
+    }
+
+    fn add_autoscaler(&mut self, name: &str, target: &str) {
+        let hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+                     "maxReplicas": 5}
+        }))
+        .unwrap();
+        self.autoscalers.apply_watcher_event(&watcher::Event::Apply(hpa));
+    }
+}
+
+/// An agent that always gives `verdict` with `usage_ratio`, and `suspect` as the bottleneck.
+struct FixedAdvisor {
+    verdict: Verdict,
+    usage_ratio: f64,
+    suspect: String,
+}
 
 #[tonic::async_trait]
 impl Advisor for FixedAdvisor {
@@ -139,17 +207,17 @@ impl Advisor for FixedAdvisor {
             service: "web".into(),
             window_id: 1,
             decision: Some(Decision {
-                verdict: Verdict::RootCause as i32,
+                verdict: self.verdict as i32,
                 kind: "cpu".into(),
                 bottleneck: Some(WaitPoint {
-                    service: "web".into(),
+                    service: self.suspect.clone(),
                     from_service: String::new(),
                     kind: WaitKind::Local as i32,
                 }),
                 delegated_to: vec![],
                 evidence: Some(Evidence { percentile: 95.0, reason: "busy".into(), ..Default::default() }),
             }),
-            recommendation: Some(Recommendation { desired_replicas: self.0, ..Default::default() }),
+            recommendation: Some(Recommendation { usage_ratio: self.usage_ratio, ..Default::default() }),
             observed_latency_us: 250_000,
             traffic: None,
         }))
@@ -163,19 +231,32 @@ impl Advisor for FixedAdvisor {
     }
 }
 
-async fn fixed_agent(desired: u32) -> SocketAddr {
+async fn agent(advisor: FixedAdvisor) -> SocketAddr {
     let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = incoming.local_addr().unwrap();
-    let server = tonic::transport::Server::builder().add_service(AdvisorServer::new(FixedAdvisor(desired)));
+    let server = tonic::transport::Server::builder().add_service(AdvisorServer::new(advisor));
     tokio::spawn(server.serve_with_incoming(incoming));
     addr
 }
 
-fn context() -> (Arc<Context>, ApiServerVerifier) {
+/// An agent that says root-cause at `usage_ratio` times its target.
+async fn fixed_agent(usage_ratio: f64) -> SocketAddr {
+    agent(FixedAdvisor { verdict: Verdict::RootCause, usage_ratio, suspect: "web".into() }).await
+}
+
+/// A context whose caches hold one ready pod of `web` (its agent on 127.0.0.1) and nothing else.
+fn context() -> (Arc<Context>, ApiServerVerifier, Watches) {
+    context_with(vec![pod("web-1", "127.0.0.1", true)])
+}
+
+fn context_with(pods: Vec<Pod>) -> (Arc<Context>, ApiServerVerifier, Watches) {
     let (service, handle) = pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let recorder = Recorder::new(client.clone(), Reporter { controller: "rootscale-operator".into(), instance: None });
     let (_, leader) = tokio::sync::watch::channel(true);
+    let (pod_store, pods) = listed(pods);
+    let (decision_store, decisions) = listed(vec![]);
+    let (autoscaler_store, autoscalers) = listed(vec![]);
     let context = Context {
         client,
         recorder,
@@ -185,103 +266,191 @@ fn context() -> (Arc<Context>, ApiServerVerifier) {
         metrics: Arc::default(),
         failures: Mutex::new(HashMap::new()),
         board: Arc::default(),
+        cache: Cache { pods: vec![pod_store], decisions: vec![decision_store], autoscalers: vec![autoscaler_store] },
     };
-    (Arc::new(context), ApiServerVerifier(handle))
+    (Arc::new(context), ApiServerVerifier(handle), Watches { pods, decisions, autoscalers })
 }
+
+const SCALE: &str = "/apis/apps/v1/namespaces/shop/deployments/web/scale";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 
 #[tokio::test]
 async fn a_root_cause_scales_the_deployment_by_the_rate_policy_and_records_it() {
-    let agent = fixed_agent(9).await;
-    let (ctx, mut api) = context();
+    let agent = fixed_agent(9.0).await;
+    let (ctx, mut api, _watches) = context();
     let port = agent.port().to_string();
     let deployment =
         deployment(&[("enabled", "true"), ("max-replicas", "20"), ("slo-latency", "200ms"), ("agent-port", &port)]);
     let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.reads(scale(2)).await;
-    // HPA's default scale-up from 2: max(+4 pods, +100 %) = 6, not the 9 asked for.
-    let patch = api.expect("PATCH", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale(6)).await;
+    // Nothing is read: the count and its resourceVersion come from the Deployment the controller holds. The one
+    // ready pod runs at 9× its target: 9 replicas by HPA's formula; HPA's default scale-up from 2 allows
+    // max(+4 pods, +100 %) = 6.
+    let patch = api.expect("PATCH", SCALE, 200, scale(6)).await;
     assert_eq!(patch, json!({"metadata": {"resourceVersion": "41"}, "spec": {"replicas": 6}}));
-    let event = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/shop/events", 201, json!({})).await;
+    let event = api.expect("POST", EVENTS, 201, json!({})).await;
     assert_eq!(event["reason"], "SuccessfulRescale");
     assert!(event["note"].as_str().unwrap().starts_with("New size: 6; reason:"), "{event}");
     let object = api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web?").await;
     assert_eq!(object["spec"]["targetRef"]["name"], "web");
     assert_eq!(object["metadata"]["ownerReferences"][0]["uid"], "d-1");
-    let status = api.expect_apply("/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web/status?").await;
+    let status = api.records_status().await;
     let status = &status["status"];
     assert_eq!((status["verdict"].as_str(), status["desiredReplicas"].as_u64()), (Some("root-cause"), Some(6)));
     assert_eq!(status["targets"], "250ms/200ms");
     assert_eq!(status["conditions"][2]["reason"], "ScaleUpLimit");
     reconcile.await.unwrap().expect("the reconcile succeeds");
+    api.expect_nothing().await;
+}
+
+#[tokio::test]
+async fn a_steady_deployment_costs_no_request() {
+    let agent = fixed_agent(1.0).await;
+    let (ctx, mut api, mut watches) = context();
+    let port = agent.port().to_string();
+    let annotations = [("enabled", "true"), ("agent-port", port.as_str())];
+    // The first reconcile creates the ScalingDecision and its status; the watch brings it back.
+    let first = tokio::spawn(reconcile(deployment(&annotations), ctx.clone()));
+    let status = api.records().await;
+    assert_eq!(status["status"]["desiredReplicas"], 2, "on target: no change");
+    first.await.unwrap().expect("the reconcile succeeds");
+    watches.store_decision(&status);
+    // The next resyncs see the same: no read (caches), no write (nothing changed), no Event.
+    for _ in 0..3 {
+        let again = tokio::spawn(reconcile(deployment(&annotations), ctx.clone()));
+        again.await.unwrap().expect("the reconcile succeeds");
+        api.expect_nothing().await;
+    }
+}
+
+#[tokio::test]
+async fn a_scale_up_is_not_repeated_while_the_new_pods_are_not_ready() {
+    let agent = fixed_agent(2.0).await;
+    let (ctx, mut api, mut watches) = context();
+    let port = agent.port().to_string();
+    let annotations = [("enabled", "true"), ("max-replicas", "20"), ("agent-port", port.as_str())];
+    // One ready pod at twice its target: 2 replicas.
+    let first = tokio::spawn(reconcile(deployment_at(1, &annotations), ctx.clone()));
+    let patch = api.expect("PATCH", SCALE, 200, scale(2)).await;
+    assert_eq!(patch["spec"]["replicas"], 2);
+    api.expect("POST", EVENTS, 201, json!({})).await;
+    let status = api.records().await;
+    first.await.unwrap().expect("the reconcile succeeds");
+    watches.store_decision(&status);
+    // The new pod is not ready yet, and the old one still runs at twice its target (it carries all the load). HPA
+    // counts the unready pod as 0 %: (2 + 0) / 2 = 1.0, on target — no second doubling.
+    watches.add_pod(pod("web-2", "127.0.0.2", false));
+    let second = tokio::spawn(reconcile(deployment_at(2, &annotations), ctx.clone()));
+    let status = api.records_status().await;
+    assert_eq!(
+        (status["status"]["currentReplicas"].as_u64(), status["status"]["desiredReplicas"].as_u64()),
+        (Some(2), Some(2))
+    );
+    second.await.unwrap().expect("the reconcile succeeds");
+    api.expect_nothing().await;
 }
 
 #[tokio::test]
 async fn recommend_mode_records_the_decision_and_leaves_replicas_alone() {
-    let agent = fixed_agent(4).await;
-    let (ctx, mut api) = context();
+    let agent = fixed_agent(4.0).await;
+    let (ctx, mut api, _watches) = context();
     let port = agent.port().to_string();
     let deployment = deployment(&[("enabled", "true"), ("mode", "recommend"), ("agent-port", &port)]);
     let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.reads(scale(2)).await;
     // No PATCH of /scale and no SuccessfulRescale: straight to the record.
     let status = api.records().await;
     let status = &status["status"];
     assert_eq!((status["mode"].as_str(), status["desiredReplicas"].as_u64()), (Some("recommend"), Some(4)));
     assert_eq!(status["history"][0]["applied"], false);
     reconcile.await.unwrap().expect("the reconcile succeeds");
+    api.expect_nothing().await;
 }
 
 #[tokio::test]
-async fn a_bad_annotation_leaves_the_deployment_alone_and_says_why() {
-    let (ctx, mut api) = context();
+async fn a_bad_annotation_leaves_the_deployment_alone_and_says_why_once() {
+    let (ctx, mut api, mut watches) = context();
     let deployment = deployment(&[("enabled", "true"), ("max-replicas", "ten")]);
-    let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale(3)).await;
-    api.expect("GET", "/apis/rootscale.dev/v1alpha1/namespaces/shop/scalingdecisions/web", 404, not_found()).await;
-    let event = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/shop/events", 201, json!({})).await;
+    let reconcile_once = tokio::spawn(reconcile(deployment.clone(), ctx.clone()));
+    let event = api.expect("POST", EVENTS, 201, json!({})).await;
     assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("InvalidAnnotation")));
     assert!(event["note"].as_str().unwrap().contains("rootscale.dev/max-replicas=\"ten\""), "{event}");
     let status = api.records().await;
     assert_eq!(status["status"]["conditions"][0]["type"], "ScalingActive");
     assert_eq!(status["status"]["conditions"][0]["status"], "False");
     assert_eq!(status["status"]["conditions"][0]["reason"], "InvalidAnnotation");
-    reconcile.await.unwrap().expect("the reconcile succeeds");
+    reconcile_once.await.unwrap().expect("the reconcile succeeds");
+    // Said once: the next resync neither repeats the Event nor rewrites the same status.
+    watches.store_decision(&status);
+    reconcile(deployment, ctx).await.expect("the reconcile succeeds");
+    api.expect_nothing().await;
 }
 
 #[tokio::test]
-async fn a_deployment_deleted_mid_reconcile_is_skipped() {
-    let (ctx, mut api) = context();
-    let deployment = deployment(&[("enabled", "true")]);
-    let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 404, not_found()).await;
-    reconcile.await.unwrap().expect("nothing to do is not an error");
+async fn zero_replicas_disable_scaling_and_nothing_is_written_to_scale() {
+    let agent = fixed_agent(9.0).await;
+    let (ctx, mut api, _watches) = context();
+    let port = agent.port().to_string();
+    let reconcile = tokio::spawn(reconcile(deployment_at(0, &[("enabled", "true"), ("agent-port", &port)]), ctx));
+    let status = api.records().await;
+    let status = &status["status"];
+    assert_eq!((status["verdict"].as_str(), status["desiredReplicas"].as_u64()), (Some("disabled"), Some(0)));
+    let active = &status["conditions"][1];
+    assert_eq!(
+        (active["type"].as_str(), active["status"].as_str(), active["reason"].as_str()),
+        (Some("ScalingActive"), Some("False"), Some("ScalingDisabled"))
+    );
+    reconcile.await.unwrap().expect("the reconcile succeeds");
+    api.expect_nothing().await;
+}
+
+#[tokio::test]
+async fn another_autoscaler_on_the_deployment_is_named_and_nothing_is_written_to_scale() {
+    let agent = fixed_agent(9.0).await;
+    let (ctx, mut api, mut watches) = context();
+    watches.add_autoscaler("web-other", "api");
+    watches.add_autoscaler("keda-hpa-web", "web");
+    let port = agent.port().to_string();
+    let deployment = deployment(&[("enabled", "true"), ("agent-port", &port)]);
+    let first = tokio::spawn(reconcile(deployment.clone(), ctx.clone()));
+    let event = api.expect("POST", EVENTS, 201, json!({})).await;
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("ConflictingAutoscaler")));
+    assert!(event["note"].as_str().unwrap().contains("shop/keda-hpa-web"), "{event}");
+    let status = api.records().await;
+    let able = &status["status"]["conditions"][0];
+    assert_eq!(
+        (able["type"].as_str(), able["status"].as_str(), able["reason"].as_str()),
+        (Some("AbleToScale"), Some("False"), Some("ConflictingAutoscaler"))
+    );
+    first.await.unwrap().expect("the reconcile succeeds");
+    // Said once.
+    watches.store_decision(&status);
+    reconcile(deployment, ctx).await.expect("the reconcile succeeds");
+    api.expect_nothing().await;
 }
 
 #[tokio::test]
 async fn unannotated_deployments_are_not_touched() {
-    let (ctx, _api) = context();
+    let (ctx, mut api, _watches) = context();
     let action = reconcile(deployment(&[]), ctx).await.unwrap();
     assert_eq!(format!("{action:?}"), format!("{:?}", kube::runtime::controller::Action::await_change()));
+    api.expect_nothing().await;
 }
 
 #[tokio::test]
 async fn a_conflicting_write_is_retried_on_fresh_state() {
-    let agent = fixed_agent(9).await;
-    let (ctx, mut api) = context();
+    let agent = fixed_agent(9.0).await;
+    let (ctx, mut api, _watches) = context();
     let port = agent.port().to_string();
     let deployment = deployment(&[("enabled", "true"), ("max-replicas", "20"), ("agent-port", &port)]);
     let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.reads(scale_at(2, "41")).await;
     let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
                           "message": "the object has been modified"});
-    let first = api.expect("PATCH", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 409, conflict).await;
+    let first = api.expect("PATCH", SCALE, 409, conflict).await;
     assert_eq!(first["metadata"]["resourceVersion"], "41");
     // Someone set 3 replicas meanwhile: read again, decide again (from 3: max(+4, +100 %) = 7), write again.
-    api.expect("GET", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale_at(3, "42")).await;
-    let second =
-        api.expect("PATCH", "/apis/apps/v1/namespaces/shop/deployments/web/scale", 200, scale_at(7, "43")).await;
+    api.expect("GET", SCALE, 200, scale_at(3, "42")).await;
+    let second = api.expect("PATCH", SCALE, 200, scale_at(7, "43")).await;
     assert_eq!(second, json!({"metadata": {"resourceVersion": "42"}, "spec": {"replicas": 7}}));
-    let event = api.expect("POST", "/apis/events.k8s.io/v1/namespaces/shop/events", 201, json!({})).await;
+    let event = api.expect("POST", EVENTS, 201, json!({})).await;
     assert!(event["note"].as_str().unwrap().starts_with("New size: 7;"), "{event}");
     let status = api.records().await;
     assert_eq!(
@@ -295,7 +464,7 @@ async fn a_conflicting_write_is_retried_on_fresh_state() {
 async fn server_errors_back_off_exponentially() {
     use kube::runtime::controller::Action;
     use rootscale_operator::controller::reconcile::error_policy;
-    let (ctx, _api) = context();
+    let (ctx, _api, _watches) = context();
     let deployment = deployment(&[("enabled", "true")]);
     let error = || rootscale_operator::Error::Target("HTTP 503".into());
     let backoffs: Vec<String> =
@@ -309,16 +478,50 @@ async fn server_errors_back_off_exponentially() {
 
 #[tokio::test]
 async fn a_paused_deployment_keeps_its_replicas() {
-    let agent = fixed_agent(9).await;
-    let (ctx, mut api) = context();
+    let agent = fixed_agent(9.0).await;
+    let (ctx, mut api, _watches) = context();
     let port = agent.port().to_string();
     let deployment = deployment(&[("enabled", "true"), ("paused", "true"), ("agent-port", &port)]);
     let reconcile = tokio::spawn(reconcile(deployment, ctx));
-    api.reads(scale(2)).await;
     // No PATCH of /scale: straight to the record, which says why.
     let status = api.records().await;
     let active = &status["status"]["conditions"][1];
     assert_eq!((active["status"].as_str(), active["reason"].as_str()), (Some("False"), Some("ScalingDisabled")));
     assert_eq!(status["status"]["history"][0]["applied"], false);
+    reconcile.await.unwrap().expect("the reconcile succeeds");
+}
+
+#[tokio::test]
+async fn an_ipv6_pod_address_is_dialled_in_brackets() {
+    // An IPv4-mapped IPv6 address: written and dialled as IPv6 ([::ffff:127.0.0.1]:port), delivered to the agent
+    // on 127.0.0.1 — so the test stays on loopback.
+    let agent = fixed_agent(9.0).await;
+    let (ctx, mut api, _watches) = context_with(vec![pod("web-1", "::ffff:127.0.0.1", true)]);
+    let port = agent.port().to_string();
+    let deployment = deployment(&[("enabled", "true"), ("max-replicas", "20"), ("agent-port", &port)]);
+    let reconcile = tokio::spawn(reconcile(deployment, ctx));
+    let patch = api.expect("PATCH", SCALE, 200, scale(6)).await;
+    assert_eq!(patch["spec"]["replicas"], 6, "the agent answered");
+    api.expect("POST", EVENTS, 201, json!({})).await;
+    let status = api.records().await;
+    assert_eq!(status["status"]["verdict"], "root-cause");
+    reconcile.await.unwrap().expect("the reconcile succeeds");
+}
+
+#[tokio::test]
+async fn an_agent_answering_a_megabyte_suspect_is_bounded() {
+    let huge = "a".repeat(1 << 20);
+    let agent = agent(FixedAdvisor { verdict: Verdict::RootCause, usage_ratio: 9.0, suspect: huge }).await;
+    let (ctx, mut api, _watches) = context();
+    let port = agent.port().to_string();
+    let deployment = deployment(&[("enabled", "true"), ("max-replicas", "20"), ("agent-port", &port)]);
+    let reconcile = tokio::spawn(reconcile(deployment, ctx));
+    api.expect("PATCH", SCALE, 200, scale(6)).await;
+    let event = api.expect("POST", EVENTS, 201, json!({})).await;
+    assert!(event.to_string().len() < 4096, "an Event of {} bytes", event.to_string().len());
+    let status = api.records().await;
+    assert_eq!(status["status"]["verdict"], "root-cause", "the answer itself is kept");
+    assert!(status["status"].get("suspect").is_none(), "a megabyte is no service name");
+    assert!(status.to_string().len() < 16_384, "a status of {} bytes", status.to_string().len());
     reconcile.await.unwrap().expect("the reconcile succeeds");
 }

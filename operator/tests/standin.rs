@@ -46,6 +46,7 @@ fn config(leader_election: Option<(String, String)>, dashboard_addr: Option<std:
         operator: OperatorConfig {
             resync: Duration::from_secs(1),
             agents: AgentClient::new(Duration::from_millis(800)).with_mesh_keys(support::shop::mesh_keys()),
+            ..OperatorConfig::default()
         },
         leader_election,
         dashboard_addr,

@@ -108,7 +108,6 @@ fn query() -> Query {
         slo: Some((Duration::from_millis(200), 95.0)),
         target_utilization: 0.7,
         current_replicas: 2,
-        scale_down_stabilization: Duration::from_secs(300),
     }
 }
 
@@ -129,7 +128,7 @@ async fn ask(client: &AgentClient, agent: SocketAddr) -> Result<Advice, String> 
 }
 
 /// No traffic yet: an agent that answers says insufficient-data and keeps the current replicas.
-const FIRST_ANSWER: Advice = Advice { verdict: Verdict::InsufficientData, desired_replicas: 2 };
+const FIRST_ANSWER: Advice = Advice { verdict: Verdict::InsufficientData, usage_ratio: 0.0 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_verifies_the_agents_and_presents_its_client_certificate() {
@@ -222,7 +221,7 @@ fn start_operator(
     let config = RunConfig {
         namespaces: vec!["shop".into()],
         http_addr: "127.0.0.1:0".parse().unwrap(),
-        operator: OperatorConfig { resync: Duration::from_secs(1), agents },
+        operator: OperatorConfig { resync: Duration::from_secs(1), agents, ..OperatorConfig::default() },
         leader_election: None,
         dashboard_addr: None,
     };

@@ -296,7 +296,9 @@ async fn forged_reports_and_delegations_are_refused_and_change_no_verdict() {
     tokio::time::sleep(3 * WINDOW).await;
     let front_agent = front.local_addr().to_string();
     assert!(back.snapshot().neighbors.iter().any(|n| n.service == "svc-front" && n.agent == front_agent));
-    assert!(verdicts(&back, 2).await.iter().all(|v| *v == Verdict::Healthy));
+    // Not triggered: healthy, or idle (its CPU is low) — never a root cause of its own.
+    let untouched = |verdicts: Vec<Verdict>| verdicts.iter().all(|v| matches!(v, Verdict::Healthy | Verdict::Idle));
+    assert!(untouched(verdicts(&back, 2).await));
 
     // A stranger without the key speaks for svc-front, from svc-front's own address and from its own.
     let stranger = Sender::new(Duration::from_secs(1), Some("s3cret"), None, None).unwrap();
@@ -322,7 +324,7 @@ async fn forged_reports_and_delegations_are_refused_and_change_no_verdict() {
         unauthenticated += 1;
         tokio::time::sleep(WINDOW / 2).await;
     }
-    assert!(verdicts(&back, 2).await.iter().all(|v| *v == Verdict::Healthy), "a forged delegation was acted on");
+    assert!(untouched(verdicts(&back, 2).await), "a forged delegation was acted on");
     let metrics = metrics_text(&back).await;
     let line = format!(
         "rootscale_agent_reports_received_total{{service=\"svc-back\",result=\"unauthenticated\"}} {unauthenticated}"
@@ -333,7 +335,7 @@ async fn forged_reports_and_delegations_are_refused_and_change_no_verdict() {
     let member = Sender::new(Duration::from_secs(1), Some("s3cret"), None, Some(keys())).unwrap();
     let window = window_now(back.tracer());
     member.send(&back_addr, delegation_report(("svc-front", "127.0.0.1:1"), "svc-back", window)).await.unwrap();
-    assert!(verdicts(&back, 2).await.iter().all(|v| *v == Verdict::Healthy), "an unverified agent was believed");
+    assert!(untouched(verdicts(&back, 2).await), "an unverified agent was believed");
     assert!(metrics_text(&back).await.contains("result=\"unverified_agent\"} 1"));
 
     // The control: the same delegation, proved and from svc-front's agent, is acted on.

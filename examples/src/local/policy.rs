@@ -14,7 +14,7 @@ use std::{
 
 use rootscale_operator::{
     agents::{AgentClient, Query, ask_all},
-    engine::{Engine, Outcome, ScaleTarget, TargetConfig},
+    engine::{Engine, Outcome, Pods, ScaleTarget, TargetConfig},
 };
 use rootscale_tracer::aggregate::histogram::Histogram;
 
@@ -161,11 +161,19 @@ impl Controller {
             slo: (name == topology.entry).then_some((topology.slo, topology.slo_percentile)),
             target_utilization: 0.7,
             current_replicas: self.cluster.replicas(name),
-            scale_down_stabilization: config.behavior.scale_down.stabilization_window,
         };
         let answers = ask_all(&pods, &query, &self.agents).await;
         let advice: Vec<_> = answers.iter().map(|answer| answer.advice()).collect();
-        engine.run(now, config, target, &advice).await.map_err(|e| Error::Scenario(e.to_string()))
+        // Local replicas are ready once started: a new one's agent answers `insufficient-data` until it has a
+        // window of traffic, which counts as a missing answer.
+        let run = engine
+            .run(now, config, target, Pods { ready: &advice, unready: 0 }, true)
+            .await
+            .map_err(|e| Error::Scenario(e.to_string()))?;
+        match run.failed {
+            Some(failed) => Err(Error::Scenario(failed)),
+            None => Ok(run.outcome),
+        }
     }
 
     async fn apply(

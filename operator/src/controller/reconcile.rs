@@ -1,7 +1,11 @@
-//! One reconcile of one Deployment: read its annotations, ask its ready pods' agents, run the engine, patch
-//! `/scale` (in `enforce` mode, unless paused), and record the decision (the `ScalingDecision`, Events).
+//! One reconcile of one Deployment — wiring only: read its annotations, check HPA's preconditions (a count above
+//! zero, no other autoscaler), group its pods ([`pods`]), ask their agents ([`crate::agents`]), let the engine
+//! decide and apply through the Deployment's `/scale` ([`target`]), and record the decision ([`status`], Events).
 //!
-//! Untested against a real cluster: exercised against request-level mocks of the Kubernetes API only.
+//! Everything read comes from the watches' caches ([`Cache`]): at steady state a reconcile makes no request but
+//! the status write, and none at all when the status did not change. Events mark changes, not resyncs.
+//!
+//! Untested against a real cluster: exercised against request-level mocks and the in-process stand-in only.
 
 use std::{
     collections::HashMap,
@@ -9,13 +13,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use k8s_openapi::api::{apps::v1::Deployment, autoscaling::v2::HorizontalPodAutoscaler, core::v1::Pod};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::{Patch, PatchParams},
+    core::{Selector, SelectorExt},
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder},
+        reflector::{ObjectRef, Store},
     },
 };
 use serde_json::json;
@@ -24,15 +30,23 @@ use crate::{
     Error,
     agents::{AgentClient, Query, ask_all},
     annotations::{self, Mode},
-    controller::{pods, status},
+    controller::{pods, status, target::DeploymentScale},
     crd::{ScalingDecision, ScalingDecisionSpec, ScalingDecisionStatus, TargetRef},
     dashboard::{Board, Observed},
-    engine::Engine,
+    engine::{Engine, Pods},
     metrics::{DirectionLabels, Metrics, ResultLabels, VerdictLabels},
 };
 
 /// The field manager of the operator's writes.
 pub const MANAGER: &str = "rootscale-operator";
+/// HPA's sync period.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(15);
+/// How long an agent has to answer.
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deployments reconciled at once: agent calls are bounded by the timeout, so this bounds the work in flight.
+pub const DEFAULT_CONCURRENCY: u16 = 32;
+/// How soon to look again while the watches have not listed everything yet.
+const CACHE_WAIT: Duration = Duration::from_secs(1);
 
 /// Settings that apply to every Deployment.
 #[derive(Clone, Debug)]
@@ -41,11 +55,76 @@ pub struct OperatorConfig {
     pub resync: Duration,
     /// How the agents are called (timeout, token, TLS), with the channels it keeps open to them.
     pub agents: AgentClient,
+    /// Deployments reconciled at once.
+    pub concurrency: u16,
 }
 
 impl Default for OperatorConfig {
     fn default() -> Self {
-        Self { resync: Duration::from_secs(15), agents: AgentClient::new(Duration::from_secs(2)) }
+        Self {
+            resync: DEFAULT_RESYNC,
+            agents: AgentClient::new(DEFAULT_AGENT_TIMEOUT),
+            concurrency: DEFAULT_CONCURRENCY,
+        }
+    }
+}
+
+/// What the watches keep, so a reconcile reads without asking the API: pods, the operator's own
+/// `ScalingDecision`s, and HorizontalPodAutoscalers (another autoscaler on the same Deployment).
+#[derive(Clone)]
+pub struct Cache {
+    /// One store per watched namespace (or one for all).
+    pub pods: Vec<Store<Pod>>,
+    pub decisions: Vec<Store<ScalingDecision>>,
+    pub autoscalers: Vec<Store<HorizontalPodAutoscaler>>,
+}
+
+/// Whether a store has listed everything once (a reconcile on a half-filled cache would see pods missing).
+fn listed<K: kube::Resource + Clone + 'static>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|ready| ready.is_ok())
+}
+
+impl Cache {
+    pub fn ready(&self) -> bool {
+        self.pods.iter().all(listed) && self.decisions.iter().all(listed) && self.autoscalers.iter().all(listed)
+    }
+
+    /// The Deployment's pods: in its namespace, matching its selector.
+    fn pods_of(&self, namespace: &str, selector: &Selector) -> Vec<Arc<Pod>> {
+        self.pods
+            .iter()
+            .flat_map(|store| {
+                store.state_filter(|pod| {
+                    pod.metadata.namespace.as_deref() == Some(namespace) && selector.matches(pod.labels())
+                })
+            })
+            .collect()
+    }
+
+    fn decision(&self, namespace: &str, name: &str) -> Option<Arc<ScalingDecision>> {
+        let key = ObjectRef::new(name).within(namespace);
+        self.decisions.iter().find_map(|store| store.get(&key))
+    }
+
+    /// A HorizontalPodAutoscaler (an HPA of its own, or the one a KEDA ScaledObject made) that scales the same
+    /// Deployment.
+    fn other_autoscaler(&self, namespace: &str, name: &str) -> Option<String> {
+        self.autoscalers.iter().find_map(|store| {
+            store
+                .find(|hpa| {
+                    let target = hpa.spec.as_ref().map(|spec| &spec.scale_target_ref);
+                    hpa.metadata.namespace.as_deref() == Some(namespace)
+                        && target.is_some_and(|target| {
+                            target.kind == "Deployment"
+                                && target.name == name
+                                && target.api_version.as_deref().is_none_or(|version| version.starts_with("apps/"))
+                        })
+                })
+                .map(|hpa| hpa.name_any())
+        })
     }
 }
 
@@ -63,174 +142,207 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// What the dashboard shows.
     pub board: Arc<Board>,
+    pub cache: Cache,
 }
 
-/// Writes of `/scale` tried before giving up on conflicts.
-const MAX_SCALE_ATTEMPTS: u32 = 3;
+impl Context {
+    fn leading(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Drops what is kept for a Deployment the operator no longer manages (deleted, or its annotation removed).
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        self.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&key);
+        self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&key);
+        self.board.forget(namespace, name);
+    }
+
+    /// Keeps only the Deployments `managed` says are still managed (by `namespace/name`).
+    pub fn prune(&self, managed: impl Fn(&str) -> bool) {
+        self.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|key, _| managed(key));
+        self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|key, _| managed(key));
+        self.board.retain(|namespace, name| managed(&format!("{namespace}/{name}")));
+    }
+
+    async fn publish(&self, deployment: &Deployment, kind: EventType, reason: &str, note: String) {
+        if !self.leading() {
+            return;
+        }
+        let event = Event {
+            type_: kind,
+            reason: reason.to_string(),
+            note: Some(crate::agents::bounded_text(&note)),
+            action: "Scaling".into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &deployment.object_ref(&())).await {
+            tracing::warn!(%error, reason, "could not publish an Event");
+        }
+    }
+
+    /// Writes the Deployment's `ScalingDecision` (owned by it, so it goes when the Deployment goes) when it does
+    /// not exist yet, and its status when `status` differs from what is stored — apart from the decision's time.
+    async fn record(
+        &self,
+        deployment: &Deployment,
+        stored: Option<&ScalingDecision>,
+        status: ScalingDecisionStatus,
+    ) -> Result<(), Error> {
+        let unchanged = |previous: &ScalingDecisionStatus| {
+            ScalingDecisionStatus { last_decision_time: None, ..previous.clone() }
+                == ScalingDecisionStatus { last_decision_time: None, ..status.clone() }
+        };
+        if stored.and_then(|decision| decision.status.as_ref()).is_some_and(unchanged) || !self.leading() {
+            return Ok(());
+        }
+        let namespace = deployment.namespace().unwrap_or_default();
+        let name = deployment.name_any();
+        let api: Api<ScalingDecision> = Api::namespaced(self.client.clone(), &namespace);
+        let params = PatchParams::apply(MANAGER).force();
+        if stored.is_none() {
+            let mut decision = ScalingDecision::new(
+                &name,
+                ScalingDecisionSpec {
+                    target_ref: TargetRef {
+                        api_version: "apps/v1".into(),
+                        kind: "Deployment".into(),
+                        name: name.clone(),
+                    },
+                },
+            );
+            decision.metadata.owner_references = deployment.controller_owner_ref(&()).map(|owner| vec![owner]);
+            api.patch(&name, &params, &Patch::Apply(&decision)).await?;
+        }
+        let body = json!({
+            "apiVersion": "rootscale.dev/v1alpha1",
+            "kind": "ScalingDecision",
+            "status": status,
+        });
+        api.patch_status(&name, &params, &Patch::Apply(&body)).await?;
+        Ok(())
+    }
+}
 
 fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
 
-async fn publish(ctx: &Context, deployment: &Deployment, kind: EventType, reason: &str, note: String) {
-    let event =
-        Event { type_: kind, reason: reason.to_string(), note: Some(note), action: "Scaling".into(), secondary: None };
-    if let Err(error) = ctx.recorder.publish(&event, &deployment.object_ref(&())).await {
-        tracing::warn!(%error, reason, "could not publish an Event");
-    }
-}
-
-/// Creates or updates the Deployment's `ScalingDecision` (owned by it, so it goes when the Deployment goes).
-async fn record(ctx: &Context, deployment: &Deployment, status: ScalingDecisionStatus) -> Result<(), Error> {
-    let namespace = deployment.namespace().unwrap_or_default();
-    let name = deployment.name_any();
-    let api: Api<ScalingDecision> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut decision = ScalingDecision::new(
-        &name,
-        ScalingDecisionSpec {
-            target_ref: TargetRef { api_version: "apps/v1".into(), kind: "Deployment".into(), name: name.clone() },
-        },
-    );
-    decision.metadata.owner_references = deployment.controller_owner_ref(&()).map(|owner| vec![owner]);
-    let params = PatchParams::apply(MANAGER).force();
-    api.patch(&name, &params, &Patch::Apply(&decision)).await?;
-    let body = json!({
-        "apiVersion": "rootscale.dev/v1alpha1",
-        "kind": "ScalingDecision",
-        "status": status,
-    });
-    api.patch_status(&name, &params, &Patch::Apply(&body)).await?;
-    Ok(())
-}
-
-async fn previous_status(ctx: &Context, namespace: &str, name: &str) -> Option<ScalingDecisionStatus> {
-    let api: Api<ScalingDecision> = Api::namespaced(ctx.client.clone(), namespace);
-    api.get_opt(name).await.ok().flatten().and_then(|decision| decision.status)
+/// The reason of `kind`'s condition in a status, if it has one.
+fn condition_reason<'s>(status: Option<&'s ScalingDecisionStatus>, kind: &str) -> Option<&'s str> {
+    status?.conditions.iter().find(|condition| condition.type_ == kind).map(|condition| condition.reason.as_str())
 }
 
 /// Reconciles one Deployment.
 pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let settings = match annotations::parse(deployment.annotations()) {
-        Ok(None) => return Ok(Action::await_change()),
-        Ok(Some(settings)) => Ok(settings),
-        Err(error) => Err(error),
-    };
-    if !*ctx.leader.borrow() {
-        // Another instance leads; look again later in case leadership moves here.
-        return Ok(Action::requeue(ctx.config.resync));
-    }
     let namespace = deployment.namespace().unwrap_or_default();
     let name = deployment.name_any();
     let key = format!("{namespace}/{name}");
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let scale = match deployments.get_scale(&name).await {
-        Ok(scale) => scale,
-        // Deleted while we were looking: nothing to do; its ScalingDecision goes with it.
-        Err(kube::Error::Api(status)) if status.code == 404 => {
-            ctx.board.forget(&namespace, &name);
+    let settings = match annotations::parse(deployment.annotations()) {
+        Ok(None) => {
+            ctx.forget(&namespace, &name);
             return Ok(Action::await_change());
         }
-        Err(error) => return Err(error.into()),
+        Ok(Some(settings)) => Ok(settings),
+        Err(error) => Err(error),
     };
-    let replicas_of = |scale: &k8s_openapi::api::autoscaling::v1::Scale| {
-        scale.spec.as_ref().and_then(|spec| spec.replicas).and_then(|r| u32::try_from(r).ok()).unwrap_or(0)
-    };
-    let mut current = replicas_of(&scale);
-    let mut scale_version = scale.metadata.resource_version.clone();
-    let previous = previous_status(&ctx, &namespace, &name).await;
+    if !ctx.leading() {
+        // Another instance leads; look again later in case leadership moves here.
+        return Ok(Action::requeue(ctx.config.resync));
+    }
+    if !ctx.cache.ready() {
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
+    let stored = ctx.cache.decision(&namespace, &name);
+    let previous = stored.as_ref().and_then(|decision| decision.status.as_ref());
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let target = DeploymentScale::new(deployments, &deployment, ctx.leader.clone());
+    let current = target.last_read().unwrap_or(0);
+    let now = now_rfc3339();
     let settings = match settings {
         Ok(settings) => settings,
         Err(error) => {
-            tracing::warn!(deployment = %key, %error, "invalid annotation");
-            publish(&ctx, &deployment, EventType::Warning, "InvalidAnnotation", error.to_string()).await;
-            record(&ctx, &deployment, status::invalid(previous.as_ref(), &name, current, &error, &now_rfc3339()))
-                .await?;
+            let status = status::invalid(previous, &name, current, &error, &now);
+            if previous.is_none_or(|p| p.verdict != status.verdict || p.reason != status.reason) {
+                tracing::warn!(deployment = %key, %error, "invalid annotation");
+                ctx.publish(&deployment, EventType::Warning, "InvalidAnnotation", error.to_string()).await;
+            }
+            ctx.record(&deployment, stored.as_deref(), status).await?;
             return Ok(Action::requeue(ctx.config.resync));
         }
     };
-    let pods = match pods::selector(&deployment) {
-        Some(selector) => {
-            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-            api.list(&ListParams::default().labels(&selector)).await?.items
+    // HPA's preconditions: a Deployment at zero replicas is not autoscaled, and neither is one another
+    // autoscaler already scales (the two would overwrite each other).
+    if current == 0 {
+        ctx.record(&deployment, stored.as_deref(), status::disabled(previous, &name, &settings, &now)).await?;
+        return Ok(Action::requeue(ctx.config.resync));
+    }
+    if let Some(other) = ctx.cache.other_autoscaler(&namespace, &name) {
+        let status = status::conflicting(previous, &name, &settings, current, &other, &now);
+        if condition_reason(previous, "AbleToScale") != Some(status::CONFLICTING_AUTOSCALER) {
+            let note = format!(
+                "HorizontalPodAutoscaler {namespace}/{other} also scales this Deployment: rootscale leaves it alone until one of them is removed"
+            );
+            ctx.publish(&deployment, EventType::Warning, status::CONFLICTING_AUTOSCALER, note).await;
         }
+        ctx.record(&deployment, stored.as_deref(), status).await?;
+        return Ok(Action::requeue(ctx.config.resync));
+    }
+    let pods: Vec<Arc<Pod>> = match pods::selector(&deployment) {
+        Some(selector) => ctx.cache.pods_of(&namespace, &selector),
         None => Vec::new(),
     };
-    let agents = pods::ready_agents(&pods, settings.agent_port);
+    let pods: Vec<&Pod> = pods.iter().map(AsRef::as_ref).collect();
+    let groups = pods::group(&pods, settings.agent_port, k8s_openapi::jiff::Timestamp::now());
     let query = Query {
         namespace: namespace.clone(),
         deployment: name.clone(),
         slo: settings.slo,
         target_utilization: settings.target_utilization,
         current_replicas: current,
-        scale_down_stabilization: settings.scale_down_stabilization,
     };
     let asked = Instant::now();
-    let answers = ask_all(&agents, &query, &ctx.config.agents).await;
+    let answers = ask_all(&groups.ready, &query, &ctx.config.agents).await;
     ctx.metrics.agent_call_seconds.observe(asked.elapsed().as_secs_f64());
-    if !answers.is_empty() && answers.iter().all(|answer| answer.advice().is_none()) {
-        let why = answers.iter().filter_map(|a| a.advice.as_ref().err()).next().cloned().unwrap_or_default();
-        publish(&ctx, &deployment, EventType::Warning, "AgentUnreachable", why).await;
-    }
     let advices: Vec<_> = answers.iter().map(|answer| answer.advice()).collect();
     let config = settings.target_config();
-    let decide = |current: u32| {
-        let mut engines = ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        engines.entry(key.clone()).or_default().decide(Instant::now(), &config, current, &advices)
-    };
-    let mut outcome = decide(current);
-    let mut applied = false;
-    let mut failed_update = None;
     let acts = !settings.paused && settings.mode == Mode::Enforce;
-    for attempt in 1..=MAX_SCALE_ATTEMPTS {
-        if !acts || outcome.desired == current {
-            break;
-        }
-        // The resourceVersion read makes the write conditional: a change by someone else in between is a 409.
-        let patch =
-            json!({ "metadata": { "resourceVersion": scale_version }, "spec": { "replicas": outcome.desired } });
-        match deployments.patch_scale(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Err(kube::Error::Api(status)) if status.code == 409 && attempt < MAX_SCALE_ATTEMPTS => {
-                // Replicas changed since they were read: decide again on fresh state.
-                let fresh = deployments.get_scale(&name).await?;
-                current = replicas_of(&fresh);
-                scale_version = fresh.metadata.resource_version.clone();
-                outcome = decide(current);
-            }
-            Ok(_) => {
-                applied = true;
-                let direction = if outcome.desired > current { "up" } else { "down" };
-                ctx.metrics.scale_actions.get_or_create(&DirectionLabels { direction: direction.into() }).inc();
-                {
-                    let mut engines = ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    engines.entry(key.clone()).or_default().record_scale(Instant::now(), current, outcome.desired);
-                }
-                let note = format!("New size: {}; reason: {}", outcome.desired, outcome.reason);
-                publish(&ctx, &deployment, EventType::Normal, "SuccessfulRescale", note).await;
-                break;
-            }
-            Err(error) => {
-                let message = format!("failed to set replicas to {}: {error}", outcome.desired);
-                publish(&ctx, &deployment, EventType::Warning, "FailedRescale", message.clone()).await;
-                failed_update = Some(message);
-                break;
-            }
-        }
+    let mut engine =
+        ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&key).unwrap_or_default();
+    let run =
+        engine.run(Instant::now(), &config, &target, Pods { ready: &advices, unready: groups.unready }, acts).await;
+    ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key.clone(), engine);
+    let run = run?;
+    let outcome = &run.outcome;
+    if run.applied {
+        let direction = if outcome.desired > outcome.current { "up" } else { "down" };
+        ctx.metrics.scale_actions.get_or_create(&DirectionLabels { direction: direction.into() }).inc();
+        let note = format!("New size: {}; reason: {}", outcome.desired, outcome.reason);
+        ctx.publish(&deployment, EventType::Normal, "SuccessfulRescale", note).await;
+    }
+    if let Some(failed) = &run.failed {
+        ctx.publish(&deployment, EventType::Warning, "FailedRescale", failed.clone()).await;
     }
     let seen = status::Observation {
         deployment: &name,
         settings: &settings,
         answers: &answers,
-        outcome: &outcome,
-        applied,
-        failed_update,
+        outcome,
+        applied: run.applied,
+        failed_update: run.failed.clone(),
     };
-    let decided = status::decided(previous.as_ref(), &seen, &now_rfc3339());
+    let decided = status::decided(previous, &seen, &now);
+    let unreachable = !answers.is_empty() && answers.iter().all(|answer| answer.advice().is_none());
+    if unreachable && condition_reason(previous, "ScalingActive") != condition_reason(Some(&decided), "ScalingActive") {
+        let why = answers.iter().filter_map(|a| a.advice.as_ref().err()).next().cloned().unwrap_or_default();
+        ctx.publish(&deployment, EventType::Warning, "AgentUnreachable", why).await;
+    }
     ctx.board.observe(Observed {
         namespace: &namespace,
         deployment: &name,
-        current,
+        current: outcome.current,
         desired: outcome.desired,
-        applied,
+        applied: run.applied,
         mode: &decided.mode,
         verdict: &decided.verdict,
         suspect: decided.suspect.as_deref(),
@@ -239,14 +351,13 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
         answers: &answers,
     });
     ctx.metrics.decisions.get_or_create(&VerdictLabels { verdict: decided.verdict.clone() }).inc();
-    record(&ctx, &deployment, decided).await?;
+    ctx.record(&deployment, stored.as_deref(), decided).await?;
     ctx.metrics.reconciles.get_or_create(&ResultLabels { result: "ok".into() }).inc();
     ctx.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&key);
-    tracing::info!(deployment = %key, current, desired = outcome.desired, applied, reason = %outcome.reason, "reconciled");
+    tracing::info!(deployment = %key, current = outcome.current, desired = outcome.desired, applied = run.applied, reason = %outcome.reason, "reconciled");
     Ok(Action::requeue(ctx.config.resync))
 }
 
-/// On an error (an API call failed): try again soon; the next resync would anyway.
 /// On an error (an API call failed, a 5xx): try again with exponential backoff, 1 s doubling up to 1 min, reset
 /// by the next success.
 pub fn error_policy(deployment: Arc<Deployment>, error: &Error, ctx: Arc<Context>) -> Action {

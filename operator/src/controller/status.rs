@@ -207,6 +207,84 @@ fn limit_message(limit: Limit, outcome: &Outcome) -> String {
     }
 }
 
+/// The reason of `AbleToScale=False` while another autoscaler scales the same Deployment.
+pub const CONFLICTING_AUTOSCALER: &str = "ConflictingAutoscaler";
+
+/// Why a Deployment is left alone before any agent is asked: the verdict, the reason and the conditions.
+struct LeftAlone {
+    verdict: &'static str,
+    reason: String,
+    conditions: Vec<Condition>,
+}
+
+/// The status of a Deployment that is left alone before any agent is asked (zero replicas, another autoscaler):
+/// the settings and counts as they are, and why.
+fn left_alone(
+    previous: Option<&ScalingDecisionStatus>,
+    deployment: &str,
+    settings: &Settings,
+    current: u32,
+    why: LeftAlone,
+    now: &str,
+) -> ScalingDecisionStatus {
+    let LeftAlone { verdict, reason, conditions } = why;
+    let slo = settings.slo.map(|(latency, _)| latency);
+    ScalingDecisionStatus {
+        reference: format!("Deployment/{deployment}"),
+        targets: match slo {
+            Some(slo) => format!("<unknown>/{:.0}ms", ms(slo)),
+            None => "<none>".to_string(),
+        },
+        verdict: verdict.to_string(),
+        min_replicas: settings.min_replicas,
+        max_replicas: settings.max_replicas,
+        current_replicas: current,
+        desired_replicas: current,
+        slo_ms: slo.map(ms),
+        observed_ms: None,
+        suspect: None,
+        reason,
+        mode: if settings.mode == Mode::Recommend { "recommend" } else { "enforce" }.to_string(),
+        conditions,
+        history: previous.map(|p| p.history.clone()).unwrap_or_default(),
+        last_decision_time: Some(now.to_string()),
+    }
+}
+
+/// HPA at zero replicas: scaling is disabled, nothing is asked or written (`ScalingActive=False`,
+/// `ScalingDisabled`), until someone scales the Deployment up again.
+pub fn disabled(
+    previous: Option<&ScalingDecisionStatus>,
+    deployment: &str,
+    settings: &Settings,
+    now: &str,
+) -> ScalingDecisionStatus {
+    let message = "scaling is disabled since the replica count of the target is zero".to_string();
+    let conditions = vec![
+        condition(previous, now, "AbleToScale", true, "SucceededGetScale", "the target's scale was read".into()),
+        condition(previous, now, "ScalingActive", false, "ScalingDisabled", message.clone()),
+    ];
+    left_alone(previous, deployment, settings, 0, LeftAlone { verdict: "disabled", reason: message, conditions }, now)
+}
+
+/// Another autoscaler (`other`, a HorizontalPodAutoscaler) scales the same Deployment: rootscale writes nothing
+/// (`AbleToScale=False`).
+pub fn conflicting(
+    previous: Option<&ScalingDecisionStatus>,
+    deployment: &str,
+    settings: &Settings,
+    current: u32,
+    other: &str,
+    now: &str,
+) -> ScalingDecisionStatus {
+    let message = format!(
+        "HorizontalPodAutoscaler {other} also scales this Deployment; rootscale leaves it alone until one of them is removed"
+    );
+    let conditions = vec![condition(previous, now, "AbleToScale", false, CONFLICTING_AUTOSCALER, message.clone())];
+    let why = LeftAlone { verdict: "conflict", reason: message, conditions };
+    left_alone(previous, deployment, settings, current, why, now)
+}
+
 /// The status of a Deployment whose annotations are invalid: left alone, `ScalingActive=False`.
 pub fn invalid(
     previous: Option<&ScalingDecisionStatus>,
@@ -236,7 +314,7 @@ mod tests {
     fn answer(verdict: Verdict, desired: u32, suspect: Option<&str>, observed_ms: u64) -> Answer {
         Answer {
             pod: "p".into(),
-            advice: Ok(Advice { verdict, desired_replicas: desired }),
+            advice: Ok(Advice { verdict, usage_ratio: f64::from(desired) }),
             observed_latency: Some(Duration::from_millis(observed_ms)),
             reason: String::new(),
             suspect: suspect.map(Into::into),

@@ -1,6 +1,7 @@
 //! HPA's behaviour on top of the combined recommendation (autoscaling/v2, `pkg/controller/podautoscaler`):
-//! tolerance, stabilisation windows, rate policies over their periods, and min/max bounds — in that order, with
-//! HPA's arithmetic (a Percent scale-up rounds up, a Percent scale-down limit truncates).
+//! stabilisation windows, rate policies over their periods, and min/max bounds — in that order, with HPA's
+//! arithmetic (a Percent scale-up rounds up, a Percent scale-down limit truncates). The tolerance applies earlier,
+//! to the usage ratio ([`combine`]).
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use crate::{
     Error,
     engine::{
         behavior::{Behavior, PolicyKind, Rules, Select},
-        combine::{Advice, combine},
+        combine::{Pods, combine},
         target::ScaleTarget,
     },
 };
@@ -18,7 +19,7 @@ use crate::{
 pub struct TargetConfig {
     pub min_replicas: u32,
     pub max_replicas: u32,
-    /// No change while desired / current is within 1 ± tolerance (HPA: 0.1).
+    /// No change while the usage ratio is within 1 ± tolerance (HPA: 0.1).
     pub tolerance: f64,
     pub behavior: Behavior,
 }
@@ -71,7 +72,7 @@ impl Limit {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub current: u32,
-    /// What the replicas asked for, after the tolerance band.
+    /// What the pods asked for (the tolerance applied to their usage ratio).
     pub recommended: u32,
     /// After stabilisation.
     pub stabilized: u32,
@@ -139,17 +140,16 @@ impl Engine {
         result.clamp(0, i64::from(u32::MAX)) as u32
     }
 
-    /// Decides the new replica count for a target that has `current` replicas, given one answer per ready
-    /// replica (`None`: its agent could not be asked). Records the recommendation for stabilisation; call
-    /// [`Engine::record_scale`] once a change has been applied.
-    pub fn decide(&mut self, now: Instant, config: &TargetConfig, current: u32, answers: &[Option<Advice>]) -> Outcome {
-        let combined = combine(current, answers);
-        self.decide_from(now, config, current, combined.desired, combined.missing_data, combined.reason)
+    /// Decides the new replica count for a target that has `current` replicas (its spec), given its pods' answers.
+    /// Records the recommendation for stabilisation; call [`Engine::record_scale`] once a change has been applied.
+    pub fn decide(&mut self, now: Instant, config: &TargetConfig, current: u32, pods: Pods<'_>) -> Outcome {
+        let combined = combine(current, config.tolerance, pods);
+        self.decide_from(now, config, current, combined.desired, combined.reason)
     }
 
     /// The same rules for a replica count recommended by something other than the agents — the demo's HPA
-    /// baselines compute HPA's formula on a metric and hand the result here, so every policy goes through the
-    /// same behaviour.
+    /// baselines compute HPA's formula on a metric (tolerance included) and hand the result here, so every policy
+    /// goes through the same behaviour.
     pub fn decide_recommended(
         &mut self,
         now: Instant,
@@ -158,7 +158,7 @@ impl Engine {
         recommended: u32,
         reason: String,
     ) -> Outcome {
-        self.decide_from(now, config, current, recommended, false, reason)
+        self.decide_from(now, config, current, recommended, reason)
     }
 
     fn decide_from(
@@ -167,7 +167,6 @@ impl Engine {
         config: &TargetConfig,
         current: u32,
         recommended: u32,
-        missing_data: bool,
         mut reason: String,
     ) -> Outcome {
         let behavior = &config.behavior;
@@ -183,17 +182,6 @@ impl Engine {
                 limited: Some(limited),
                 reason: format!("{current} replicas is outside {}..={}", config.min_replicas, config.max_replicas),
             };
-        }
-        let mut recommended = recommended;
-        // (The epsilon keeps an exact 10 % step, like 10 → 11, inside a 0.1 band despite float rounding.)
-        if current > 0 && (f64::from(recommended) / f64::from(current) - 1.0).abs() <= config.tolerance + 1e-9 {
-            if recommended != current {
-                reason = format!("{reason}; within the {:.0}% tolerance", config.tolerance * 100.0);
-            }
-            recommended = current;
-        }
-        if missing_data && recommended < current {
-            recommended = current;
         }
         // Stabilisation: the lowest recommendation in the scale-up window, the highest in the scale-down window.
         let horizon = behavior.scale_up.stabilization_window.max(behavior.scale_down.stabilization_window);
@@ -263,22 +251,50 @@ impl Engine {
         }
     }
 
-    /// Reads the target, decides, applies a change if there is one and records it.
+    /// Reads the target, decides, and (when `act`) applies a change and records it. A write that meets a change
+    /// made since the read ([`Error::Conflict`]) is decided again on fresh state, up to [`MAX_SCALE_ATTEMPTS`]
+    /// times. A failed read is an error; a failed write is reported in the result, with the decision.
     pub async fn run(
         &mut self,
         now: Instant,
         config: &TargetConfig,
         target: &impl ScaleTarget,
-        answers: &[Option<Advice>],
-    ) -> Result<Outcome, Error> {
-        let current = target.current_replicas().await?;
-        let outcome = self.decide(now, config, current, answers);
-        if outcome.desired != current {
-            target.set_replicas(outcome.desired).await?;
-            self.record_scale(now, current, outcome.desired);
+        pods: Pods<'_>,
+        act: bool,
+    ) -> Result<Run, Error> {
+        let mut attempt = 1;
+        loop {
+            let current = target.current_replicas().await?;
+            let outcome = self.decide(now, config, current, pods);
+            if !act || outcome.desired == current {
+                return Ok(Run { outcome, applied: false, failed: None });
+            }
+            match target.set_replicas(outcome.desired).await {
+                Ok(()) => {
+                    self.record_scale(now, current, outcome.desired);
+                    return Ok(Run { outcome, applied: true, failed: None });
+                }
+                Err(Error::Conflict) if attempt < MAX_SCALE_ATTEMPTS => attempt += 1,
+                Err(error) => {
+                    let failed = Some(format!("failed to set replicas to {}: {error}", outcome.desired));
+                    return Ok(Run { outcome, applied: false, failed });
+                }
+            }
         }
-        Ok(outcome)
     }
+}
+
+/// Writes tried before giving up on conflicts.
+pub const MAX_SCALE_ATTEMPTS: u32 = 3;
+
+/// What [`Engine::run`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub outcome: Outcome,
+    /// The new count was written.
+    pub applied: bool,
+    /// Writing it failed, and why.
+    pub failed: Option<String>,
 }
 
 #[cfg(test)]
@@ -289,8 +305,13 @@ mod tests {
         combine::{Advice, Verdict},
     };
 
+    /// `replicas` ready replicas that all say `verdict` and ask, by HPA's formula, for `desired` replicas.
     fn all(verdict: Verdict, desired: u32, replicas: u32) -> Vec<Option<Advice>> {
-        vec![Some(Advice { verdict, desired_replicas: desired }); replicas as usize]
+        vec![Some(Advice { verdict, usage_ratio: f64::from(desired) / f64::from(replicas) }); replicas as usize]
+    }
+
+    fn ready(answers: &[Option<Advice>]) -> Pods<'_> {
+        Pods { ready: answers, unready: 0 }
     }
 
     fn config(min: u32, max: u32) -> TargetConfig {
@@ -302,8 +323,8 @@ mod tests {
         let mut engine = Engine::new();
         let now = Instant::now();
         // 10 → 11 is within 10 %: no change. 10 → 12 is not.
-        assert_eq!(engine.decide(now, &config(1, 50), 10, &all(Verdict::RootCause, 11, 10)).desired, 10);
-        assert_eq!(engine.decide(now, &config(1, 50), 10, &all(Verdict::RootCause, 12, 10)).desired, 12);
+        assert_eq!(engine.decide(now, &config(1, 50), 10, ready(&all(Verdict::RootCause, 11, 10))).desired, 10);
+        assert_eq!(engine.decide(now, &config(1, 50), 10, ready(&all(Verdict::RootCause, 12, 10))).desired, 12);
     }
 
     #[test]
@@ -312,15 +333,15 @@ mod tests {
         let start = Instant::now();
         let config = config(1, 100);
         // From 2, max(+100 %, +4 pods) per 15 s: at most 6.
-        let outcome = engine.decide(start, &config, 2, &all(Verdict::RootCause, 40, 2));
+        let outcome = engine.decide(start, &config, 2, ready(&all(Verdict::RootCause, 40, 2)));
         assert_eq!((outcome.desired, outcome.limited), (6, Some(Limit::ScaleUpLimit)));
         engine.record_scale(start, 2, 6);
         // 5 s later, still in the same period: the period started at 2, so the limit is still 6.
         let later = start + Duration::from_secs(5);
-        assert_eq!(engine.decide(later, &config, 6, &all(Verdict::RootCause, 40, 6)).desired, 6);
+        assert_eq!(engine.decide(later, &config, 6, ready(&all(Verdict::RootCause, 40, 6))).desired, 6);
         // After the period: from 6, +100 % → 12.
         let next = start + Duration::from_secs(16);
-        assert_eq!(engine.decide(next, &config, 6, &all(Verdict::RootCause, 40, 6)).desired, 12);
+        assert_eq!(engine.decide(next, &config, 6, ready(&all(Verdict::RootCause, 40, 6))).desired, 12);
     }
 
     #[test]
@@ -328,21 +349,21 @@ mod tests {
         let mut engine = Engine::new();
         let start = Instant::now();
         let config = config(1, 20);
-        assert_eq!(engine.decide(start, &config, 8, &all(Verdict::RootCause, 8, 8)).desired, 8);
+        assert_eq!(engine.decide(start, &config, 8, ready(&all(Verdict::RootCause, 8, 8))).desired, 8);
         // Idle now, asking for 2: the recommendation of 8 from a minute ago holds it at 8 for 5 minutes.
         let minute = start + Duration::from_secs(60);
-        let outcome = engine.decide(minute, &config, 8, &all(Verdict::Idle, 2, 8));
+        let outcome = engine.decide(minute, &config, 8, ready(&all(Verdict::Idle, 2, 8)));
         assert_eq!((outcome.recommended, outcome.desired), (2, 8));
         // Past the window (only idle recommendations left in it): down to 2.
         let later = start + Duration::from_secs(301);
-        assert_eq!(engine.decide(later, &config, 8, &all(Verdict::Idle, 2, 8)).desired, 2);
+        assert_eq!(engine.decide(later, &config, 8, ready(&all(Verdict::Idle, 2, 8))).desired, 2);
     }
 
     #[test]
     fn bounds() {
         let mut engine = Engine::new();
         let now = Instant::now();
-        let outcome = engine.decide(now, &config(2, 5), 4, &all(Verdict::RootCause, 9, 4));
+        let outcome = engine.decide(now, &config(2, 5), 4, ready(&all(Verdict::RootCause, 9, 4)));
         assert_eq!((outcome.desired, outcome.limited), (5, Some(Limit::TooManyReplicas)));
         let relaxed = TargetConfig {
             behavior: Behavior {
@@ -351,15 +372,15 @@ mod tests {
             },
             ..config(2, 5)
         };
-        let outcome = engine.decide(now, &relaxed, 4, &all(Verdict::Idle, 1, 4));
+        let outcome = engine.decide(now, &relaxed, 4, ready(&all(Verdict::Idle, 1, 4)));
         assert_eq!((outcome.desired, outcome.limited), (2, Some(Limit::TooFewReplicas)));
         // Already outside: come back in.
-        assert_eq!(engine.decide(now, &config(2, 5), 9, &[]).desired, 5);
-        assert_eq!(engine.decide(now, &config(2, 5), 1, &[]).desired, 2);
+        assert_eq!(engine.decide(now, &config(2, 5), 9, ready(&[])).desired, 5);
+        assert_eq!(engine.decide(now, &config(2, 5), 1, ready(&[])).desired, 2);
     }
 
     #[test]
-    fn missing_data_never_scales_down() {
+    fn a_missing_answer_counts_as_on_target_for_a_scale_down() {
         let mut engine = Engine::new();
         let now = Instant::now();
         let relaxed = TargetConfig {
@@ -371,8 +392,11 @@ mod tests {
         };
         let mut answers = all(Verdict::Idle, 1, 4);
         answers[2] = None;
-        assert_eq!(engine.decide(now, &relaxed, 4, &answers).desired, 4);
-        assert_eq!(engine.decide(now, &relaxed, 4, &all(Verdict::Idle, 1, 4)).desired, 1);
+        // Three idle replicas at 25 % of target, one unanswered taken as 100 %: (0.75 + 1) / 4 → 2 replicas, not 1.
+        assert_eq!(engine.decide(now, &relaxed, 4, ready(&answers)).desired, 2);
+        assert_eq!(engine.decide(now, &relaxed, 4, ready(&all(Verdict::Idle, 1, 4))).desired, 1);
+        let none = [None, None, None, None];
+        assert_eq!(engine.decide(now, &relaxed, 4, ready(&none)).desired, 4, "no answer at all holds");
     }
 
     #[test]
@@ -391,18 +415,18 @@ mod tests {
         let config =
             TargetConfig { behavior: Behavior { scale_down: rules.clone(), ..Behavior::default() }, ..config(1, 20) };
         // From 10: Percent 30 → 7, Pods 1 → 9; Min selects the smaller change, 9.
-        assert_eq!(engine.decide(now, &config, 10, &all(Verdict::Idle, 1, 10)).desired, 9);
+        assert_eq!(engine.decide(now, &config, 10, ready(&all(Verdict::Idle, 1, 10))).desired, 9);
         let max = TargetConfig {
             behavior: Behavior { scale_down: Rules { select: Select::Max, ..rules.clone() }, ..Behavior::default() },
             ..config.clone()
         };
         // Max selects the larger change: 10 × 0.7 = 7.
-        assert_eq!(Engine::new().decide(now, &max, 10, &all(Verdict::Idle, 1, 10)).desired, 7);
+        assert_eq!(Engine::new().decide(now, &max, 10, ready(&all(Verdict::Idle, 1, 10))).desired, 7);
         let disabled = TargetConfig {
             behavior: Behavior { scale_down: Rules { select: Select::Disabled, ..rules }, ..Behavior::default() },
             ..config
         };
-        assert_eq!(Engine::new().decide(now, &disabled, 10, &all(Verdict::Idle, 1, 10)).desired, 10);
+        assert_eq!(Engine::new().decide(now, &disabled, 10, ready(&all(Verdict::Idle, 1, 10))).desired, 10);
     }
 
     #[test]
@@ -429,9 +453,14 @@ mod tests {
     fn the_engine_drives_a_scale_target() {
         let target = Local(std::sync::Mutex::new(2));
         let mut engine = Engine::new();
-        let outcome =
-            futures_executor(engine.run(Instant::now(), &config(1, 10), &target, &all(Verdict::RootCause, 5, 2)));
-        assert_eq!(outcome.unwrap().desired, 5);
+        let run = futures_executor(engine.run(
+            Instant::now(),
+            &config(1, 10),
+            &target,
+            ready(&all(Verdict::RootCause, 5, 2)),
+            true,
+        ));
+        assert_eq!(run.unwrap().outcome.desired, 5);
         assert_eq!(*target.0.lock().unwrap(), 5);
     }
 

@@ -119,8 +119,11 @@ impl AgentBuilder {
         if let Some(listen) = env("ROOTSCALE_AGENT_LISTEN") {
             builder.listen = listen.parse().map_err(|_| bad("ROOTSCALE_AGENT_LISTEN", &listen, "expected ip:port"))?;
         }
-        builder.advertise =
-            env("ROOTSCALE_AGENT_ADDR").or_else(|| env("POD_IP").map(|ip| format!("{ip}:{}", builder.listen.port())));
+        builder.advertise = match (env("ROOTSCALE_AGENT_ADDR"), env("POD_IP")) {
+            (Some(addr), _) => Some(addr),
+            (None, Some(ip)) => Some(advertised_at(&ip, builder.listen.port())?),
+            (None, None) => None,
+        };
         if let Some(window) = env("ROOTSCALE_WINDOW") {
             builder.window = parse_duration("ROOTSCALE_WINDOW", &window)?;
         }
@@ -295,5 +298,26 @@ impl AgentBuilder {
             return Err(Error::Config(format!("operator identity {:?} is not a DNS name", self.operator_identity)));
         }
         Ok(())
+    }
+}
+/// The agent's address at the pod's IP (`POD_IP`, from the downward API): `ip:port`, with an IPv6 address in
+/// brackets.
+fn advertised_at(ip: &str, port: u16) -> Result<String, Error> {
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| bad("POD_IP", ip, "expected an IPv4 or IPv6 address"))?;
+    Ok(std::net::SocketAddr::new(ip, port).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pod_ip_becomes_an_address_neighbours_can_dial() {
+        assert_eq!(advertised_at("127.0.0.9", 9797).unwrap(), "127.0.0.9:9797");
+        let v6 = advertised_at("fd00::1", 9797).unwrap();
+        assert_eq!(v6, "[fd00::1]:9797");
+        assert!(crate::measure::headers::valid_agent_addr(&v6), "the header parser takes it");
+        let error = advertised_at("not-an-ip", 9797).unwrap_err().to_string();
+        assert!(error.contains("POD_IP") && error.contains("IPv4 or IPv6"), "{error}");
     }
 }

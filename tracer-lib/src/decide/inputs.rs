@@ -2,10 +2,7 @@
 //! `saturated` and `idle`), what the neighbours said and the delegations received — assembled for
 //! [`policy::decide`] and [`recommend`], which stay pure.
 
-use std::{
-    collections::{HashMap, HashSet, VecDeque},
-    time::Duration,
-};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::{
     aggregate::WindowStats,
@@ -16,12 +13,11 @@ use crate::{
     exchange::neighbors::Neighbors,
 };
 
-/// HPA's default scale-down stabilisation, used until the operator says otherwise.
-pub const DEFAULT_STABILIZATION: Duration = Duration::from_secs(300);
-/// Longest stabilisation accepted (a day).
-pub const MAX_STABILIZATION: Duration = Duration::from_secs(86_400);
-/// Utilisation history kept (windows), enough for an hour of 5 s windows.
-const MAX_HISTORY: usize = 720;
+/// Utilisation history kept (windows): as much as the verdicts look back at.
+const MAX_HISTORY: usize = 8;
+/// Windows in a row below the idle level before a replica says `idle`: one quiet window is noise. Waiting longer
+/// is the operator's scale-down stabilisation, applied once, to the recommendations (docs/DESIGN.md §3).
+const IDLE_WINDOWS: usize = 2;
 
 /// The settings the rule runs with: configured at start, then changed only by the authenticated operator.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,18 +25,12 @@ pub struct DecisionSettings {
     pub slo: Option<Slo>,
     pub current_replicas: u32,
     pub target_utilization: f64,
-    pub stabilization: Duration,
 }
 
 impl DecisionSettings {
     /// The settings of an agent nobody has advised yet.
     pub fn configured(slo: Option<Slo>, policy: &PolicyConfig) -> Self {
-        Self {
-            slo,
-            current_replicas: 1,
-            target_utilization: policy.target_utilization,
-            stabilization: DEFAULT_STABILIZATION,
-        }
+        Self { slo, current_replicas: 1, target_utilization: policy.target_utilization }
     }
 
     /// These settings with `update`'s fields in place of theirs; an absent field keeps what is in force.
@@ -49,7 +39,6 @@ impl DecisionSettings {
             slo: update.slo.or(self.slo),
             current_replicas: update.current_replicas.unwrap_or(self.current_replicas),
             target_utilization: update.target_utilization.unwrap_or(self.target_utilization),
-            stabilization: update.stabilization.unwrap_or(self.stabilization),
         }
     }
 }
@@ -60,7 +49,6 @@ pub struct SettingsUpdate {
     pub slo: Option<Slo>,
     pub current_replicas: Option<u32>,
     pub target_utilization: Option<f64>,
-    pub stabilization: Option<Duration>,
 }
 
 /// The utilisation of recent windows, oldest first, bounded.
@@ -112,11 +100,6 @@ pub fn decide_window(inputs: &WindowInputs<'_>) -> (Decision, Recommendation) {
         *inputs;
     let load = utilization(stats, window_ms, capacity);
     let target = settings.target_utilization;
-    let needed_windows = usize::try_from(
-        u64::try_from(settings.stabilization.as_millis()).unwrap_or(u64::MAX).div_ceil(window_ms.max(1)).max(1),
-    )
-    .unwrap_or(MAX_HISTORY)
-    .min(MAX_HISTORY);
     let stale: HashSet<String> = neighbors.iter().filter(|(_, n)| n.stale()).map(|(name, _)| name.clone()).collect();
     let neighbor_cpu: HashMap<String, f64> =
         neighbors.iter().filter_map(|(name, n)| n.cpu_utilization.map(|u| (name.clone(), u))).collect();
@@ -131,7 +114,7 @@ pub fn decide_window(inputs: &WindowInputs<'_>) -> (Decision, Recommendation) {
         neighbor_cpu: &neighbor_cpu,
         cpu_utilization: load.cpu,
         utilization: history.sustained(stats.window_id, load.max()),
-        idle_throughout: history.idle_throughout(needed_windows, policy.idle_fraction * target),
+        idle_throughout: history.idle_throughout(IDLE_WINDOWS, policy.idle_fraction * target),
     };
     let decision = policy::decide(&input, &policy);
     let recommendation = recommend(decision.verdict, stats, window_ms, settings.current_replicas, target, capacity);

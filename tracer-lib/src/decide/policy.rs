@@ -9,8 +9,8 @@
 //!    `sum` mode: every wait above `sum_threshold` of the observed latency counts, so several callees can be
 //!    delegated to (and the service itself be a root cause) at once.
 //! 4. Not triggered: `saturated` when utilisation stayed above target for two windows in a row (the agent passes
-//!    the lower of the two), `idle` when it stayed well below target for the whole scale-down stabilisation
-//!    window, else `healthy`.
+//!    the lower of the two), `idle` when it stayed well below target for two windows in a row (the
+//!    operator's scale-down stabilisation does the longer wait), else `healthy`.
 //!
 //! Missing data never scales anything: too few requests, or a stale neighbour on the path, gives
 //! `insufficient-data`.
@@ -123,7 +123,7 @@ pub struct PolicyInput<'a> {
     /// This replica's sustained utilisation (the larger of CPU and pool; the agent passes the lower of this
     /// window's and the previous one's), 0 when unknown.
     pub utilization: f64,
-    /// Whether utilisation stayed below `idle_fraction × target` for the whole scale-down window.
+    /// Whether utilisation stayed below `idle_fraction × target` for the last two windows.
     pub idle_throughout: bool,
 }
 

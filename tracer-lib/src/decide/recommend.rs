@@ -59,6 +59,8 @@ pub struct Recommendation {
     pub concurrency_per_replica: f64,
     /// This replica's utilisation (the larger of CPU and pool), 0 when unknown.
     pub utilization: f64,
+    /// The utilisation over the target: HPA's usage ratio, what the operator combines.
+    pub usage_ratio: f64,
     pub reason: String,
 }
 
@@ -71,6 +73,7 @@ impl Recommendation {
             mean_in_flight: self.mean_in_flight,
             concurrency_per_replica: self.concurrency_per_replica,
             reason: self.reason.clone(),
+            usage_ratio: self.usage_ratio,
         }
     }
 }
@@ -165,6 +168,7 @@ pub fn recommend(
         mean_in_flight,
         concurrency_per_replica: capacity.concurrency.unwrap_or(0.0),
         utilization,
+        usage_ratio: utilization / target,
         reason,
     }
 }

@@ -3,17 +3,14 @@
 //! agent's state. Neither ever answers INTERNAL, OUT_OF_RANGE or RESOURCE_EXHAUSTED: those codes come only from
 //! tonic's decoding, which the port turns into INVALID_ARGUMENT ([`super::refused`]).
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use rootscale_proto::v1::{self as proto, advisor_server::Advisor, neighbor_server::Neighbor};
 use tonic::{Request, Response, Status};
 
 use crate::{
     agent::{port::access::Access, state::AgentState},
-    decide::{
-        Slo,
-        inputs::{MAX_STABILIZATION, SettingsUpdate},
-    },
+    decide::{Slo, inputs::SettingsUpdate},
     exchange::report::validate,
     measure::headers::MAX_DURATION_US,
 };
@@ -74,18 +71,10 @@ fn settings_update(request: &proto::RecommendRequest) -> Result<SettingsUpdate, 
     if request.current_replicas > MAX_REPLICAS {
         return Err(Status::invalid_argument(format!("current_replicas {} is absurd", request.current_replicas)));
     }
-    let stabilization = Duration::from_secs(u64::from(request.scale_down_stabilization_s));
-    if stabilization > MAX_STABILIZATION {
-        return Err(Status::invalid_argument(format!(
-            "scale_down_stabilization_s {} is longer than a day",
-            request.scale_down_stabilization_s
-        )));
-    }
     Ok(SettingsUpdate {
         slo: (request.slo_latency_us > 0).then_some(Slo { latency_us: request.slo_latency_us, percentile }),
         current_replicas: (request.current_replicas > 0).then_some(request.current_replicas),
         target_utilization: (target > 0.0).then_some(target),
-        stabilization: (request.scale_down_stabilization_s > 0).then_some(stabilization),
     })
 }
 
@@ -137,7 +126,6 @@ mod tests {
             proto::RecommendRequest { target_utilization: f64::NAN, ..Default::default() },
             proto::RecommendRequest { target_utilization: 1.5, ..Default::default() },
             proto::RecommendRequest { current_replicas: MAX_REPLICAS + 1, ..Default::default() },
-            proto::RecommendRequest { scale_down_stabilization_s: 90_000, ..Default::default() },
             proto::RecommendRequest { slo_latency_us: MAX_DURATION_US + 1, ..Default::default() },
         ] {
             let status = settings_update(&bad).unwrap_err();
