@@ -126,6 +126,7 @@ async fn main() {
         operator: OperatorConfig { resync: RESYNC, ..OperatorConfig::default() },
         leader_election: None,
         dashboard_addr: Some("127.0.0.1:0".parse().unwrap()),
+        lease_duration: rootscale_operator::leadership::DEFAULT_LEASE_DURATION,
     };
     let started = Instant::now();
     let operator = tokio::spawn(run_until(api.client(), config, stopped));

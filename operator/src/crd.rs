@@ -79,6 +79,54 @@ pub struct ScalingDecisionStatus {
     pub history: Vec<HistoryEntry>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_decision_time: Option<String>,
+    /// The engine's memory, for the next leader: recent recommendations and scale events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<EngineMemory>,
+}
+
+/// What the engine remembers (`engine::Memory`), oldest first, at most `engine::MAX_REMEMBERED` of each.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineMemory {
+    pub recommendations: Vec<RememberedCount>,
+    /// Replicas added by each recent scale-up.
+    pub scale_ups: Vec<RememberedCount>,
+    /// Replicas removed by each recent scale-down.
+    pub scale_downs: Vec<RememberedCount>,
+}
+
+/// A count at a time (Unix seconds).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RememberedCount {
+    pub unix_seconds: u64,
+    pub replicas: u32,
+}
+
+impl From<&crate::engine::Memory> for EngineMemory {
+    fn from(memory: &crate::engine::Memory) -> Self {
+        let list = |entries: &[crate::engine::Remembered]| {
+            entries.iter().map(|e| RememberedCount { unix_seconds: e.unix, replicas: e.value }).collect()
+        };
+        Self {
+            recommendations: list(&memory.recommendations),
+            scale_ups: list(&memory.scale_ups),
+            scale_downs: list(&memory.scale_downs),
+        }
+    }
+}
+
+impl From<&EngineMemory> for crate::engine::Memory {
+    fn from(memory: &EngineMemory) -> Self {
+        let list = |entries: &[RememberedCount]| {
+            entries.iter().map(|e| crate::engine::Remembered { unix: e.unix_seconds, value: e.replicas }).collect()
+        };
+        Self {
+            recommendations: list(&memory.recommendations),
+            scale_ups: list(&memory.scale_ups),
+            scale_downs: list(&memory.scale_downs),
+        }
+    }
 }
 
 /// An HPA-style condition.

@@ -7,8 +7,9 @@
 //! - [`tls`]: TLS toward the agents (the CA, the operator's client certificate), checked once at start.
 //! - [`annotations`]: the strict parsing of a Deployment's `rootscale.dev/*` annotations.
 //! - With the `kubernetes` feature (on by default): [`controller`] (the reconcile), [`crd`] (`ScalingDecision`),
-//!   [`rbac`] (every API call the operator makes), [`dashboard`] (managed Deployments on the web dashboard) and
-//!   [`run`] (leader election, probes, metrics, the dashboard's server, shutdown).
+//!   [`rbac`] (every API call the operator makes), [`dashboard`] (managed Deployments on the web dashboard),
+//!   [`leadership`] (the Lease, with every write fenced by a local deadline) and [`run`] (the watches, probes,
+//!   metrics, the dashboard's server, shutdown).
 
 pub mod agents;
 pub mod annotations;
@@ -20,6 +21,8 @@ pub mod crd;
 pub mod dashboard;
 pub mod engine;
 mod error;
+#[cfg(feature = "kubernetes")]
+pub mod leadership;
 pub mod metrics;
 #[cfg(feature = "kubernetes")]
 pub mod rbac;

@@ -76,6 +76,10 @@ struct RunArgs {
     /// Act without a Lease (only for a single replica).
     #[arg(long)]
     no_leader_election: bool,
+    /// How long the Lease lasts without renewal (2 s–5 min); writes stop a fifth of it before it would expire
+    /// unrenewed.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
     /// Where the read-only dashboard listens. Loopback by default: reach it with `kubectl port-forward`.
     #[arg(long, default_value = "127.0.0.1:8090", env = "ROOTSCALE_DASHBOARD_ADDR")]
     dashboard_addr: SocketAddr,
@@ -90,6 +94,9 @@ fn check(args: &RunArgs) -> Result<(), String> {
     }
     if args.agent_timeout.is_zero() || args.agent_timeout > args.resync {
         return Err(format!("--agent-timeout {:?} must be above zero and at most --resync", args.agent_timeout));
+    }
+    if args.lease_duration < Duration::from_secs(2) || args.lease_duration > Duration::from_secs(300) {
+        return Err(format!("--lease-duration {:?} must be between 2s and 5m", args.lease_duration));
     }
     if !(1..=1024).contains(&args.concurrency) {
         return Err(format!("--concurrency {} must be between 1 and 1024", args.concurrency));
@@ -228,6 +235,7 @@ async fn main() -> std::process::ExitCode {
         http_addr: args.http_addr,
         operator: OperatorConfig { resync: args.resync, agents, concurrency: args.concurrency },
         leader_election,
+        lease_duration: args.lease_duration,
         dashboard_addr: (!args.no_dashboard).then_some(args.dashboard_addr),
     };
     match run(client, config).await {

@@ -27,6 +27,8 @@ pub const API_CALLS: &[(&str, &str, &str, &str)] = &[
     ("coordination.k8s.io", "leases", "get", "leader election (kube-lease-manager)"),
     ("coordination.k8s.io", "leases", "create", "leader election (kube-lease-manager)"),
     ("coordination.k8s.io", "leases", "patch", "leader election (kube-lease-manager)"),
+    ("coordination.k8s.io", "leases", "list", "the Lease's watch: the fence on every write (leadership.rs)"),
+    ("coordination.k8s.io", "leases", "watch", "the Lease's watch: the fence on every write (leadership.rs)"),
 ];
 
 /// Calls on the list that a short test run may not make: they happen only in circumstances the tests do not

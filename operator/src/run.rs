@@ -8,6 +8,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use axum::{Router, http::StatusCode, routing::get};
@@ -32,6 +33,7 @@ use crate::{
     controller::reconcile::{Cache, Context, OperatorConfig, error_policy, reconcile},
     crd::ScalingDecision,
     dashboard::Board,
+    leadership::{LEASE_NAME, Leadership},
     metrics::Metrics,
 };
 
@@ -44,6 +46,8 @@ pub struct RunConfig {
     pub operator: OperatorConfig,
     /// Leader election: the Lease's namespace and this instance's identity; `None`: act without a lease.
     pub leader_election: Option<(String, String)>,
+    /// How long the Lease lasts without renewal (whole seconds, at least 2).
+    pub lease_duration: Duration,
     /// Where the read-only dashboard listens; `None`: no dashboard.
     pub dashboard_addr: Option<SocketAddr>,
 }
@@ -178,16 +182,21 @@ pub async fn run_until(client: Client, config: RunConfig, stop: watch::Receiver<
         }
     });
     let leader = match &config.leader_election {
-        None => watch::channel(true).1,
+        None => Leadership::Always,
         Some((namespace, identity)) => {
-            let manager = LeaseManagerBuilder::new(client.clone(), "rootscale-operator")
+            let seconds = config.lease_duration.as_secs().max(2);
+            let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
                 .with_namespace(namespace.clone())
                 .with_identity(identity.clone())
+                .with_duration(seconds)
+                // The holder renews a third of the duration before it ends.
+                .with_grace((seconds / 3).max(1))
                 .build()
                 .await
                 .map_err(|error| Error::InvalidConfig(format!("leader election: {error}")))?;
-            let (leader, _task) = manager.watch().await;
-            leader
+            let (holder, _task) = manager.watch().await;
+            let leases = Api::namespaced(client.clone(), namespace);
+            Leadership::elected(holder, leases, identity.clone(), Duration::from_secs(seconds), stop.clone())
         }
     };
     let reporter = Reporter {

@@ -24,6 +24,7 @@ use rootscale_operator::{
     agents::AgentClient,
     controller::reconcile::{Cache, Context, OperatorConfig, reconcile},
     crd::ScalingDecision,
+    leadership::Leadership,
 };
 use rootscale_proto::v1::{
     Decision, Evidence, RecommendRequest, RecommendResponse, Recommendation, SnapshotRequest, SnapshotResponse,
@@ -253,7 +254,6 @@ fn context_with(pods: Vec<Pod>) -> (Arc<Context>, ApiServerVerifier, Watches) {
     let (service, handle) = pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let recorder = Recorder::new(client.clone(), Reporter { controller: "rootscale-operator".into(), instance: None });
-    let (_, leader) = tokio::sync::watch::channel(true);
     let (pod_store, pods) = listed(pods);
     let (decision_store, decisions) = listed(vec![]);
     let (autoscaler_store, autoscalers) = listed(vec![]);
@@ -262,7 +262,7 @@ fn context_with(pods: Vec<Pod>) -> (Arc<Context>, ApiServerVerifier, Watches) {
         recorder,
         config: OperatorConfig { agents: AgentClient::new(Duration::from_millis(500)), ..OperatorConfig::default() },
         engines: Mutex::new(HashMap::new()),
-        leader,
+        leader: Leadership::Always,
         metrics: Arc::default(),
         failures: Mutex::new(HashMap::new()),
         board: Arc::default(),

@@ -26,6 +26,11 @@ use support::{
 /// svc-a → svc-b with their agents, their Deployments (svc-b's with `b_annotations`) and Pods in the stand-in,
 /// and load on svc-a until the returned deadline: svc-b serves 50 requests/s (one slot, 20 ms); 100 arrive.
 async fn shop(b_annotations: &[(&str, &str)]) -> (Service, Service, ApiServer, Instant) {
+    shop_for(b_annotations, Duration::from_secs(20)).await
+}
+
+/// [`shop`] with load for `load_for`.
+async fn shop_for(b_annotations: &[(&str, &str)], load_for: Duration) -> (Service, Service, ApiServer, Instant) {
     let b = service("svc-b", 1, None).await;
     let a = service("svc-a", 64, Some(b.addr)).await;
     let api = ApiServer::start().await;
@@ -33,7 +38,7 @@ async fn shop(b_annotations: &[(&str, &str)]) -> (Service, Service, ApiServer, I
     api.create("deployments", deployment("svc-b", b.agent.local_addr().port(), b_annotations));
     api.create("pods", pod("svc-a"));
     api.create("pods", pod("svc-b"));
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + load_for;
     load(a.addr, 100.0, deadline);
     (a, b, api, deadline)
 }
@@ -50,6 +55,7 @@ fn config(leader_election: Option<(String, String)>, dashboard_addr: Option<std:
         },
         leader_election,
         dashboard_addr,
+        lease_duration: rootscale_operator::leadership::DEFAULT_LEASE_DURATION,
     }
 }
 
@@ -226,4 +232,107 @@ async fn the_dashboard_shows_the_deployments_the_root_cause_and_the_decision_in_
     a.agent.shutdown(Duration::from_millis(200)).await;
     b.agent.shutdown(Duration::from_millis(200)).await;
     shown.unwrap();
+}
+
+/// Plays the Deployment controller for `name` until `until`: its Pods follow its replica count, every one of them
+/// ready on 127.0.0.1 (so all are answered by the service's one real agent, which stays overloaded).
+fn pods_follow_replicas(api: ApiServer, name: &'static str, until: Instant) {
+    tokio::spawn(async move {
+        while Instant::now() < until {
+            let replicas =
+                api.get("deployments", "shop", name).and_then(|d| d["spec"]["replicas"].as_u64()).unwrap_or(1);
+            for i in 0..replicas {
+                let pod_name = format!("{name}-{i}");
+                if api.get("pods", "shop", &pod_name).is_none() {
+                    api.create(
+                        "pods",
+                        json!({"apiVersion": "v1", "kind": "Pod",
+                               "metadata": {"name": pod_name, "namespace": "shop", "labels": {"app": name}},
+                               "status": {"phase": "Running", "podIP": "127.0.0.1",
+                                          "conditions": [{"type": "Ready", "status": "True"}]}}),
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// Leader hand-over. The leader's Lease requests stop reaching the API while its other requests still pass — the
+/// lease library keeps saying it leads, so only the fence stops it. Its lease expires and the other instance takes
+/// over from the memory the old one left in the ScalingDecision's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_keeps_the_rate_limit_and_the_old_one_stops_writing_at_its_deadline() {
+    const LEASE: Duration = Duration::from_secs(3);
+    const PERIOD: Duration = Duration::from_secs(15);
+    let (a, b, api, deadline) = shop_for(&[("max-replicas", "50")], Duration::from_secs(45)).await;
+    pods_follow_replicas(api.clone(), "svc-b", deadline);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut operators = Vec::new();
+    for identity in ["operator-1", "operator-2"] {
+        let mut config = config(Some(("shop".into(), identity.into())), None);
+        config.lease_duration = LEASE;
+        operators.push(tokio::spawn(run_until(api.client_as(identity), config, stopped.clone())));
+    }
+    let scale_path = "/apis/apps/v1/namespaces/shop/deployments/svc-b/scale";
+    let scales = |api: &ApiServer| -> Vec<support::Logged> {
+        api.log().into_iter().filter(|r| r.method == "PATCH" && r.path.starts_with(scale_path)).collect()
+    };
+    while Instant::now() < deadline && scales(&api).is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = scales(&api).first().cloned().expect("svc-b was never scaled");
+    let old = first.client.clone();
+    let new = if old == "operator-1" { "operator-2" } else { "operator-1" };
+    // From 1 replica HPA's default policy allows max(1 + 4, 1 × 2) = 5 per 15 s.
+    let first_replicas = first.body["spec"]["replicas"].as_u64().unwrap();
+    assert!((2..=5).contains(&first_replicas), "{first_replicas}");
+    // Let the status with the engine's memory land, then cut the leader's Lease traffic.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    api.cut(&old, "/leases");
+    let cut_at = Instant::now();
+    tokio::time::sleep((first.at + PERIOD + Duration::from_secs(8)).saturating_duration_since(Instant::now())).await;
+    let _ = stop.send(true);
+    for operator in operators {
+        let _ = tokio::time::timeout(Duration::from_secs(5), operator).await;
+    }
+    let log = api.log();
+    let is_write = |r: &support::Logged| r.method != "GET" && !r.path.contains("/leases");
+    // The old leader's deadline: its last Lease write that got through, plus the lease's duration.
+    let last_renewal = log
+        .iter()
+        .filter(|r| r.client == old && r.path.contains("/leases") && r.method != "GET")
+        .map(|r| r.at)
+        .max()
+        .expect("the old leader renewed its lease");
+    let fence = last_renewal + LEASE;
+    let late: Vec<String> = log
+        .iter()
+        .filter(|r| r.client == old && is_write(r) && r.at > fence)
+        .map(|r| format!("{} {} ({:?} after its deadline)", r.method, r.path, r.at - fence))
+        .collect();
+    assert!(late.is_empty(), "the old leader wrote after its deadline: {late:#?}");
+    // The other instance took over and acted.
+    assert!(
+        log.iter()
+            .any(|r| r.client == new && is_write(r) && r.at > cut_at && r.path.contains("scalingdecisions/svc-b")),
+        "{new} never took over"
+    );
+    // Within the period of the first scale-up nobody went past the policy's limit from 1 replica — the new leader
+    // included, which a fresh engine would not have held (from 5 it would have doubled at once).
+    let in_period: Vec<(String, u64)> = scales(&api)
+        .iter()
+        .filter(|r| r.at < first.at + PERIOD)
+        .map(|r| (r.client.clone(), r.body["spec"]["replicas"].as_u64().unwrap()))
+        .collect();
+    assert!(in_period.iter().all(|(_, replicas)| *replicas <= 5), "{in_period:?}");
+    // After the period the new leader scales on: the hold was the memory, not a lack of demand.
+    let after: Vec<u64> = scales(&api)
+        .iter()
+        .filter(|r| r.client == new && r.at >= first.at + PERIOD)
+        .map(|r| r.body["spec"]["replicas"].as_u64().unwrap())
+        .collect();
+    assert!(after.iter().any(|replicas| *replicas > first_replicas), "{new} never scaled after the period: {after:?}");
+    a.agent.shutdown(Duration::from_millis(200)).await;
+    b.agent.shutdown(Duration::from_millis(200)).await;
 }

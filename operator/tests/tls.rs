@@ -224,6 +224,7 @@ fn start_operator(
         operator: OperatorConfig { resync: Duration::from_secs(1), agents, ..OperatorConfig::default() },
         leader_election: None,
         dashboard_addr: None,
+        lease_duration: rootscale_operator::leadership::DEFAULT_LEASE_DURATION,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     (stop, tokio::spawn(run_until(api.client(), config, stopped)))

@@ -34,6 +34,7 @@ use crate::{
     crd::{ScalingDecision, ScalingDecisionSpec, ScalingDecisionStatus, TargetRef},
     dashboard::{Board, Observed},
     engine::{Engine, Pods},
+    leadership::Leadership,
     metrics::{DirectionLabels, Metrics, ResultLabels, VerdictLabels},
 };
 
@@ -135,8 +136,8 @@ pub struct Context {
     pub config: OperatorConfig,
     /// Per Deployment (namespace/name): HPA's memory of recent recommendations and scale events.
     pub engines: Mutex<HashMap<String, Engine>>,
-    /// Whether this instance holds the leader lease; only the leader acts.
-    pub leader: tokio::sync::watch::Receiver<bool>,
+    /// Whether this instance holds the leader lease (fenced by its deadline); only the leader acts.
+    pub leader: Leadership,
     pub metrics: Arc<Metrics>,
     /// Consecutive failed reconciles per Deployment, for the backoff.
     pub failures: Mutex<HashMap<String, u32>>,
@@ -147,7 +148,7 @@ pub struct Context {
 
 impl Context {
     fn leading(&self) -> bool {
-        *self.leader.borrow()
+        self.leader.leading()
     }
 
     /// Drops what is kept for a Deployment the operator no longer manages (deleted, or its annotation removed).
@@ -222,6 +223,10 @@ impl Context {
         api.patch_status(&name, &params, &Patch::Apply(&body)).await?;
         Ok(())
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs())
 }
 
 fn now_rfc3339() -> String {
@@ -307,10 +312,16 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
     let advices: Vec<_> = answers.iter().map(|answer| answer.advice()).collect();
     let config = settings.target_config();
     let acts = !settings.paused && settings.mode == Mode::Enforce;
-    let mut engine =
-        ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&key).unwrap_or_default();
+    // A new leader (or a restarted operator) goes on from the memory its predecessor left in the status, so
+    // stabilisation and rate limits survive a hand-over.
+    let kept = ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&key);
+    let mut engine = kept.unwrap_or_else(|| match previous.and_then(|status| status.memory.as_ref()) {
+        Some(memory) => Engine::restored(&memory.into(), Instant::now(), unix_now()),
+        None => Engine::default(),
+    });
     let run =
         engine.run(Instant::now(), &config, &target, Pods { ready: &advices, unready: groups.unready }, acts).await;
+    let memory = engine.memory();
     ctx.engines.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key.clone(), engine);
     let run = run?;
     let outcome = &run.outcome;
@@ -331,7 +342,8 @@ pub async fn reconcile(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result
         applied: run.applied,
         failed_update: run.failed.clone(),
     };
-    let decided = status::decided(previous, &seen, &now);
+    let mut decided = status::decided(previous, &seen, &now);
+    decided.memory = Some((&memory).into());
     let unreachable = !answers.is_empty() && answers.iter().all(|answer| answer.advice().is_none());
     if unreachable && condition_reason(previous, "ScalingActive") != condition_reason(Some(&decided), "ScalingActive") {
         let why = answers.iter().filter_map(|a| a.advice.as_ref().err()).next().cloned().unwrap_or_default();

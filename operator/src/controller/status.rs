@@ -187,6 +187,7 @@ pub fn decided(previous: Option<&ScalingDecisionStatus>, seen: &Observation<'_>,
         conditions: vec![able, active, limited],
         history,
         last_decision_time: Some(now.to_string()),
+        memory: previous.and_then(|p| p.memory.clone()),
     }
 }
 
@@ -248,6 +249,7 @@ fn left_alone(
         conditions,
         history: previous.map(|p| p.history.clone()).unwrap_or_default(),
         last_decision_time: Some(now.to_string()),
+        memory: previous.and_then(|p| p.memory.clone()),
     }
 }
 

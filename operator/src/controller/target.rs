@@ -5,15 +5,13 @@
 
 use std::sync::Mutex;
 
+use crate::{Error, engine::ScaleTarget, leadership::Leadership};
 use k8s_openapi::api::{apps::v1::Deployment, autoscaling::v1::Scale};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
 };
 use serde_json::json;
-use tokio::sync::watch;
-
-use crate::{Error, engine::ScaleTarget};
 
 /// The replicas of a Deployment whose `spec.replicas` is absent: the API server defaults it to 1.
 const DEFAULT_DEPLOYMENT_REPLICAS: i32 = 1;
@@ -25,7 +23,7 @@ pub struct DeploymentScale {
     /// The count and resourceVersion a write is conditional on; `None` after a conflict: read afresh.
     read: Mutex<Option<(u32, Option<String>)>>,
     /// Only the leader writes: checked again right before the write.
-    leader: watch::Receiver<bool>,
+    leader: Leadership,
 }
 
 fn replicas(count: Option<i32>, absent: i32) -> u32 {
@@ -33,7 +31,7 @@ fn replicas(count: Option<i32>, absent: i32) -> u32 {
 }
 
 impl DeploymentScale {
-    pub fn new(api: Api<Deployment>, deployment: &Deployment, leader: watch::Receiver<bool>) -> Self {
+    pub fn new(api: Api<Deployment>, deployment: &Deployment, leader: Leadership) -> Self {
         let count = replicas(deployment.spec.as_ref().and_then(|spec| spec.replicas), DEFAULT_DEPLOYMENT_REPLICAS);
         Self {
             api,
@@ -66,7 +64,7 @@ impl ScaleTarget for DeploymentScale {
     }
 
     async fn set_replicas(&self, replicas: u32) -> Result<(), Error> {
-        if !*self.leader.borrow() {
+        if !self.leader.leading() {
             return Err(Error::Target("this instance no longer leads".into()));
         }
         let version = self.read().as_ref().and_then(|(_, version)| version.clone());

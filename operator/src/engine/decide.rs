@@ -83,17 +83,32 @@ pub struct Outcome {
 }
 
 /// The per-target memory HPA keeps: recent recommendations (for stabilisation) and scale events (for rate
-/// policies).
+/// policies). It can be handed to a successor ([`Engine::memory`], [`Engine::restored`]).
 #[derive(Debug, Default)]
 pub struct Engine {
-    recommendations: Vec<(Instant, u32)>,
-    scale_ups: Vec<(Instant, u32)>,
-    scale_downs: Vec<(Instant, u32)>,
+    pub(super) recommendations: Vec<Stamped>,
+    pub(super) scale_ups: Vec<Stamped>,
+    pub(super) scale_downs: Vec<Stamped>,
+}
+
+/// A remembered count, with when: the engine's clock, and the wall clock's Unix second (for a successor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Stamped {
+    pub at: Instant,
+    pub unix: u64,
+    pub value: u32,
+}
+
+impl Stamped {
+    fn now(at: Instant, value: u32) -> Self {
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Self { at, unix, value }
+    }
 }
 
 /// Replicas added (or removed) by events within `period` before `now`.
-fn change_in_period(events: &[(Instant, u32)], now: Instant, period: Duration) -> u32 {
-    events.iter().filter(|(at, _)| now.saturating_duration_since(*at) < period).map(|(_, change)| change).sum()
+fn change_in_period(events: &[Stamped], now: Instant, period: Duration) -> u32 {
+    events.iter().filter(|event| now.saturating_duration_since(event.at) < period).map(|event| event.value).sum()
 }
 
 impl Engine {
@@ -185,19 +200,19 @@ impl Engine {
         }
         // Stabilisation: the lowest recommendation in the scale-up window, the highest in the scale-down window.
         let horizon = behavior.scale_up.stabilization_window.max(behavior.scale_down.stabilization_window);
-        self.recommendations.retain(|(at, _)| now.saturating_duration_since(*at) <= horizon);
+        self.recommendations.retain(|past| now.saturating_duration_since(past.at) <= horizon);
         let mut up = recommended;
         let mut down = recommended;
-        for (at, past) in &self.recommendations {
-            let age = now.saturating_duration_since(*at);
+        for past in &self.recommendations {
+            let age = now.saturating_duration_since(past.at);
             if age < behavior.scale_up.stabilization_window {
-                up = up.min(*past);
+                up = up.min(past.value);
             }
             if age < behavior.scale_down.stabilization_window {
-                down = down.max(*past);
+                down = down.max(past.value);
             }
         }
-        self.recommendations.push((now, recommended));
+        self.recommendations.push(Stamped::now(now, recommended));
         let stabilized = current.max(up).min(down);
         if stabilized != recommended {
             reason = format!("{reason}; stabilised at {stabilized} (recent recommendations)");
@@ -241,13 +256,12 @@ impl Engine {
 
     /// A change from `from` to `to` replicas was applied at `now` (rate policies count it).
     pub fn record_scale(&mut self, now: Instant, from: u32, to: u32) {
-        let keep = Duration::from_secs(1800);
-        self.scale_ups.retain(|(at, _)| now.saturating_duration_since(*at) <= keep);
-        self.scale_downs.retain(|(at, _)| now.saturating_duration_since(*at) <= keep);
+        self.scale_ups.retain(|event| now.saturating_duration_since(event.at) <= SCALE_EVENTS_KEPT);
+        self.scale_downs.retain(|event| now.saturating_duration_since(event.at) <= SCALE_EVENTS_KEPT);
         if to > from {
-            self.scale_ups.push((now, to - from));
+            self.scale_ups.push(Stamped::now(now, to - from));
         } else if from > to {
-            self.scale_downs.push((now, from - to));
+            self.scale_downs.push(Stamped::now(now, from - to));
         }
     }
 
@@ -283,6 +297,9 @@ impl Engine {
         }
     }
 }
+
+/// Scale events are kept this long: HPA's longest policy period.
+pub const SCALE_EVENTS_KEPT: Duration = Duration::from_secs(1800);
 
 /// Writes tried before giving up on conflicts.
 pub const MAX_SCALE_ATTEMPTS: u32 = 3;

@@ -10,9 +10,11 @@
 mod behavior;
 mod combine;
 mod decide;
+mod memory;
 mod target;
 
 pub use behavior::{Behavior, PolicyKind, Rules, ScalingPolicy, Select};
 pub use combine::{Advice, Combined, Pods, Verdict, combine};
 pub use decide::{Engine, Limit, MAX_SCALE_ATTEMPTS, Outcome, Run, TargetConfig};
+pub use memory::{MAX_REMEMBERED, Memory, Remembered};
 pub use target::ScaleTarget;

@@ -30,7 +30,13 @@ pub struct Logged {
     pub method: String,
     pub path: String,
     pub body: Value,
+    /// The client that sent it ([`ApiServer::client_as`]; empty for [`ApiServer::client`]).
+    pub client: String,
+    pub at: std::time::Instant,
 }
+
+/// The header a named client sends, so the stand-in can tell clients apart.
+const CLIENT_HEADER: &str = "x-standin-client";
 
 #[derive(Default)]
 struct Store {
@@ -40,6 +46,8 @@ struct Store {
     /// Every change: (resourceVersion, resource, watch event type, object).
     changes: Vec<(u64, String, &'static str, Value)>,
     log: Vec<Logged>,
+    /// Requests from a client (by name) whose path contains a fragment are answered 503: a partial partition.
+    cut: BTreeMap<String, String>,
 }
 
 #[derive(Clone)]
@@ -123,6 +131,20 @@ impl ApiServer {
         kube::Client::try_from(config).unwrap()
     }
 
+    /// A kube client for this stand-in whose requests carry `name`: logged with it, and cut off with [`ApiServer::cut`].
+    pub fn client_as(&self, name: &str) -> kube::Client {
+        let mut config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        config.headers.push((http::HeaderName::from_static(CLIENT_HEADER), name.parse().unwrap()));
+        config.default_retry = false;
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// From now on, requests from client `name` whose path contains `fragment` get 503 (a partition of those
+    /// requests; the others still pass).
+    pub fn cut(&self, name: &str, fragment: &str) {
+        self.store.lock().unwrap().cut.insert(name.to_string(), fragment.to_string());
+    }
+
     /// Stores an object (as `kubectl apply` would create it).
     pub fn create(&self, resource: &str, mut object: Value) {
         let mut store = self.store.lock().unwrap();
@@ -180,14 +202,23 @@ async fn handle(State(api): State<ApiServer>, request: Request) -> Response {
     let uri = request.uri().clone();
     let content_type =
         request.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let client = request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let bytes: Bytes = axum::body::to_bytes(request.into_body(), 1 << 20).await.unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let path = uri.path().to_string();
-    api.store.lock().unwrap().log.push(Logged {
-        method: method.to_string(),
-        path: uri.to_string(),
-        body: body.clone(),
-    });
+    {
+        let mut store = api.store.lock().unwrap();
+        if store.cut.get(&client).is_some_and(|fragment| path.contains(fragment.as_str())) {
+            return status(503, "ServiceUnavailable", "partitioned");
+        }
+        store.log.push(Logged {
+            method: method.to_string(),
+            path: uri.to_string(),
+            body: body.clone(),
+            client,
+            at: std::time::Instant::now(),
+        });
+    }
     let Some((resource, namespace, name, subresource)) = parse(&path) else {
         return status(404, "NotFound", "no such path");
     };
