@@ -336,3 +336,64 @@ async fn a_new_leader_keeps_the_rate_limit_and_the_old_one_stops_writing_at_its_
     a.agent.shutdown(Duration::from_millis(200)).await;
     b.agent.shutdown(Duration::from_millis(200)).await;
 }
+
+#[test]
+fn the_stand_in_reads_set_based_selectors() {
+    let pod = json!({"metadata": {"labels": {"app": "web", "tier": "api"}}});
+    let cases = [
+        ("app=web", true),
+        ("app==web,tier=api", true),
+        ("app!=web", false),
+        ("tier in (api,db)", true),
+        ("tier in (db)", false),
+        ("tier notin (db, cache)", true),
+        ("tier notin (api)", false),
+        ("canary notin (yes)", true),
+        ("app", true),
+        ("!app", false),
+        ("!canary,app in (web),tier", true),
+        ("canary", false),
+    ];
+    for (selector, expected) in cases {
+        assert_eq!(support::matches_selector(&pod, selector), expected, "{selector}");
+    }
+}
+
+/// Readiness that changes: the pods' watch brings it, and only ready pods are asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_turns_unready_is_not_asked_until_it_is_ready_again() {
+    let (a, b, api, deadline) = shop(&[]).await;
+    let (stop, operator) = start_operator(&api, None);
+    let active = |api: &ApiServer| -> (String, String) {
+        let status = api.get("scalingdecisions", "shop", "svc-b").map(|d| d["status"].clone()).unwrap_or_default();
+        let condition = status["conditions"]
+            .as_array()
+            .and_then(|conditions| conditions.iter().find(|c| c["type"] == "ScalingActive").cloned())
+            .unwrap_or_default();
+        (
+            condition["reason"].as_str().unwrap_or("").to_string(),
+            condition["message"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let wait_for = |reason: &'static str| {
+        let api = api.clone();
+        async move {
+            while Instant::now() < deadline && active(&api).0 != reason {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            active(&api)
+        }
+    };
+    let (reason, message) = wait_for("ValidRecommendationFound").await;
+    assert_eq!((reason.as_str(), message.as_str()), ("ValidRecommendationFound", "1 of 1 agents answered"));
+    api.set_pod_ready("shop", "svc-b-0", false);
+    let (reason, message) = wait_for("FailedGetAgentRecommendation").await;
+    assert_eq!((reason.as_str(), message.as_str()), ("FailedGetAgentRecommendation", "no ready pods to ask"));
+    api.set_pod_ready("shop", "svc-b-0", true);
+    let (reason, _) = wait_for("ValidRecommendationFound").await;
+    assert_eq!(reason, "ValidRecommendationFound");
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), operator).await;
+    a.agent.shutdown(Duration::from_millis(200)).await;
+    b.agent.shutdown(Duration::from_millis(200)).await;
+}

@@ -98,19 +98,84 @@ fn parse(path: &str) -> Option<Target> {
     Some((resource, namespace, rest.get(1).map(|s| s.to_string()), rest.get(2).map(|s| s.to_string())))
 }
 
-fn matches_selector(object: &Value, selector: &str) -> bool {
-    selector.split(',').filter(|term| !term.is_empty()).all(|term| match term.split_once('=') {
-        Some((key, value)) => object["metadata"]["labels"][key].as_str() == Some(value),
-        None => true,
+/// Whether `object`'s labels match a label selector as the API server reads one: terms joined by commas, each
+/// `key=value` (or `==`), `key!=value`, `key in (a,b)`, `key notin (a,b)`, `key` (exists) or `!key` (does not).
+pub fn matches_selector(object: &Value, selector: &str) -> bool {
+    let labels = &object["metadata"]["labels"];
+    let label = |key: &str| labels[key.trim()].as_str();
+    let set = |values: &str| -> Vec<String> {
+        values.trim().trim_start_matches('(').trim_end_matches(')').split(',').map(|v| v.trim().to_string()).collect()
+    };
+    terms(selector).iter().all(|term| {
+        let term = term.trim();
+        if let Some((key, values)) = term.split_once(" notin ") {
+            return label(key).is_none_or(|value| !set(values).iter().any(|v| v == value));
+        }
+        if let Some((key, values)) = term.split_once(" in ") {
+            return label(key).is_some_and(|value| set(values).iter().any(|v| v == value));
+        }
+        if let Some((key, value)) = term.split_once("!=") {
+            return label(key) != Some(value.trim());
+        }
+        if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            return label(key) == Some(value.trim());
+        }
+        match term.strip_prefix('!') {
+            Some(key) => label(key).is_none(),
+            None => label(term).is_some(),
+        }
     })
 }
 
+/// A selector's terms: split at commas outside parentheses.
+fn terms(selector: &str) -> Vec<String> {
+    let (mut terms, mut current, mut depth) = (Vec::new(), String::new(), 0);
+    for c in selector.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    terms.push(current);
+    terms.into_iter().filter(|term| !term.trim().is_empty()).collect()
+}
+
+/// A query string's parameters, percent-decoded (`+` is a space).
 fn query(uri: &axum::http::Uri) -> BTreeMap<String, String> {
+    let decode = |text: &str| -> String {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = bytes.get(i + 1..i + 3).and_then(|hex| std::str::from_utf8(hex).ok());
+            match (bytes[i], hex.and_then(|hex| u8::from_str_radix(hex, 16).ok())) {
+                (b'%', Some(byte)) => {
+                    out.push(byte);
+                    i += 3;
+                }
+                (b'+', _) => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                (byte, _) => {
+                    out.push(byte);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
     uri.query()
         .unwrap_or_default()
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("%3D", "=").replace("%2C", ",")))
+        .map(|(k, v)| (decode(k), decode(v)))
         .collect()
 }
 
@@ -161,6 +226,16 @@ impl ApiServer {
         store.changes.push((version, resource.to_string(), "ADDED", object));
         drop(store);
         let _ = self.changed.send(version);
+    }
+
+    /// Sets a pod's Ready condition (as the kubelet would), announced to watches as a change.
+    pub fn set_pod_ready(&self, namespace: &str, name: &str, ready: bool) {
+        let key = format!("pods/{namespace}/{name}");
+        let Some(mut pod) = self.get("pods", namespace, name) else { return };
+        let status = if ready { "True" } else { "False" };
+        pod["status"]["conditions"] = json!([{"type": "Ready", "status": status,
+                                              "lastTransitionTime": "2026-11-27T00:00:00Z"}]);
+        self.write(key, "pods", "MODIFIED", pod);
     }
 
     pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
