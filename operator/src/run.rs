@@ -30,7 +30,10 @@ use tokio::sync::watch;
 
 use crate::{
     Error,
-    controller::reconcile::{Cache, Context, OperatorConfig, error_policy, reconcile},
+    controller::{
+        cache::Cache,
+        reconcile::{Context, OperatorConfig, error_policy, reconcile},
+    },
     crd::ScalingDecision,
     dashboard::Board,
     leadership::{LEASE_NAME, Leadership},

@@ -22,7 +22,10 @@ use kube::{
 };
 use rootscale_operator::{
     agents::AgentClient,
-    controller::reconcile::{Cache, Context, OperatorConfig, reconcile},
+    controller::{
+        cache::Cache,
+        reconcile::{Context, OperatorConfig, reconcile},
+    },
     crd::ScalingDecision,
     leadership::Leadership,
 };

@@ -2,8 +2,9 @@
 //! `demo.faults` lists, under each policy — same topology, seed and load — and a table of SLO-violation seconds,
 //! replica-seconds and scaling actions on services that were not the bottleneck.
 //!
-//! `cargo run --release -p rootscale-examples --bin compare -- [--topology shop]... [--duration 60s] [--seed 1]
-//!  [--json FILE]`
+//! `cargo run --release -p rootscale-examples --bin compare -- [--topology shop]... [--scenario payments]...
+//!  [--policy rootscale]... [--duration 60s] [--seed 1] [--seeds 1] [--json FILE]` — the filters pick a subset, so
+//! one row can be reproduced in a minute.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -25,8 +26,18 @@ struct Args {
     /// Length of each run; the faults come at their topology's time (15s in the shipped ones).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Faults to run: those whose text (as the table prints it) contains one of these; all by default.
+    #[arg(long)]
+    scenario: Vec<String>,
+    /// Policies to run (rootscale, hpa-cpu, hpa-latency, hpa-default); all by default.
+    #[arg(long)]
+    policy: Vec<Policy>,
+    /// The first seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Seeds per row, from `--seed` on.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=20))]
+    seeds: u64,
     /// Write every run's summary as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -37,6 +48,7 @@ struct Row {
     topology: String,
     fault: String,
     policy: String,
+    seed: u64,
     detected_after_s: Option<f64>,
     summary: Summary,
     actions: Vec<ActionRecord>,
@@ -64,23 +76,32 @@ fn compare(args: Args) -> Result<(), String> {
         return Err(format!("no shipped topology is called {:?} (shop, social, chain)", args.topology));
     }
     let mut rows = Vec::new();
+    let policies: Vec<Policy> = if args.policy.is_empty() { Policy::ALL.to_vec() } else { args.policy.clone() };
     println!(
-        "| topology | bottleneck | policy | SLO-violation s | replica-s | actions | wrong scalings | found after |"
+        "| topology | bottleneck | policy | seed | SLO-violation s | replica-s | actions | wrong scalings | found after |"
     );
-    println!("|---|---|---|---:|---:|---:|---:|---:|");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+    let mut ran = 0;
     for topology in &topologies {
-        for fault in &topology.demo.faults {
-            for policy in Policy::ALL {
+        let faults = topology.demo.faults.iter().filter(|fault| {
+            let text = fault.to_string();
+            args.scenario.is_empty() || args.scenario.iter().any(|wanted| text.contains(wanted.as_str()))
+        });
+        for fault in faults {
+            for (policy, seed) in
+                policies.iter().flat_map(|p| (args.seed..args.seed + args.seeds).map(move |s| (*p, s)))
+            {
+                ran += 1;
                 let mut config = RunConfig::new(topology.clone(), policy).map_err(|e| e.to_string())?;
                 config.faults = vec![fault.clone()];
                 config.duration = args.duration;
-                config.seed = args.seed;
-                eprintln!("running {} / {fault} / {policy} ...", topology.name);
+                config.seed = seed;
+                eprintln!("running {} / {fault} / {policy} / seed {seed} ...", topology.name);
                 let timeline = run(&config, |_, _, _| {}).map_err(|e| e.to_string())?;
                 let detected = timeline.detections.first().and_then(|d| d.detected_at_s.map(|at| at as f64 - d.at_s));
                 let s = &timeline.summary;
                 println!(
-                    "| {} | {fault} | {policy} | {} | {} | {} | {} | {} |",
+                    "| {} | {fault} | {policy} | {seed} | {} | {} | {} | {} | {} |",
                     topology.name,
                     s.slo_violation_seconds,
                     s.replica_seconds,
@@ -92,12 +113,16 @@ fn compare(args: Args) -> Result<(), String> {
                     topology: topology.name.clone(),
                     fault: fault.to_string(),
                     policy: policy.to_string(),
+                    seed,
                     detected_after_s: detected,
                     summary: timeline.summary,
                     actions: timeline.actions,
                 });
             }
         }
+    }
+    if ran == 0 {
+        return Err(format!("no fault matches {:?}", args.scenario));
     }
     if let Some(path) = args.json {
         let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;

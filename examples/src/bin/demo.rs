@@ -2,7 +2,7 @@
 //! scaling the services' replicas — by default rootscale, asking each replica's agent.
 //!
 //! `cargo run --release -p rootscale-examples --bin demo -- [--topology shop|social|chain|FILE]
-//!  [--policy rootscale|hpa-cpu|hpa-latency] [--inject SERVICE=KIND:VALUE@TIME]... [--no-fault]
+//!  [--policy rootscale|hpa-cpu|hpa-latency|hpa-default] [--inject SERVICE=KIND:VALUE@TIME]... [--no-fault]
 //!  [--rate 150|100,300@20s] [--duration 60s] [--seed 1] [--json FILE] [--plain]`
 
 use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};

@@ -1,8 +1,11 @@
 //! Who decides the replica counts, once per sync period, for every service: rootscale (each replica's agent is
-//! asked over gRPC, `Advisor.Recommend`, exactly as the operator asks pods) or one of two HPA baselines — HPA's
-//! formula `ceil(current × metric / target)` on each replica's virtual-CPU utilisation, or on each service's
-//! own latency against its budget. All three go through the operator's decision engine with HPA's default
-//! behaviour, and apply through [`LocalTarget`], so a comparison differs only in the signal.
+//! asked over gRPC, `Advisor.Recommend`, exactly as the operator asks pods) or an HPA baseline — HPA's formula
+//! `ceil(current × metric / target)` on each replica's virtual-CPU utilisation, or on each service's own latency
+//! against its budget, both on an equal footing (the run's sync period, the metric since the last sync); and
+//! `hpa-default`, HPA as clusters run it: CPU at a 70 % target, a 15 s sync, the metric averaged over the last 30 s
+//! as metrics-server delivers it. All go through the operator's decision engine with HPA's default behaviour (a
+//! 5-minute scale-down stabilisation), and apply through [`LocalTarget`], so a comparison differs only in the
+//! signal and its timing.
 
 use std::{
     collections::BTreeMap,
@@ -25,6 +28,12 @@ use crate::local::{
 
 /// HPA's tolerance: no change while the metric is within 10 % of its target.
 const TOLERANCE: f64 = 0.1;
+/// `hpa-default`: HPA's own sync period (`--horizontal-pod-autoscaler-sync-period`).
+pub const HPA_DEFAULT_SYNC: Duration = Duration::from_secs(15);
+/// `hpa-default`: the window metrics-server averages CPU usage over.
+pub const HPA_DEFAULT_METRIC_WINDOW: Duration = Duration::from_secs(30);
+/// `hpa-default`: the CPU target clusters commonly set (70–80 %; the lower end, the kinder one to HPA).
+pub const HPA_DEFAULT_CPU_TARGET: f64 = 0.7;
 
 /// Which signal scales the services.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,16 +44,19 @@ pub enum Policy {
     HpaCpu,
     /// HPA on each service's own latency (at the SLO percentile) against its budget.
     HpaLatency,
+    /// HPA as clusters run it: CPU against 70 %, every 15 s, on a 30 s average.
+    HpaDefault,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 3] = [Policy::Rootscale, Policy::HpaCpu, Policy::HpaLatency];
+    pub const ALL: [Policy; 4] = [Policy::Rootscale, Policy::HpaCpu, Policy::HpaLatency, Policy::HpaDefault];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Policy::Rootscale => "rootscale",
             Policy::HpaCpu => "hpa-cpu",
             Policy::HpaLatency => "hpa-latency",
+            Policy::HpaDefault => "hpa-default",
         }
     }
 }
@@ -62,7 +74,7 @@ impl FromStr for Policy {
         Policy::ALL
             .into_iter()
             .find(|policy| policy.as_str() == text)
-            .ok_or_else(|| format!("unknown policy `{text}` (rootscale, hpa-cpu, hpa-latency)"))
+            .ok_or_else(|| format!("unknown policy `{text}` (rootscale, hpa-cpu, hpa-latency, hpa-default)"))
     }
 }
 
@@ -91,6 +103,10 @@ pub struct Controller {
     agents: AgentClient,
     /// Each replica's virtual-CPU busy time at the last sync: (service, replica) → (when, nanoseconds).
     cpu_seen: BTreeMap<(String, u32), (Instant, u64)>,
+    /// `hpa-default`: each replica's busy time at every sync within the metric window, oldest first.
+    cpu_samples: BTreeMap<(String, u32), std::collections::VecDeque<(Instant, u64)>>,
+    /// `hpa-default`: when it last decided.
+    last_decided: Option<Instant>,
 }
 
 impl Controller {
@@ -113,6 +129,8 @@ impl Controller {
             cpu_target,
             agents: AgentClient::new(AGENT_TIMEOUT).with_mesh_keys(cluster.mesh_keys.clone()),
             cpu_seen: BTreeMap::new(),
+            cpu_samples: BTreeMap::new(),
+            last_decided: None,
         })
     }
 
@@ -120,6 +138,16 @@ impl Controller {
     pub async fn sync(&mut self, elapsed: Duration) -> Vec<Action> {
         let now = Instant::now();
         let names: Vec<String> = self.engines.keys().cloned().collect();
+        if self.policy == Policy::HpaDefault {
+            // Metrics are sampled at every sync of the run; HPA decides on its own period.
+            for name in &names {
+                self.sample_cpu(now, name);
+            }
+            if self.last_decided.is_some_and(|last| now.saturating_duration_since(last) < HPA_DEFAULT_SYNC) {
+                return Vec::new();
+            }
+            self.last_decided = Some(now);
+        }
         let mut actions = Vec::new();
         for name in names {
             let target = LocalTarget { cluster: self.cluster.clone(), service: name.clone() };
@@ -131,6 +159,10 @@ impl Controller {
                 }
                 Policy::HpaLatency => {
                     let recommended = self.hpa_latency(&name);
+                    self.apply(now, &name, &target, recommended).await
+                }
+                Policy::HpaDefault => {
+                    let recommended = self.hpa_default(&name);
                     self.apply(now, &name, &target, recommended).await
                 }
             };
@@ -218,6 +250,47 @@ impl Controller {
         Some((hpa_formula(self.cluster.replicas(name), mean / self.cpu_target), reason))
     }
 
+    /// Keeps each replica's busy time now, dropping samples older than the metric window (one older than it stays,
+    /// so the average spans the whole window once there is one).
+    fn sample_cpu(&mut self, now: Instant, name: &str) {
+        for replica in self.cluster.replica_info(name) {
+            let busy = replica.usage.cpu_busy_ns.load(std::sync::atomic::Ordering::Relaxed);
+            let samples = self.cpu_samples.entry((name.to_string(), replica.id)).or_default();
+            samples.push_back((now, busy));
+            while samples.len() > 2
+                && samples.get(1).is_some_and(|(at, _)| now.saturating_duration_since(*at) >= HPA_DEFAULT_METRIC_WINDOW)
+            {
+                samples.pop_front();
+            }
+        }
+        let live: Vec<u32> = self.cluster.replica_info(name).iter().map(|replica| replica.id).collect();
+        self.cpu_samples.retain(|(service, id), _| service != name || live.contains(id));
+    }
+
+    /// HPA's formula on the replicas' virtual-CPU utilisation averaged over the metric window (as metrics-server
+    /// reports it), against HPA-default's target. A replica with less than a second of samples has no metric yet.
+    fn hpa_default(&self, name: &str) -> Option<(u32, String)> {
+        let spec = self.cluster.topology.spec(name)?;
+        let cores = f64::from(spec.cores);
+        let utilizations: Vec<f64> = self
+            .cpu_samples
+            .iter()
+            .filter(|((service, _), _)| service == name)
+            .filter_map(|(_, samples)| {
+                let ((first_at, first_busy), (last_at, last_busy)) = (samples.front()?, samples.back()?);
+                let seconds = last_at.saturating_duration_since(*first_at).as_secs_f64();
+                (seconds >= 1.0).then(|| last_busy.saturating_sub(*first_busy) as f64 / 1e9 / seconds / cores)
+            })
+            .collect();
+        if utilizations.is_empty() {
+            return None;
+        }
+        let mean = utilizations.iter().sum::<f64>() / utilizations.len() as f64;
+        let reason =
+            format!("CPU {:.0}% (30 s average) against a {:.0}% target", mean * 100.0, HPA_DEFAULT_CPU_TARGET * 100.0);
+        Some((hpa_formula(self.cluster.replicas(name), mean / HPA_DEFAULT_CPU_TARGET), reason))
+    }
+
     /// HPA's formula on the mean of the replicas' own latency (at the SLO percentile, last window) against the
     /// service's budget.
     fn hpa_latency(&self, name: &str) -> Option<(u32, String)> {
@@ -263,6 +336,7 @@ mod tests {
         assert_eq!(hpa_formula(4, 0.3), 2);
         assert_eq!(hpa_formula(4, f64::NAN), 4);
         assert_eq!("hpa-cpu".parse::<Policy>(), Ok(Policy::HpaCpu));
+        assert_eq!("hpa-default".parse::<Policy>(), Ok(Policy::HpaDefault));
         assert!("hpa".parse::<Policy>().unwrap_err().contains("unknown policy"));
     }
 }

@@ -2,7 +2,7 @@
 //! zero, no other autoscaler), group its pods ([`pods`]), ask their agents ([`crate::agents`]), let the engine
 //! decide and apply through the Deployment's `/scale` ([`target`]), and record the decision ([`status`], Events).
 //!
-//! Everything read comes from the watches' caches ([`Cache`]): at steady state a reconcile makes no request but
+//! Everything read comes from the watches' caches ([`crate::controller::cache`]): at steady state a reconcile makes no request but
 //! the status write, and none at all when the status did not change. Events mark changes, not resyncs.
 //!
 //! Untested against a real cluster: exercised against request-level mocks and the in-process stand-in only.
@@ -13,15 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{apps::v1::Deployment, autoscaling::v2::HorizontalPodAutoscaler, core::v1::Pod};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
-    core::{Selector, SelectorExt},
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder},
-        reflector::{ObjectRef, Store},
     },
 };
 use serde_json::json;
@@ -30,7 +28,7 @@ use crate::{
     Error,
     agents::{AgentClient, Query, ask_all},
     annotations::{self, Mode},
-    controller::{pods, status, target::DeploymentScale},
+    controller::{cache::Cache, pods, status, target::DeploymentScale},
     crd::{ScalingDecision, ScalingDecisionSpec, ScalingDecisionStatus, TargetRef},
     dashboard::{Board, Observed},
     engine::{Engine, Pods},
@@ -67,65 +65,6 @@ impl Default for OperatorConfig {
             agents: AgentClient::new(DEFAULT_AGENT_TIMEOUT),
             concurrency: DEFAULT_CONCURRENCY,
         }
-    }
-}
-
-/// What the watches keep, so a reconcile reads without asking the API: pods, the operator's own
-/// `ScalingDecision`s, and HorizontalPodAutoscalers (another autoscaler on the same Deployment).
-#[derive(Clone)]
-pub struct Cache {
-    /// One store per watched namespace (or one for all).
-    pub pods: Vec<Store<Pod>>,
-    pub decisions: Vec<Store<ScalingDecision>>,
-    pub autoscalers: Vec<Store<HorizontalPodAutoscaler>>,
-}
-
-/// Whether a store has listed everything once (a reconcile on a half-filled cache would see pods missing).
-fn listed<K: kube::Resource + Clone + 'static>(store: &Store<K>) -> bool
-where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|ready| ready.is_ok())
-}
-
-impl Cache {
-    pub fn ready(&self) -> bool {
-        self.pods.iter().all(listed) && self.decisions.iter().all(listed) && self.autoscalers.iter().all(listed)
-    }
-
-    /// The Deployment's pods: in its namespace, matching its selector.
-    fn pods_of(&self, namespace: &str, selector: &Selector) -> Vec<Arc<Pod>> {
-        self.pods
-            .iter()
-            .flat_map(|store| {
-                store.state_filter(|pod| {
-                    pod.metadata.namespace.as_deref() == Some(namespace) && selector.matches(pod.labels())
-                })
-            })
-            .collect()
-    }
-
-    fn decision(&self, namespace: &str, name: &str) -> Option<Arc<ScalingDecision>> {
-        let key = ObjectRef::new(name).within(namespace);
-        self.decisions.iter().find_map(|store| store.get(&key))
-    }
-
-    /// A HorizontalPodAutoscaler (an HPA of its own, or the one a KEDA ScaledObject made) that scales the same
-    /// Deployment.
-    fn other_autoscaler(&self, namespace: &str, name: &str) -> Option<String> {
-        self.autoscalers.iter().find_map(|store| {
-            store
-                .find(|hpa| {
-                    let target = hpa.spec.as_ref().map(|spec| &spec.scale_target_ref);
-                    hpa.metadata.namespace.as_deref() == Some(namespace)
-                        && target.is_some_and(|target| {
-                            target.kind == "Deployment"
-                                && target.name == name
-                                && target.api_version.as_deref().is_none_or(|version| version.starts_with("apps/"))
-                        })
-                })
-                .map(|hpa| hpa.name_any())
-        })
     }
 }
 

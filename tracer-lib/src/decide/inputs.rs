@@ -144,4 +144,44 @@ mod tests {
         assert!(history.idle_throughout(1, 1.0));
         assert!(!history.idle_throughout(2, 1.0), "not enough windows yet");
     }
+
+    #[test]
+    fn idle_takes_two_quiet_windows_not_a_stabilisation_window() {
+        use crate::{aggregate::histogram::Histogram, decide::Verdict};
+        let policy = PolicyConfig::default();
+        let settings = DecisionSettings::configured(None, &policy);
+        let neighbors = Neighbors::new(8);
+        let capacity = Capacity { cores: 4.0, concurrency: None };
+        let mut history = UtilizationHistory::default();
+        let mut verdicts = Vec::new();
+        for window_id in 1..=4 {
+            // 100 requests of 1 ms CPU in 5 s: 0.5 % of 4 cores, far below half the target.
+            let mut stats = WindowStats::new(window_id);
+            (stats.requests, stats.arrivals) = (100, 100);
+            let (mut busy, mut total) = (Histogram::new(), Histogram::new());
+            for _ in 0..100 {
+                busy.record(1_000);
+                total.record(1_200);
+            }
+            (stats.busy, stats.total) = (busy, total);
+            // As the agent does: the window joins the history, then is decided.
+            history.push(window_id, utilization(&stats, 5_000, capacity).max());
+            let inputs = WindowInputs {
+                service: "quiet",
+                stats: &stats,
+                window_ms: 5_000,
+                capacity,
+                policy: &policy,
+                settings,
+                history: &history,
+                neighbors: &neighbors,
+                delegations: &[],
+            };
+            let (decision, recommendation) = decide_window(&inputs);
+            verdicts.push(decision.verdict);
+            assert!(recommendation.usage_ratio < 0.01, "{}", recommendation.usage_ratio);
+        }
+        // One quiet window is not enough; two are — the operator's stabilisation does the longer wait, once.
+        assert_eq!(verdicts, [Verdict::Healthy, Verdict::Idle, Verdict::Idle, Verdict::Idle]);
+    }
 }
