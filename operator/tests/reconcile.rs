@@ -528,3 +528,28 @@ async fn an_agent_answering_a_megabyte_suspect_is_bounded() {
     assert!(status.to_string().len() < 16_384, "a status of {} bytes", status.to_string().len());
     reconcile.await.unwrap().expect("the reconcile succeeds");
 }
+
+#[tokio::test]
+async fn what_is_kept_for_a_deployment_goes_when_it_is_no_longer_managed() {
+    let agent = fixed_agent(9.0).await;
+    let (ctx, mut api, _watches) = context();
+    let port = agent.port().to_string();
+    let managed = deployment(&[("enabled", "true"), ("max-replicas", "20"), ("agent-port", &port)]);
+    let first = tokio::spawn(reconcile(managed, ctx.clone()));
+    api.expect("PATCH", SCALE, 200, scale(6)).await;
+    api.expect("POST", EVENTS, 201, json!({})).await;
+    api.records().await;
+    first.await.unwrap().expect("the reconcile succeeds");
+    assert!(ctx.engines.lock().unwrap().contains_key("shop/web"), "the engine's memory is kept between resyncs");
+    // The annotation is removed: its engine goes at once, and nothing is asked or written.
+    reconcile(deployment(&[("agent-port", &port)]), ctx.clone()).await.expect("the reconcile succeeds");
+    assert!(ctx.engines.lock().unwrap().is_empty());
+    api.expect_nothing().await;
+    // A deleted Deployment is never reconciled again: the resync's prune drops what is kept for it.
+    ctx.engines.lock().unwrap().insert("shop/gone".into(), Default::default());
+    ctx.failures.lock().unwrap().insert("shop/gone".into(), 3);
+    ctx.engines.lock().unwrap().insert("shop/kept".into(), Default::default());
+    ctx.prune(|key| key == "shop/kept");
+    assert_eq!(ctx.engines.lock().unwrap().keys().collect::<Vec<_>>(), ["shop/kept"]);
+    assert!(ctx.failures.lock().unwrap().is_empty());
+}
