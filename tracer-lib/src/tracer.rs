@@ -373,9 +373,10 @@ impl Tracer {
         match CallerHeader::parse_recognizing(value, |service, end| reader.recall(now, service, end)) {
             Ok((caller, true)) => Some(caller),
             Ok((caller, false)) => {
-                let made_in = self.believes(HeaderRole::Caller, caller.claimed(), caller.proof(), window).ok()?;
+                let claimed = caller.claimed();
+                let made_in = self.believes(HeaderRole::Caller, claimed, caller.proof(), window).ok()?;
                 let (end, fields) = caller.end();
-                reader.remember(made_in, caller.claimed().0, end, fields);
+                reader.remember(made_in, claimed.0, end, fields);
                 Some(caller)
             }
             Err(error) => {
@@ -394,11 +395,12 @@ impl Tracer {
         match Timing::parse_recognizing(value, |service, end| reader.recall(now, service, end)) {
             Ok((timing, true)) => Ok(Some(timing)),
             Ok((timing, false)) => {
-                let Ok(made_in) = self.believes(HeaderRole::Timing, timing.claimed(), timing.proof(), window) else {
+                let claimed = timing.claimed();
+                let Ok(made_in) = self.believes(HeaderRole::Timing, claimed, timing.proof(), window) else {
                     return Ok(None);
                 };
                 let (end, fields) = timing.end();
-                reader.remember(made_in, timing.claimed().0, end, fields);
+                reader.remember(made_in, claimed.0, end, fields);
                 Ok(Some(timing))
             }
             Err(error) => {

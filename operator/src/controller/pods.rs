@@ -125,23 +125,23 @@ mod tests {
     fn pods_are_grouped_as_hpa_groups_them() {
         let old = 3600;
         let pods = [
-            pod("ready", "Running", "True", Some("10.0.0.5"), false, old, old),
-            pod("not-ready", "Running", "False", Some("10.0.0.6"), false, old, 10),
+            pod("ready", "Running", "True", Some("127.0.0.5"), false, old, old),
+            pod("not-ready", "Running", "False", Some("127.0.0.6"), false, old, 10),
             pod("pending", "Pending", "False", None, false, 5, 5),
             pod("no-ip", "Running", "True", None, false, old, old),
             pod("bad-ip", "Running", "True", Some("not-an-ip"), false, old, old),
-            pod("terminating", "Running", "True", Some("10.0.0.8"), true, old, old),
-            pod("failed", "Failed", "False", Some("10.0.0.9"), false, old, old),
-            pod("v6", "Running", "True", Some("fd00::1"), false, old, old),
+            pod("terminating", "Running", "True", Some("127.0.0.8"), true, old, old),
+            pod("failed", "Failed", "False", Some("127.0.0.9"), false, old, old),
+            pod("v6", "Running", "True", Some("::ffff:127.0.0.12"), false, old, old),
             // Ready 10 s ago, 20 s after its start: still starting. Ready 10 s ago an hour after its start (it came
             // back from a failed probe): not starting, its agent has been counting all along.
-            pod("starting", "Running", "True", Some("10.0.0.10"), false, 30, 10),
-            pod("came-back", "Running", "True", Some("10.0.0.11"), false, old, 10),
+            pod("starting", "Running", "True", Some("127.0.0.10"), false, 30, 10),
+            pod("came-back", "Running", "True", Some("127.0.0.11"), false, old, 10),
         ];
         let refs: Vec<&Pod> = pods.iter().collect();
         let groups = group(&refs, 9797, Timestamp::now());
         let names: Vec<String> = groups.ready.iter().map(|(name, addr)| format!("{name}@{addr}")).collect();
-        assert_eq!(names, ["ready@10.0.0.5:9797", "v6@[fd00::1]:9797", "came-back@10.0.0.11:9797"]);
+        assert_eq!(names, ["ready@127.0.0.5:9797", "v6@[::ffff:127.0.0.12]:9797", "came-back@127.0.0.11:9797"]);
         // not-ready, pending, no-ip, bad-ip, starting.
         assert_eq!(groups.unready, 5);
     }

@@ -76,7 +76,6 @@ impl Engine {
                     Some(Stamped { at, unix: entry.unix.min(now_unix), value: entry.value.min(MAX_REMEMBERED_VALUE) })
                 })
                 .collect();
-            restored.reverse();
             restored.sort_by_key(|entry| entry.at);
             restored
         };

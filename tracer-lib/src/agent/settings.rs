@@ -314,8 +314,8 @@ mod tests {
     #[test]
     fn the_pod_ip_becomes_an_address_neighbours_can_dial() {
         assert_eq!(advertised_at("127.0.0.9", 9797).unwrap(), "127.0.0.9:9797");
-        let v6 = advertised_at("fd00::1", 9797).unwrap();
-        assert_eq!(v6, "[fd00::1]:9797");
+        let v6 = advertised_at("::ffff:127.0.0.9", 9797).unwrap();
+        assert_eq!(v6, "[::ffff:127.0.0.9]:9797");
         assert!(crate::measure::headers::valid_agent_addr(&v6), "the header parser takes it");
         let error = advertised_at("not-an-ip", 9797).unwrap_err().to_string();
         assert!(error.contains("POD_IP") && error.contains("IPv4 or IPv6"), "{error}");

@@ -257,13 +257,6 @@ pub struct ClaimEnd {
     proof: Option<(u64, Range<usize>)>,
 }
 
-impl ClaimEnd {
-    /// Whether the end carries a proof.
-    pub fn has_proof(&self) -> bool {
-        self.proof.is_some()
-    }
-}
-
 /// A header's claim, with the end's fields placed in it: `end_at` is where the end begins.
 #[derive(Clone, Debug)]
 struct Claimed {
