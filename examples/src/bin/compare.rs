@@ -20,7 +20,7 @@ use serde::Serialize;
 #[derive(Parser)]
 #[command(about = "Compare rootscale with HPA on CPU and on latency, fault by fault, topology by topology")]
 struct Args {
-    /// Shipped topologies to run (shop, social, chain); all of them by default.
+    /// Shipped topologies to run (shop, social, chain, threads); all of them by default.
     #[arg(long)]
     topology: Vec<String>,
     /// Length of each run; the faults come at their topology's time (15s in the shipped ones).
@@ -73,7 +73,7 @@ fn compare(args: Args) -> Result<(), String> {
         }
     }
     if topologies.is_empty() {
-        return Err(format!("no shipped topology is called {:?} (shop, social, chain)", args.topology));
+        return Err(format!("no shipped topology is called {:?} (shop, social, chain, threads)", args.topology));
     }
     let mut rows = Vec::new();
     let policies: Vec<Policy> = if args.policy.is_empty() { Policy::ALL.to_vec() } else { args.policy.clone() };

@@ -24,7 +24,7 @@ use rootscale_tracer::decide::AggregationMode;
 #[derive(Parser)]
 #[command(about = "Run rootscale's whole loop on this machine: real services, load, a bottleneck, scaling")]
 struct Args {
-    /// A topology file, or the name of a shipped one (shop, social, chain).
+    /// A topology file, or the name of a shipped one (shop, social, chain, threads).
     #[arg(long, default_value = "shop")]
     topology: String,
     /// Who scales: rootscale's agents, or HPA on CPU or on each service's latency.

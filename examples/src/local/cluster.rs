@@ -177,6 +177,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// Ends `fault`: its service is as it was before.
+    pub fn heal(&self, fault: &Fault) -> Result<(), Error> {
+        let control = &self.service(&fault.service)?.config.control;
+        match fault.kind {
+            FaultKind::Capacity(_) => control.divide_capacity(1.0),
+            FaultKind::Cpu(_) => control.multiply_cpu(1.0),
+            FaultKind::Link(_) => control.delay_link(Duration::ZERO),
+        }
+        Ok(())
+    }
+
     /// Stops everything: drains in progress finish, the rest stop at once.
     pub fn stop(&self) {
         for service in self.services.values() {

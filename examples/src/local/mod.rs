@@ -38,8 +38,9 @@ pub enum Error {
 }
 
 /// The topologies shipped with the demo: (name, file contents).
-pub const SHIPPED: [(&str, &str); 3] = [
+pub const SHIPPED: [(&str, &str); 4] = [
     ("shop", include_str!("../../topologies/shop.yaml")),
     ("social", include_str!("../../topologies/social.yaml")),
     ("chain", include_str!("../../topologies/chain.yaml")),
+    ("threads", include_str!("../../topologies/threads.yaml")),
 ];

@@ -110,15 +110,23 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(policy: Policy, cluster: Arc<Cluster>, cpu_target: f64) -> Result<Self, Error> {
+    /// `scale_down_stabilization` is HPA's 5 minutes unless a run asks for less (a test that must see a
+    /// scale-down in a minute).
+    pub fn new(
+        policy: Policy,
+        cluster: Arc<Cluster>,
+        cpu_target: f64,
+        scale_down_stabilization: Duration,
+    ) -> Result<Self, Error> {
         let mut engines = BTreeMap::new();
         for spec in &cluster.topology.services {
-            let config = TargetConfig {
+            let mut config = TargetConfig {
                 min_replicas: spec.min_replicas,
                 max_replicas: spec.max_replicas,
                 tolerance: TOLERANCE,
                 ..TargetConfig::default()
             };
+            config.behavior.scale_down.stabilization_window = scale_down_stabilization;
             config.validate().map_err(|e| Error::Scenario(format!("{}: {e}", spec.name)))?;
             engines.insert(spec.name.clone(), (Engine::new(), config));
         }

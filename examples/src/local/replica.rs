@@ -3,8 +3,9 @@
 //!
 //! What a replica can do is modelled, so that replicas add capacity even on a 2-core machine: a request holds a
 //! worker-pool slot for its service time (sleeping, like I/O) and one of the replica's virtual cores for its CPU
-//! time (sleeping too, reported to the tracer as CPU work done off the request's task). Its calls come after, with
-//! the slot released, through a p2c balancer per callee. A replica stops by draining: its callers drop it first
+//! time (sleeping too, reported to the tracer as CPU work done off the request's task), and tells the tracer how
+//! long it queued for the slot. Its calls come after, through a p2c balancer per callee — with the slot released
+//! (`pool: own`, an async service) or still held (`pool: request`, a thread-per-request one). A replica stops by draining: its callers drop it first
 //! (the cluster removes it from the registry), then it waits for its in-flight requests, then it shuts down.
 
 use crate::handler::{Handle, grpc_service, http_router};
@@ -27,7 +28,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Exp, LogNormal};
-use rootscale_tracer::{Agent, AgentView, RequestHandle, TraceClient, decide::AggregationMode, identity::KeyRing};
+use rootscale_tracer::{
+    Agent, AgentView, RequestHandle, TraceClient,
+    decide::{AggregationMode, PoolScope},
+    identity::KeyRing,
+};
 use tokio::{
     net::TcpListener,
     sync::{Semaphore, oneshot, watch},
@@ -204,8 +209,11 @@ impl Work {
     async fn serve(&self) -> Result<(), String> {
         let (service_time, steps) = self.draw();
         let pool = self.pool();
+        let request = RequestHandle::current();
+        let queued_since = Instant::now();
+        let slot = pool.acquire().await.map_err(|_| "pool closed")?;
+        request.record_pool_wait(queued_since.elapsed());
         {
-            let _slot = pool.acquire().await.map_err(|_| "pool closed")?;
             if !service_time.is_zero() {
                 tokio::time::sleep(service_time).await;
             }
@@ -221,9 +229,17 @@ impl Work {
                 // The core was held for as long as the timer really took (it rounds up to its tick).
                 let running = running_since.elapsed();
                 self.usage.cpu_busy_ns.fetch_add(running.as_nanos() as u64, Ordering::Relaxed);
-                RequestHandle::current().record_offloaded_cpu(running, running_since - queued_since);
+                request.record_offloaded_cpu(running, running_since - queued_since);
             }
         }
+        // A thread-per-request service keeps its worker through the calls; an async one gives it back first.
+        let _held = match self.spec.pool {
+            PoolScope::Request => Some(slot),
+            PoolScope::Own => {
+                drop(slot);
+                None
+            }
+        };
         for (step, taken) in self.spec.steps.iter().zip(steps) {
             if !taken {
                 continue;
@@ -325,6 +341,7 @@ async fn serve(
         .window(config.window)
         .mode(config.mode)
         .concurrency(spec.capacity)
+        .pool_scope(spec.pool)
         .cpu_cores(f64::from(spec.cores))
         .exchange_timeout(Duration::from_millis(500))
         .mesh_keys(config.mesh_keys.clone());

@@ -26,6 +26,9 @@ use crate::local::{
     topology::Topology,
 };
 
+/// HPA's default scale-down stabilisation, which every policy of a run keeps unless told otherwise.
+pub const HPA_SCALE_DOWN_STABILIZATION: Duration = Duration::from_secs(300);
+
 /// How a run is set up.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -42,6 +45,8 @@ pub struct RunConfig {
     pub mode: AggregationMode,
     /// HPA-cpu's target utilisation.
     pub cpu_target: f64,
+    /// Every policy's scale-down stabilisation (HPA's default, 5 minutes, unless a test needs less).
+    pub scale_down_stabilization: Duration,
     pub cpu_model: CpuModel,
     /// The run's mesh key, made anew for each run: replicas prove membership with it, and the policy asks their
     /// agents as the operator does.
@@ -64,6 +69,7 @@ impl RunConfig {
             sync: Duration::from_secs(2),
             mode: AggregationMode::Max,
             cpu_target: 0.6,
+            scale_down_stabilization: HPA_SCALE_DOWN_STABILIZATION,
             cpu_model: CpuModel::Virtual,
             mesh_keys: Arc::new(KeyRing::fixed(mesh_keys)),
         })
@@ -85,6 +91,9 @@ impl RunConfig {
             }
             if fault.at >= self.duration {
                 return Err(Error::Scenario(format!("fault `{fault}` is after the end of the run")));
+            }
+            if fault.until.is_some_and(|until| until > self.duration) {
+                return Err(Error::Scenario(format!("fault `{fault}` ends after the end of the run")));
             }
         }
         if self.duration < Duration::from_secs(5) || self.duration > super::scenario::MAX_TIME {
@@ -169,8 +178,15 @@ pub struct Summary {
     pub latency_before_ms: Option<f64>,
     pub latency_worst_ms: Option<f64>,
     pub latency_after_ms: Option<f64>,
+    /// Seconds from the first fault until the entry's latency at the SLO percentile stayed under the SLO for
+    /// [`RECOVERED_FOR`] seconds in a row (counted from the first of them; 0 if the SLO never broke); `None` if it
+    /// never did.
+    pub recovered_after_s: Option<u64>,
     pub final_replicas: BTreeMap<String, u32>,
 }
+
+/// Seconds in a row under the SLO that count as recovered.
+pub const RECOVERED_FOR: usize = 10;
 
 /// A whole run.
 #[derive(Clone, Debug, Serialize)]
@@ -333,13 +349,18 @@ async fn drive(
     on_tick: &mut impl FnMut(&Tick, &[Action], &[Detection]),
 ) -> Result<Timeline, Error> {
     let topology = &config.topology;
-    let mut controller = Controller::new(config.policy, cluster.clone(), config.cpu_target)?;
+    let mut controller =
+        Controller::new(config.policy, cluster.clone(), config.cpu_target, config.scale_down_stabilization)?;
+    // Seconds of the run fall in the middle of the agents' windows: a sync reads a window closed half a window ago,
+    // its reports and delegations settled, and anything scheduled at a whole second happens inside one window.
+    tokio::time::sleep(until_mid_window(config.window)).await;
     let load =
         Load::start(&tokio::runtime::Handle::current(), cluster.entry_registry()?, config.rate.clone(), config.seed);
     let started = Instant::now();
     let mut faults: Vec<Fault> = config.faults.clone();
     faults.sort_by_key(|fault| fault.at);
     let mut injected = 0;
+    let mut healed = vec![false; faults.len()];
     let mut detections: Vec<Detection> = faults
         .iter()
         .map(|fault| Detection { fault: fault.to_string(), at_s: fault.at.as_secs_f64(), detected_at_s: None })
@@ -355,6 +376,13 @@ async fn drive(
             cluster.inject(&faults[injected])?;
             tracing::info!(fault = %faults[injected], "injected");
             injected += 1;
+        }
+        for (fault, healed) in faults.iter().zip(healed.iter_mut()).take(injected) {
+            if !*healed && fault.until.is_some_and(|until| until <= elapsed) {
+                cluster.heal(fault)?;
+                tracing::info!(%fault, "ended");
+                *healed = true;
+            }
         }
         let new_actions = if t % sync_every == 0 { controller.sync(elapsed).await } else { Vec::new() };
         let services: Vec<ServiceRow> =
@@ -401,6 +429,15 @@ async fn drive(
         ticks,
         summary,
     })
+}
+
+/// How long until the middle of the next window (windows are aligned to Unix time, as the agents' are).
+fn until_mid_window(window: Duration) -> Duration {
+    let window_ms = window.as_millis().max(1);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let phase = now_ms % window_ms;
+    let wait = (window_ms / 2 + window_ms - phase) % window_ms;
+    Duration::from_millis(u64::try_from(wait).unwrap_or(0))
 }
 
 fn summarize(
@@ -451,6 +488,17 @@ fn summarize(
                 .map(|d| d.as_secs_f64() * 1e3)
         }),
         latency_after_ms: latency(seconds.saturating_sub(10)..seconds),
+        recovered_after_s: first_fault.and_then(|at| {
+            let within = |second: &crate::local::load::Second| {
+                second.sent == 0 || second.percentile(topology.slo_percentile).is_none_or(|p| p <= topology.slo)
+            };
+            let after: Vec<bool> = by_start.iter().take(seconds).skip(at).map(within).collect();
+            // The fault counts from its first violation: a second under the SLO before it bit is not recovery.
+            let Some(broke) = after.iter().position(|ok| !ok) else { return Some(0) };
+            (broke..after.len().saturating_sub(RECOVERED_FOR - 1))
+                .find(|start| after[*start..*start + RECOVERED_FOR].iter().all(|ok| *ok))
+                .map(|start| start as u64)
+        }),
         final_replicas: topology.services.iter().map(|s| (s.name.clone(), cluster.replicas(&s.name))).collect(),
     }
 }

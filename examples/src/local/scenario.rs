@@ -1,5 +1,6 @@
 //! What happens during a run: the load's rate over time and the faults injected on a schedule, as written on the
-//! command line (`--rate 100,300@20s`, `--inject catalog=cpu:4@15s`) or in a topology's `demo:` section.
+//! command line (`--rate 100,300@20s`, `--inject catalog=cpu:4@15s`, a fault that ends: `catalog=cpu:4@15s-45s`)
+//! or in a topology's `demo:` section.
 
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -19,13 +20,15 @@ pub enum FaultKind {
     Link(Duration),
 }
 
-/// `SERVICE=KIND:FACTOR@TIME`.
+/// `SERVICE=KIND:FACTOR@TIME`, or `SERVICE=KIND:FACTOR@FROM-UNTIL` for a fault that ends.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fault {
     pub service: String,
     pub kind: FaultKind,
     /// When, from the start of the load.
     pub at: Duration,
+    /// When it ends, if it does.
+    pub until: Option<Duration>,
 }
 
 impl Fault {
@@ -44,7 +47,11 @@ impl fmt::Display for Fault {
             FaultKind::Capacity(factor) | FaultKind::Cpu(factor) => format!("{factor}"),
             FaultKind::Link(delay) => humantime::format_duration(delay).to_string(),
         };
-        write!(f, "{}={}:{}@{}", self.service, self.kind_name(), value, humantime::format_duration(self.at))
+        write!(f, "{}={}:{}@{}", self.service, self.kind_name(), value, humantime::format_duration(self.at))?;
+        match self.until {
+            Some(until) => write!(f, "-{}", humantime::format_duration(until)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -61,7 +68,8 @@ impl FromStr for Fault {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let shape = "expected SERVICE=KIND:VALUE@TIME, e.g. catalog=cpu:4@15s or payments=link:30ms@20s";
+        let shape =
+            "expected SERVICE=KIND:VALUE@TIME or @FROM-UNTIL, e.g. catalog=cpu:4@15s or payments=link:30ms@20s-50s";
         let (service, rest) = text.split_once('=').ok_or_else(|| format!("fault `{text}`: {shape}"))?;
         let (what, at) = rest.split_once('@').ok_or_else(|| format!("fault `{text}`: no @TIME; {shape}"))?;
         let (kind, value) = what.split_once(':').ok_or_else(|| format!("fault `{text}`: no :VALUE; {shape}"))?;
@@ -87,8 +95,17 @@ impl FromStr for Fault {
             }
             other => return Err(format!("fault `{text}`: unknown kind `{other}` (capacity, cpu, link)")),
         };
+        let (at, until) = match at.split_once('-') {
+            Some((from, until)) => (from, Some(until)),
+            None => (at, None),
+        };
         let at = time(at, "fault time").map_err(|e| format!("fault `{text}`: {e}"))?;
-        Ok(Fault { service: service.to_string(), kind, at })
+        let until =
+            until.map(|until| time(until, "fault end")).transpose().map_err(|e| format!("fault `{text}`: {e}"))?;
+        if until.is_some_and(|until| until <= at) {
+            return Err(format!("fault `{text}`: it must end after it starts"));
+        }
+        Ok(Fault { service: service.to_string(), kind, at, until })
     }
 }
 
@@ -150,8 +167,14 @@ mod tests {
     #[test]
     fn faults_parse_strictly() {
         let fault: Fault = "catalog=cpu:4@15s".parse().unwrap();
-        assert_eq!(fault, Fault { service: "catalog".into(), kind: FaultKind::Cpu(4.0), at: Duration::from_secs(15) });
+        assert_eq!(
+            fault,
+            Fault { service: "catalog".into(), kind: FaultKind::Cpu(4.0), at: Duration::from_secs(15), until: None }
+        );
         assert_eq!(fault.to_string(), "catalog=cpu:4@15s");
+        let ending: Fault = "catalog=capacity:3@15s-45s".parse().unwrap();
+        assert_eq!((ending.at, ending.until), (Duration::from_secs(15), Some(Duration::from_secs(45))));
+        assert_eq!(ending.to_string(), "catalog=capacity:3@15s-45s");
         let link: Fault = "db=link:30ms@1m".parse().unwrap();
         assert_eq!(link.kind, FaultKind::Link(Duration::from_millis(30)));
         for (bad, why) in [
@@ -165,6 +188,8 @@ mod tests {
             ("catalog=heat:2@1s", "unknown kind `heat`"),
             ("catalog=link:2@1s", "not a time"),
             ("catalog=cpu:2@2h", "after the longest run"),
+            ("catalog=cpu:2@20s-10s", "end after it starts"),
+            ("catalog=cpu:2@20s-soon", "fault end `soon`"),
         ] {
             let error = bad.parse::<Fault>().unwrap_err();
             assert!(error.contains(why), "{bad}: {error}");

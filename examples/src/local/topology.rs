@@ -12,6 +12,8 @@
 //!   - name: frontend
 //!     protocol: http          # or grpc
 //!     capacity: 32            # worker-pool slots per replica
+//!     pool: own               # a slot for the service's own work (default), or `request`: for the whole
+//!                             # request, calls included (a thread-per-request service)
 //!     cores: 1                # virtual cores per replica (default 1)
 //!     cpu: 1ms                # CPU time per request, on a virtual core
 //!     service_time: {distribution: exponential, mean: 2ms}   # time holding a worker, off the CPU
@@ -35,6 +37,8 @@ use std::{
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
+
+use rootscale_tracer::decide::PoolScope;
 
 use crate::local::{Error, scenario::Fault};
 
@@ -97,8 +101,10 @@ pub struct Step {
 pub struct ServiceSpec {
     pub name: String,
     pub protocol: Protocol,
-    /// Worker-pool slots per replica: requests in their own work at once.
+    /// Worker-pool slots per replica: requests in their own work (or, for a `request` pool, anywhere) at once.
     pub capacity: u32,
+    /// How long a request holds its slot.
+    pub pool: PoolScope,
     /// Virtual cores per replica; CPU time is spent holding one.
     pub cores: u32,
     pub cpu: Duration,
@@ -152,6 +158,8 @@ struct ServiceFile {
     name: Spanned<String>,
     protocol: Spanned<String>,
     capacity: Spanned<i64>,
+    #[serde(default)]
+    pool: Option<Spanned<String>>,
     #[serde(default)]
     cores: Option<Spanned<i64>>,
     #[serde(default)]
@@ -396,6 +404,13 @@ impl Topology {
             other => return Err(format!("{}: protocol `{other}` is not http or grpc", at(&file.protocol))),
         };
         let capacity = count(&file.capacity, "capacity", 1, MAX_CAPACITY)?;
+        let pool = match &file.pool {
+            Some(pool) => pool
+                .value
+                .parse::<PoolScope>()
+                .map_err(|_| format!("{}: pool `{}` is not own or request", at(pool), pool.value))?,
+            None => PoolScope::Own,
+        };
         let cores = match &file.cores {
             Some(cores) => count(cores, "cores", 1, MAX_CORES as i64)?,
             None => 1,
@@ -463,6 +478,7 @@ impl Topology {
             name,
             protocol,
             capacity,
+            pool,
             cores,
             cpu,
             service_time,
@@ -678,6 +694,9 @@ demo:
         assert_eq!(topology.spec("db").unwrap().budget, Duration::from_millis(50));
         assert_eq!(topology.demo.faults.len(), 1);
         assert_eq!(topology.ancestors("db"), BTreeSet::from(["web".to_string()]));
+        assert_eq!(web.pool, PoolScope::Own);
+        let held = GOOD.replace("    capacity: 8\n", "    capacity: 8\n    pool: request\n");
+        assert_eq!(Topology::parse(&held, "t.yaml").unwrap().spec("web").unwrap().pool, PoolScope::Request);
     }
 
     #[test]
@@ -702,6 +721,7 @@ demo:
             (GOOD.replace("probability: 0.5", "probability: 1.5"), "line 13", "probability 1.5"),
             (GOOD.replace("  - name: cache", "  - name: db"), "line 18", "already defined on line 14"),
             (GOOD.replace("mean: 4ms", "mean: soon"), "line 9", "not a duration"),
+            (GOOD.replace("    capacity: 8\n", "    capacity: 8\n    pool: forever\n"), "line 8", "pool `forever`"),
             (GOOD.replace("entry: web", "entry: api"), "line 2", "entry `api`"),
             (GOOD.replace("[db=capacity:2@10s]", "[db=melt:2@10s]"), "line 23", "melt"),
             (GOOD.replace("      - parallel: [cache, db]\n        probability: 0.5\n", ""), "line 16", "never called"),

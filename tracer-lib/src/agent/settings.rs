@@ -11,6 +11,7 @@
 //! | `ROOTSCALE_TRIGGER` | fraction of the SLO that starts a search | `0.8` |
 //! | `ROOTSCALE_SLO` / `ROOTSCALE_SLO_PERCENTILE` | an entry service's SLO, for use without the operator | none / `95` |
 //! | `ROOTSCALE_CONCURRENCY` | requests one replica serves at once (its pool), for Little's law | none |
+//! | `ROOTSCALE_POOL_SCOPE` | `own` (a worker for the service's own work) or `request` (for the whole request) | `own` |
 //! | `ROOTSCALE_AGENT_TOKEN` | shared token required on the agent's gRPC calls | none |
 //! | `ROOTSCALE_AGENT_TLS_CERT` / `_KEY` / `_CA` | PEM files: serve and call over mutual TLS | none |
 //! | `ROOTSCALE_AGENT_TLS_SERVER_NAME` | the name other agents' certificates are checked against | the address |
@@ -30,7 +31,7 @@ pub const DEFAULT_MAX_NEIGHBORS: usize = 256;
 
 use crate::{
     Error, Observer,
-    decide::{AggregationMode, PolicyConfig, Slo},
+    decide::{AggregationMode, PolicyConfig, PoolScope, Slo},
     identity::{KeyRing, peer::DEFAULT_OPERATOR_IDENTITY},
     measure::headers::valid_service_name,
 };
@@ -60,6 +61,7 @@ pub struct AgentBuilder {
     pub(crate) policy: PolicyConfig,
     pub(crate) slo: Option<Slo>,
     pub(crate) concurrency: Option<f64>,
+    pub(crate) pool_scope: PoolScope,
     pub(crate) token: Option<String>,
     pub(crate) tls: Option<TlsFiles>,
     pub(crate) exchange_timeout: Duration,
@@ -100,6 +102,7 @@ impl AgentBuilder {
             policy: PolicyConfig::default(),
             slo: None,
             concurrency: None,
+            pool_scope: PoolScope::Own,
             token: None,
             tls: None,
             exchange_timeout: DEFAULT_EXCHANGE_TIMEOUT,
@@ -149,6 +152,10 @@ impl AgentBuilder {
                 Ok(value) if value > 0 => builder.concurrency = Some(f64::from(value)),
                 _ => return Err(bad("ROOTSCALE_CONCURRENCY", &concurrency, "expected a whole number above 0")),
             }
+        }
+        if let Some(scope) = env("ROOTSCALE_POOL_SCOPE") {
+            builder.pool_scope =
+                scope.parse().map_err(|_| bad("ROOTSCALE_POOL_SCOPE", &scope, "expected own or request"))?;
         }
         builder.token = env("ROOTSCALE_AGENT_TOKEN");
         match (env("ROOTSCALE_AGENT_TLS_CERT"), env("ROOTSCALE_AGENT_TLS_KEY"), env("ROOTSCALE_AGENT_TLS_CA")) {
@@ -226,6 +233,14 @@ impl AgentBuilder {
     /// Requests one replica serves at once (a worker or connection pool), for Little's law.
     pub fn concurrency(mut self, concurrency: u32) -> Self {
         self.concurrency = Some(f64::from(concurrency));
+        self
+    }
+
+    /// How long a request holds one of the pool's workers: [`PoolScope::Request`] for a thread-per-request
+    /// service, whose workers wait on its callees too. Record the queueing for a worker with
+    /// [`crate::RequestHandle::record_pool_wait`].
+    pub fn pool_scope(mut self, scope: PoolScope) -> Self {
+        self.pool_scope = scope;
         self
     }
 

@@ -44,7 +44,7 @@ impl AgentBuilder {
     pub async fn start(self) -> Result<Agent, Error> {
         self.check()?;
         // Measured on the caller's runtime: the service's own CPU, not the agent's thread.
-        let mut capacity = Capacity::detect(self.concurrency);
+        let mut capacity = Capacity::detect(self.concurrency, self.pool_scope);
         if let Some(cores) = self.cpu_cores {
             capacity.cores = cores;
         }

@@ -20,7 +20,9 @@ use crate::{
     aggregate::WindowStats,
     decide::{
         Capacity, Decision, PolicyConfig, Recommendation,
-        inputs::{DecisionSettings, SettingsUpdate, UtilizationHistory, WindowInputs, decide_window},
+        inputs::{
+            DecisionSettings, SettingsUpdate, UtilizationHistory, WindowInputs, decide_window, subtree_utilization,
+        },
         recommend::utilization,
     },
     exchange::{
@@ -125,11 +127,18 @@ impl AgentState {
     fn outbox(&self, inner: &Inner, only_to: Option<&[Arc<str>]>) -> Outbox {
         let Some(window) = &inner.window else { return Vec::new() };
         let stats = &window.stats;
+        let pressure = subtree_utilization(&inner.neighbors, stats.window_id);
+        let callees_utilization = stats
+            .outbound
+            .keys()
+            .filter_map(|callee| pressure.get(&**callee))
+            .fold(0.0_f64, |largest, load| largest.max(*load));
         let from = outbox::Sender {
             service: &self.service,
             agent: &self.advertise,
             window_ms: self.window_ms,
             capacity: self.capacity,
+            callees_utilization,
         };
         outbox::reports(&from, stats, &inner.decision, inner.inbox.delegations(stats.window_id).first(), only_to)
     }
@@ -152,6 +161,10 @@ impl AgentState {
         inner.neighbors.expire(stats.window_id.saturating_sub(EXPIRE_AFTER));
         for outcome in inner.inbox.window_closed(&self.service, &mut inner.neighbors, stats.window_id) {
             self.count_received(outcome);
+        }
+        if let Some(previous) = &inner.window {
+            // What the window before ended with, delegations and the operator's questions included.
+            inner.history.ended_with(previous.stats.window_id, inner.decision.verdict);
         }
         inner.history.push(stats.window_id, utilization(stats, self.window_ms, self.capacity).max());
         inner.window = Some(window.clone());
@@ -370,7 +383,13 @@ mod tests {
         let tracer = Tracer::builder("svc-pool").window(Duration::from_secs(1)).build().unwrap();
         let config = AgentBuilder::new("svc-pool");
         let sender = Sender::new(Duration::from_millis(100), None, None, None).unwrap();
-        AgentState::new(tracer, &config, "127.0.0.1:1".into(), Capacity { cores: 1.0, concurrency: Some(4.0) }, sender)
+        AgentState::new(
+            tracer,
+            &config,
+            "127.0.0.1:1".into(),
+            Capacity { cores: 1.0, concurrency: Some(4.0), pool_scope: Default::default() },
+            sender,
+        )
     }
 
     /// A 1 s window of 100 requests, each `own_ms` in the service: `own_ms × 100 / 1000 / 4` of the pool.

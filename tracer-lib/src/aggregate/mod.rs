@@ -197,6 +197,7 @@ mod tests {
             cpu_wait_us: 0,
             downstream_us: 0,
             local_wait_us: 990,
+            pool_wait_us: 0,
             error: false,
             cancelled: false,
         }

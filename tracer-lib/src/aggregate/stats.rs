@@ -103,6 +103,8 @@ pub struct WindowStats {
     pub busy: Histogram,
     pub cpu_wait: Histogram,
     pub local_wait: Histogram,
+    /// The part of `local_wait` queued for a worker of the service's pool.
+    pub pool_wait: Histogram,
     pub downstream: Histogram,
     pub inbound: HashMap<Box<str>, InboundStats>,
     pub outbound: HashMap<Arc<str>, OutboundStats>,
@@ -118,6 +120,7 @@ pub struct RequestSample<'a> {
     pub cpu_wait_us: u64,
     pub downstream_us: u64,
     pub local_wait_us: u64,
+    pub pool_wait_us: u64,
     pub error: bool,
     pub cancelled: bool,
 }
@@ -148,6 +151,7 @@ impl WindowStats {
         self.busy.record(sample.busy_us);
         self.cpu_wait.record(sample.cpu_wait_us);
         self.local_wait.record(sample.local_wait_us);
+        self.pool_wait.record(sample.pool_wait_us);
         self.downstream.record(sample.downstream_us);
         let Some((caller, caller_agent)) = sample.caller else {
             self.external_requests += 1;
@@ -199,6 +203,7 @@ impl WindowStats {
         self.busy.merge(&other.busy);
         self.cpu_wait.merge(&other.cpu_wait);
         self.local_wait.merge(&other.local_wait);
+        self.pool_wait.merge(&other.pool_wait);
         self.downstream.merge(&other.downstream);
         self.inbound_overflow += other.inbound_overflow;
         self.outbound_overflow += other.outbound_overflow;
@@ -245,6 +250,7 @@ impl WindowStats {
             busy: Some(self.busy.to_proto()),
             cpu_wait: Some(self.cpu_wait.to_proto()),
             local_wait: Some(self.local_wait.to_proto()),
+            pool_wait: Some(self.pool_wait.to_proto()),
             downstream: Some(self.downstream.to_proto()),
             inbound,
             outbound,

@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use crate::{
     aggregate::WindowStats,
     decide::{
-        Capacity, Decision, Delegated, PolicyConfig, PolicyInput, Recommendation, Slo, policy, recommend,
-        recommend::utilization,
+        Capacity, Decision, Delegated, PolicyConfig, PolicyInput, Recommendation, Slo, Verdict, policy, recommend,
+        recommend::{utilization, utilization_with},
     },
     exchange::neighbors::Neighbors,
 };
@@ -18,6 +18,8 @@ const MAX_HISTORY: usize = 8;
 /// Windows in a row below the idle level before a replica says `idle`: one quiet window is noise. Waiting longer
 /// is the operator's scale-down stabilisation, applied once, to the recommendations (docs/DESIGN.md §3).
 const IDLE_WINDOWS: usize = 2;
+/// A neighbour's report counts for this many windows after its own: reports for a window arrive after it closes.
+const FRESH_WINDOWS: u64 = 2;
 
 /// The settings the rule runs with: configured at start, then changed only by the authenticated operator.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -51,10 +53,11 @@ pub struct SettingsUpdate {
     pub target_utilization: Option<f64>,
 }
 
-/// The utilisation of recent windows, oldest first, bounded.
+/// The utilisation of recent windows and the verdicts they ended with, oldest first, bounded.
 #[derive(Debug, Default)]
 pub struct UtilizationHistory {
     windows: VecDeque<(u64, f64)>,
+    verdicts: VecDeque<(u64, Verdict)>,
 }
 
 impl UtilizationHistory {
@@ -63,6 +66,23 @@ impl UtilizationHistory {
         while self.windows.len() > MAX_HISTORY {
             self.windows.pop_front();
         }
+    }
+
+    /// The verdict `window_id` ended with (its last decision, once the next window closes).
+    pub fn ended_with(&mut self, window_id: u64, verdict: Verdict) {
+        self.verdicts.retain(|(id, _)| *id != window_id);
+        self.verdicts.push_back((window_id, verdict));
+        while self.verdicts.len() > MAX_HISTORY {
+            self.verdicts.pop_front();
+        }
+    }
+
+    /// Whether the window just before `window_id` already called for more replicas. A root cause named for one
+    /// window only — a burst released upstream, a backlog draining — scales nothing (docs/DESIGN.md §1.5).
+    fn pressed_before(&self, window_id: u64) -> bool {
+        self.verdicts.iter().any(|(id, verdict)| {
+            id.saturating_add(1) == window_id && matches!(verdict, Verdict::RootCause | Verdict::Saturated)
+        })
     }
 
     /// One window's burst (a backlog released upstream, the noise of a short window) is not saturation: what
@@ -79,6 +99,13 @@ impl UtilizationHistory {
     fn idle_throughout(&self, windows: usize, below: f64) -> bool {
         self.windows.len() >= windows && self.windows.iter().rev().take(windows).all(|(_, value)| *value < below)
     }
+}
+
+/// Each neighbour's subtree utilisation, from reports no older than [`FRESH_WINDOWS`] before `window_id`: a
+/// pressure nobody has confirmed lately is not acted on.
+pub fn subtree_utilization(neighbors: &Neighbors, window_id: u64) -> HashMap<String, f64> {
+    let since = window_id.saturating_sub(FRESH_WINDOWS);
+    neighbors.iter().filter_map(|(name, n)| n.subtree_utilization(since).map(|u| (name.clone(), u))).collect()
 }
 
 /// Everything the rule is run with for one window.
@@ -103,6 +130,7 @@ pub fn decide_window(inputs: &WindowInputs<'_>) -> (Decision, Recommendation) {
     let stale: HashSet<String> = neighbors.iter().filter(|(_, n)| n.stale()).map(|(name, _)| name.clone()).collect();
     let neighbor_cpu: HashMap<String, f64> =
         neighbors.iter().filter_map(|(name, n)| n.cpu_utilization.map(|u| (name.clone(), u))).collect();
+    let neighbor_subtree = subtree_utilization(neighbors, stats.window_id);
     let policy = PolicyConfig { target_utilization: target, ..policy.clone() };
     let input = PolicyInput {
         service,
@@ -112,12 +140,28 @@ pub fn decide_window(inputs: &WindowInputs<'_>) -> (Decision, Recommendation) {
         delegations,
         stale_callees: &stale,
         neighbor_cpu: &neighbor_cpu,
+        neighbor_subtree: &neighbor_subtree,
+        pool_scope: capacity.pool_scope,
         cpu_utilization: load.cpu,
         utilization: history.sustained(stats.window_id, load.max()),
         idle_throughout: history.idle_throughout(IDLE_WINDOWS, policy.idle_fraction * target),
     };
     let decision = policy::decide(&input, &policy);
-    let recommendation = recommend(decision.verdict, stats, window_ms, settings.current_replicas, target, capacity);
+    let unserved = delegations.iter().map(|d| d.unserved_ratio).fold(1.0, f64::max);
+    let load = if decision.verdict == Verdict::RootCause && unserved > 1.0 {
+        // The callers' full pools held back part of the demand: it is this service's to serve.
+        utilization_with(stats, window_ms, capacity, unserved)
+    } else {
+        load
+    };
+    let mut recommendation = recommend(decision.verdict, &load, settings.current_replicas, target, capacity);
+    if decision.verdict == Verdict::RootCause && !history.pressed_before(stats.window_id) {
+        // Named for the first time: hold (a usage ratio on target) until a second window says the same.
+        recommendation.desired_replicas = settings.current_replicas.max(1);
+        recommendation.usage_ratio = recommendation.usage_ratio.min(1.0);
+        recommendation.reason =
+            format!("root cause for one window; scaling waits for a second ({})", recommendation.reason);
+    }
     (decision, recommendation)
 }
 
@@ -147,11 +191,11 @@ mod tests {
 
     #[test]
     fn idle_takes_two_quiet_windows_not_a_stabilisation_window() {
-        use crate::{aggregate::histogram::Histogram, decide::Verdict};
+        use crate::aggregate::histogram::Histogram;
         let policy = PolicyConfig::default();
         let settings = DecisionSettings::configured(None, &policy);
         let neighbors = Neighbors::new(8);
-        let capacity = Capacity { cores: 4.0, concurrency: None };
+        let capacity = Capacity { cores: 4.0, concurrency: None, pool_scope: Default::default() };
         let mut history = UtilizationHistory::default();
         let mut verdicts = Vec::new();
         for window_id in 1..=4 {
@@ -183,5 +227,59 @@ mod tests {
         }
         // One quiet window is not enough; two are — the operator's stabilisation does the longer wait, once.
         assert_eq!(verdicts, [Verdict::Healthy, Verdict::Idle, Verdict::Idle, Verdict::Idle]);
+    }
+
+    #[test]
+    fn a_root_cause_named_for_one_window_holds_and_a_second_window_scales() {
+        use crate::aggregate::histogram::Histogram;
+        let policy = PolicyConfig::default();
+        let settings = DecisionSettings::configured(Some(Slo { latency_us: 100_000, percentile: 95.0 }), &policy);
+        let neighbors = Neighbors::new(8);
+        let capacity = Capacity { cores: 4.0, concurrency: Some(2.0), pool_scope: Default::default() };
+        let mut history = UtilizationHistory::default();
+        // The entry waits 90 of its 100 ms in its own full pool of 2, with twice as many arrivals as completions.
+        let window = |window_id: u64, slow: bool| {
+            let mut stats = WindowStats::new(window_id);
+            (stats.requests, stats.arrivals) = (100, if slow { 200 } else { 100 });
+            let (total, local) = if slow { (100_000, 90_000) } else { (20_000, 10_000) };
+            for (histogram, value) in
+                [(&mut stats.total, total), (&mut stats.local_wait, local), (&mut stats.busy, 1_000)]
+            {
+                let mut filled = Histogram::new();
+                for _ in 0..100 {
+                    filled.record(value);
+                }
+                *histogram = filled;
+            }
+            stats
+        };
+        let mut outcomes = Vec::new();
+        for (window_id, slow) in [(1, true), (2, true), (3, false), (4, true)] {
+            let stats = window(window_id, slow);
+            history.push(window_id, utilization(&stats, 5_000, capacity).max());
+            let inputs = WindowInputs {
+                service: "entry",
+                stats: &stats,
+                window_ms: 5_000,
+                capacity,
+                policy: &policy,
+                settings,
+                history: &history,
+                neighbors: &neighbors,
+                delegations: &[],
+            };
+            let (decision, recommendation) = decide_window(&inputs);
+            history.ended_with(window_id, decision.verdict);
+            outcomes.push((decision.verdict, recommendation.desired_replicas, recommendation.usage_ratio <= 1.0));
+        }
+        assert_eq!(
+            outcomes,
+            [
+                (Verdict::RootCause, 1, true),
+                (Verdict::RootCause, 3, false),
+                (Verdict::Healthy, 1, true),
+                (Verdict::RootCause, 1, true),
+            ]
+        );
     }
 }

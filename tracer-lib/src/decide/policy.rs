@@ -4,12 +4,15 @@
 //!    SLO; any service is when a caller delegated this window to it.
 //! 2. If triggered, compare at that percentile: its own `local_wait`, each outbound edge's `net_wait`, and each
 //!    edge's `remote_wait` (the largest wait in the callee's subtree, with where it was).
+//!    In a service whose workers are held for the whole request, the queue for a worker is shared out among its
+//!    own wait, the links and the callees whose subtrees held the workers ([`PoolShares`]).
 //! 3. `max` mode: follow the largest. A `remote_wait` → delegate to the callee(s) whose subtree holds that wait
 //!    point; a `net_wait` → the link is the bottleneck (`network`); its own `local_wait` → `root-cause`.
 //!    `sum` mode: every wait above `sum_threshold` of the observed latency counts, so several callees can be
 //!    delegated to (and the service itself be a root cause) at once.
 //! 4. Not triggered: `saturated` when utilisation stayed above target for two windows in a row (the agent passes
-//!    the lower of the two), `idle` when it stayed well below target for two windows in a row (the
+//!    the lower of the two) — unless the workers of a pool held across calls are mostly held by callees under
+//!    pressure, which is `delegated` to them ([`pool`](crate::decide::pool)) — `idle` when it stayed well below target for two windows in a row (the
 //!    operator's scale-down stabilisation does the longer wait), else `healthy`.
 //!
 //! Missing data never scales anything: too few requests, or a stale neighbour on the path, gives
@@ -24,6 +27,7 @@ use rootscale_proto::v1 as proto;
 
 use crate::{
     aggregate::{WindowStats, histogram::Histogram, stats::wait_point_to_proto},
+    decide::{pool::PoolShares, recommend::PoolScope},
     measure::record::WaitPoint,
 };
 
@@ -103,6 +107,8 @@ pub struct Delegated {
     pub percentile: f64,
     /// Services the delegation passed through, entry first.
     pub path: Vec<String>,
+    /// Arrivals over completions, the largest at any service on the path (at least 1).
+    pub unserved_ratio: f64,
 }
 
 /// Everything the rule looks at.
@@ -118,6 +124,10 @@ pub struct PolicyInput<'a> {
     pub stale_callees: &'a HashSet<String>,
     /// Neighbours' CPU utilisation, from their last reports.
     pub neighbor_cpu: &'a HashMap<String, f64>,
+    /// Neighbours' subtree utilisation (the largest of theirs and their callees'), from their last reports.
+    pub neighbor_subtree: &'a HashMap<String, f64>,
+    /// How long a request holds a worker of this service's pool.
+    pub pool_scope: PoolScope,
     /// This replica's CPU utilisation over the window.
     pub cpu_utilization: f64,
     /// This replica's sustained utilisation (the larger of CPU and pool; the agent passes the lower of this
@@ -284,22 +294,27 @@ fn ms(us: u64) -> String {
     format!("{:.1}ms", us as f64 / 1000.0)
 }
 
-/// The waits a triggered service compares, largest first.
+/// The waits a triggered service compares, largest first. A pool held across calls has its queue shared out:
+/// the part held by links and by callees under pressure moves from the service's own wait to theirs.
 fn candidates(input: &PolicyInput<'_>, config: &PolicyConfig, percentile: f64) -> Vec<Compared> {
     let stats = input.stats;
     let own: Arc<str> = input.service.into();
+    let shares = PoolShares::of(stats, input.pool_scope, input.neighbor_subtree, config.saturation);
+    let pool_us = at(&stats.pool_wait, percentile);
+    let shared_out = shares.as_ref().map_or(0, |shares| ((1.0 - shares.own) * pool_us as f64) as u64);
     let mut compared = vec![Compared {
         point: WaitPoint::Local { service: own.clone() },
-        us: at(&stats.local_wait, percentile),
+        us: at(&stats.local_wait, percentile).saturating_sub(shared_out),
         via: None,
     }];
     let mut edges: Vec<_> = stats.outbound.iter().filter(|(_, edge)| edge.calls >= config.min_edge_calls).collect();
     edges.sort_by(|a, b| a.0.cmp(b.0));
     for (callee, edge) in edges {
-        if !edge.net_wait.is_empty() {
+        let (on_link, in_subtree) = shares.as_ref().map_or((0, 0), |shares| shares.callee_us(callee, pool_us));
+        if !edge.net_wait.is_empty() || on_link > 0 {
             compared.push(Compared {
                 point: WaitPoint::Net { from: own.clone(), to: callee.clone() },
-                us: at(&edge.net_wait, percentile),
+                us: at(&edge.net_wait, percentile) + on_link,
                 via: Some(callee.clone()),
             });
         }
@@ -310,7 +325,11 @@ fn candidates(input: &PolicyInput<'_>, config: &PolicyConfig, percentile: f64) -
             .max_by_key(|(_, count, max_us)| (*count, *max_us))
             .map(|(point, _, _)| point.clone())
             .unwrap_or_else(|| WaitPoint::Local { service: callee.clone() });
-        compared.push(Compared { point, us: at(&edge.remote_wait, percentile), via: Some(callee.clone()) });
+        compared.push(Compared {
+            point,
+            us: at(&edge.remote_wait, percentile) + in_subtree,
+            via: Some(callee.clone()),
+        });
     }
     compared.sort_by_key(|c| std::cmp::Reverse(c.us));
     compared
@@ -353,6 +372,23 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
     let slo_trigger = input.slo.filter(|slo| observed as f64 >= config.trigger_fraction * slo.latency_us as f64);
     if slo_trigger.is_none() && input.delegations.is_empty() {
         let target = config.target_utilization;
+        let held = PoolShares::of(stats, input.pool_scope, input.neighbor_subtree, config.saturation)
+            .filter(|shares| input.utilization > target && shares.held_by_callees() >= 0.5);
+        if let Some(shares) = held {
+            // A full pool of workers waiting on callees under pressure: theirs to answer, not this service's.
+            let mut decision = Decision::new(Verdict::Delegated, input, percentile, observed, String::new());
+            decision.delegated_to = shares.holders();
+            decision.reason = format!(
+                "utilisation {:.0}% above the {:.0}% target, {:.0}% of its workers' time held by {}",
+                input.utilization * 100.0,
+                target * 100.0,
+                shares.held_by_callees() * 100.0,
+                decision.delegated_to.iter().map(|c| &**c).collect::<Vec<_>>().join(", ")
+            );
+            if !decision.delegated_to.is_empty() {
+                return decision;
+            }
+        }
         let (verdict, reason) = if input.utilization > target {
             (
                 Verdict::Saturated,
@@ -518,6 +554,8 @@ mod tests {
         histogram
     }
 
+    static NO_PRESSURE: std::sync::LazyLock<HashMap<String, f64>> = std::sync::LazyLock::new(HashMap::new);
+
     fn window(total_us: u64, local_us: u64, busy_us: u64) -> WindowStats {
         let mut stats = WindowStats::new(1);
         stats.requests = 100;
@@ -559,6 +597,8 @@ mod tests {
             delegations: &[],
             stale_callees: stale,
             neighbor_cpu,
+            neighbor_subtree: &NO_PRESSURE,
+            pool_scope: PoolScope::Own,
             cpu_utilization: 0.3,
             utilization: 0.3,
             idle_throughout: false,
@@ -575,6 +615,8 @@ mod tests {
             delegations,
             stale_callees: &stale,
             neighbor_cpu: &HashMap::new(),
+            neighbor_subtree: &NO_PRESSURE,
+            pool_scope: PoolScope::Own,
             cpu_utilization: 0.3,
             utilization: 0.3,
             idle_throughout: false,
@@ -640,7 +682,8 @@ mod tests {
     #[test]
     fn a_delegation_triggers_a_service_without_an_slo() {
         let stats = window(50_000, 45_000, 1_000);
-        let delegation = Delegated { from: "entry".into(), percentile: 95.0, path: vec!["entry".into()] };
+        let delegation =
+            Delegated { from: "entry".into(), percentile: 95.0, path: vec!["entry".into()], unserved_ratio: 1.0 };
         assert_eq!(run(&stats, None, &[], AggregationMode::Max).verdict, Verdict::Healthy);
         assert_eq!(run(&stats, None, &[delegation], AggregationMode::Max).verdict, Verdict::RootCause);
     }
@@ -683,5 +726,58 @@ mod tests {
         input.utilization = 0.1;
         input.idle_throughout = true;
         assert_eq!(decide(&input, &PolicyConfig::default()).verdict, Verdict::Idle);
+    }
+
+    /// An entry whose workers are held for the whole request: 50 ms queued for one, 10 ms of its own work, 40 ms
+    /// in a call to "b".
+    fn starved_entry() -> WindowStats {
+        let mut stats = window(100_000, 55_000, 5_000);
+        stats.pool_wait = histogram(50_000, 100);
+        stats.downstream = histogram(40_000, 100);
+        edge(&mut stats, "b", 1_000, 39_000, local("b"));
+        if let Some(edge) = stats.outbound.get_mut("b") {
+            edge.client_total = histogram(40_000, 100);
+        }
+        stats
+    }
+
+    #[test]
+    fn a_pool_starved_by_a_callee_under_pressure_delegates_to_it() {
+        let stats = starved_entry();
+        let (stale, nobody) = (HashSet::new(), HashMap::new());
+        let mut input = entry(&stats, &stale, &nobody);
+        input.pool_scope = PoolScope::Request;
+        let busy_b: HashMap<String, f64> = [("b".to_string(), 1.5)].into();
+        input.neighbor_subtree = &busy_b;
+        let decision = decide(&input, &PolicyConfig::default());
+        assert_eq!((decision.verdict, decision.delegated_to.clone()), (Verdict::Delegated, vec![Arc::from("b")]));
+        // b's subtree now carries 39 of the 50 ms queued: 39 + 39 = 78 ms against 55 − 40 = 15 ms of its own.
+        let own = decision.compared.iter().find(|c| c.via.is_none()).unwrap();
+        assert!((14_000..=16_000).contains(&own.us), "{:?}", decision.compared);
+        // The same queue behind a callee that is merely slow is the service's own: its pool is too small.
+        let calm_b: HashMap<String, f64> = [("b".to_string(), 0.4)].into();
+        input.neighbor_subtree = &calm_b;
+        let decision = decide(&input, &PolicyConfig::default());
+        assert_eq!((decision.verdict, decision.kind), (Verdict::RootCause, Some("local")));
+        // And an async service's queue is always its own.
+        input.neighbor_subtree = &busy_b;
+        input.pool_scope = PoolScope::Own;
+        assert_eq!(decide(&input, &PolicyConfig::default()).verdict, Verdict::RootCause);
+    }
+
+    #[test]
+    fn a_full_pool_held_by_a_callee_under_pressure_is_not_saturated() {
+        let stats = starved_entry();
+        let (stale, nobody) = (HashSet::new(), HashMap::new());
+        let mut input = entry(&stats, &stale, &nobody);
+        input.slo = None;
+        input.utilization = 1.6;
+        input.pool_scope = PoolScope::Request;
+        let busy_b: HashMap<String, f64> = [("b".to_string(), 1.5)].into();
+        input.neighbor_subtree = &busy_b;
+        let decision = decide(&input, &PolicyConfig::default());
+        assert_eq!((decision.verdict, decision.delegated_to.clone()), (Verdict::Delegated, vec![Arc::from("b")]));
+        input.neighbor_subtree = &NO_PRESSURE;
+        assert_eq!(decide(&input, &PolicyConfig::default()).verdict, Verdict::Saturated);
     }
 }

@@ -160,9 +160,15 @@ mod tests {
             from_agent: from_agent.into(),
             window_id,
             utilization: None,
+            subtree_utilization: None,
             addressed_to: Some("db".into()),
             decision: None,
-            delegation: delegate.then(|| Delegated { from: "web".into(), percentile: 95.0, path: vec!["web".into()] }),
+            delegation: delegate.then(|| Delegated {
+                from: "web".into(),
+                percentile: 95.0,
+                path: vec!["web".into()],
+                unserved_ratio: 1.0,
+            }),
         }
     }
 

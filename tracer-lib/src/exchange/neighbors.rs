@@ -22,6 +22,8 @@ pub struct NeighborAgent {
     pub last_seen: u64,
     /// It did not answer the last report sent to it.
     pub failed: bool,
+    /// The window of its last report and the largest utilisation in its subtree then.
+    pub subtree_utilization: Option<(u64, f64)>,
 }
 
 /// One neighbour service.
@@ -35,6 +37,17 @@ pub struct Neighbor {
 }
 
 impl Neighbor {
+    /// The largest utilisation in its subtree that any of its agents reported for a window from `since` on: one
+    /// replica under pressure holds its callers' workers, however quiet a replica that just started is.
+    pub fn subtree_utilization(&self, since: u64) -> Option<f64> {
+        self.agents
+            .values()
+            .filter_map(|agent| agent.subtree_utilization)
+            .filter(|(window_id, _)| *window_id >= since)
+            .map(|(_, load)| load)
+            .reduce(f64::max)
+    }
+
     /// Stale: every agent we know of failed to answer the last report.
     pub fn stale(&self) -> bool {
         !self.agents.is_empty() && self.agents.values().all(|agent| agent.failed)
@@ -78,7 +91,10 @@ impl Neighbors {
         match neighbor.agents.get_mut(agent) {
             Some(known) => known.last_seen = known.last_seen.max(window_id),
             None if room => {
-                neighbor.agents.insert(agent.to_string(), NeighborAgent { last_seen: window_id, failed: false });
+                neighbor.agents.insert(
+                    agent.to_string(),
+                    NeighborAgent { last_seen: window_id, failed: false, subtree_utilization: None },
+                );
             }
             None => self.refused += 1,
         }
@@ -108,6 +124,9 @@ impl Neighbors {
         }
         if report.utilization.is_some() {
             neighbor.cpu_utilization = report.utilization;
+        }
+        if let Some(load) = report.subtree_utilization {
+            agent.subtree_utilization = Some((report.window_id, load));
         }
         Heard::Known
     }
@@ -150,6 +169,7 @@ mod tests {
             from_agent: agent.into(),
             window_id,
             utilization,
+            subtree_utilization: utilization,
             addressed_to: None,
             decision: None,
             delegation: None,

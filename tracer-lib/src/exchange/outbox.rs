@@ -30,6 +30,8 @@ pub struct Sender<'a> {
     pub agent: &'a str,
     pub window_ms: u64,
     pub capacity: Capacity,
+    /// The largest utilisation its callees' last reports gave for their subtrees.
+    pub callees_utilization: f64,
 }
 
 /// The reports for a decided window. `received` is the first delegation this service got for the window (its
@@ -43,7 +45,8 @@ pub fn reports(
     only_to: Option<&[Arc<str>]>,
 ) -> Outbox {
     let wire_decision = decision.to_proto();
-    let summary = report::summary(stats, utilization(stats, from.window_ms, from.capacity).cpu);
+    let load = utilization(stats, from.window_ms, from.capacity);
+    let summary = report::summary(stats, load.cpu, load.max().max(from.callees_utilization));
     let head = ReportHead {
         service: from.service,
         agent: from.agent,
@@ -52,6 +55,9 @@ pub fn reports(
         summary: &summary,
         decision: &wire_decision,
     };
+    // Demand held back on the way here: this service's arrivals over completions, or more upstream.
+    let own_unserved = stats.arrivals as f64 / stats.requests.max(1) as f64;
+    let unserved_ratio = own_unserved.max(received.map_or(1.0, |d| d.unserved_ratio));
     let mut path: Vec<String> = received.map(|d| d.path.clone()).unwrap_or_default();
     path.push(from.service.to_string());
     // A full path means a loop or an absurd depth: stop passing the question on.
@@ -64,7 +70,7 @@ pub fn reports(
         let delegated = may_delegate && decision.delegated_to.contains(callee);
         let delegation = delegated.then(|| {
             let remote_wait_us = edge.remote_wait.percentile_us(decision.percentile).unwrap_or(0);
-            report::delegation(decision, &path, remote_wait_us)
+            report::delegation(decision, &path, remote_wait_us, unserved_ratio)
         });
         for agent in &edge.callee_agents {
             outbox.push(Outgoing {

@@ -17,6 +17,8 @@ use crate::{
 pub const MAX_REPORT_BYTES: usize = 16 * 1024;
 /// Longest delegation path accepted (services it passed through).
 pub const MAX_DELEGATION_PATH: usize = 32;
+/// The most demand a delegation may say was held back upstream (arrivals over completions).
+pub const MAX_UNSERVED_RATIO: f64 = 10.0;
 /// Most compared waits, delegated callees or wait points in one report.
 const MAX_LIST: usize = 64;
 /// Longest free-text reason accepted.
@@ -41,10 +43,11 @@ fn quantiles(histogram: &Histogram) -> proto::Quantiles {
     }
 }
 
-/// A service's own waits, as a few quantiles, and its utilisation.
-pub fn summary(stats: &WindowStats, cpu_utilization: f64) -> proto::WaitSummary {
+/// A service's own waits, as a few quantiles, its CPU utilisation and its subtree's.
+pub fn summary(stats: &WindowStats, cpu_utilization: f64, subtree_utilization: f64) -> proto::WaitSummary {
     proto::WaitSummary {
         cpu_utilization,
+        subtree_utilization,
         requests: stats.requests,
         errors: stats.errors,
         arrivals: stats.arrivals,
@@ -129,8 +132,10 @@ pub struct ValidReport {
     pub from_service: String,
     pub from_agent: String,
     pub window_id: u64,
-    /// The sender's utilisation over that window.
+    /// The sender's CPU utilisation over that window.
     pub utilization: Option<f64>,
+    /// The largest utilisation in the sender's subtree over that window.
+    pub subtree_utilization: Option<f64>,
     /// For a report from a caller: the callee the edge is about (should be the receiver).
     pub addressed_to: Option<String>,
     pub decision: Option<proto::Decision>,
@@ -189,6 +194,12 @@ fn check_wait_point(point: Option<&proto::WaitPoint>, what: &str) -> Result<(), 
 fn check_summary(summary: &proto::WaitSummary) -> Result<(), ReportError> {
     if !(summary.cpu_utilization.is_finite() && (0.0..=1000.0).contains(&summary.cpu_utilization)) {
         return Err(invalid(format!("summary.cpu_utilization {} is not a utilisation", summary.cpu_utilization)));
+    }
+    if !(summary.subtree_utilization.is_finite() && (0.0..=1000.0).contains(&summary.subtree_utilization)) {
+        return Err(invalid(format!(
+            "summary.subtree_utilization {} is not a utilisation",
+            summary.subtree_utilization
+        )));
     }
     check_count(summary.requests, "summary.requests")?;
     check_count(summary.errors, "summary.errors")?;
@@ -305,10 +316,20 @@ pub fn validate(report: &proto::NeighborReport, window_ms: u64) -> Result<ValidR
             for service in &delegation.path {
                 check_name(service, "delegation.path")?;
             }
+            let unserved_ratio = match delegation.unserved_ratio {
+                0.0 => 1.0,
+                ratio if ratio.is_finite() && (1.0..=MAX_UNSERVED_RATIO).contains(&ratio) => ratio,
+                ratio => {
+                    return Err(invalid(format!(
+                        "delegation.unserved_ratio {ratio} is not in [1, {MAX_UNSERVED_RATIO}]"
+                    )));
+                }
+            };
             Some(Delegated {
                 from: report.from_service.clone(),
                 percentile: delegation.percentile,
                 path: delegation.path.clone(),
+                unserved_ratio,
             })
         }
     };
@@ -317,6 +338,7 @@ pub fn validate(report: &proto::NeighborReport, window_ms: u64) -> Result<ValidR
         from_agent: report.from_agent.clone(),
         window_id: report.window_id,
         utilization: report.summary.as_ref().map(|summary| summary.cpu_utilization),
+        subtree_utilization: report.summary.as_ref().map(|summary| summary.subtree_utilization),
         addressed_to: report.edge.as_ref().and_then(|edge| edge.as_caller.as_ref()).map(|edge| edge.callee.clone()),
         decision: report.decision.clone(),
         delegation,
@@ -324,8 +346,9 @@ pub fn validate(report: &proto::NeighborReport, window_ms: u64) -> Result<ValidR
 }
 
 /// The delegation a caller sends a callee it suspects.
-pub fn delegation(decision: &Decision, path: &[String], remote_wait_us: u64) -> proto::Delegation {
+pub fn delegation(decision: &Decision, path: &[String], remote_wait_us: u64, unserved_ratio: f64) -> proto::Delegation {
     proto::Delegation {
+        unserved_ratio: unserved_ratio.clamp(1.0, MAX_UNSERVED_RATIO),
         percentile: decision.percentile,
         caller_total_us: decision.observed_total_us,
         caller_slo_us: decision.slo_us.unwrap_or(0),

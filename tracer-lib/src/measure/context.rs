@@ -44,6 +44,9 @@ pub(crate) struct RequestContext {
     /// (see [`RequestHandle::record_offloaded_cpu`]).
     offloaded_busy_ns: AtomicU64,
     offloaded_queued_ns: AtomicU64,
+    /// Time the request queued for a worker of the service's pool, in nanoseconds (see
+    /// [`RequestHandle::record_pool_wait`]).
+    pool_wait_ns: AtomicU64,
     calls: Mutex<Calls>,
 }
 
@@ -68,6 +71,7 @@ impl RequestContext {
             in_flight: AtomicU32::new(0),
             offloaded_busy_ns: AtomicU64::new(0),
             offloaded_queued_ns: AtomicU64::new(0),
+            pool_wait_ns: AtomicU64::new(0),
             calls: Mutex::new(Calls::default()),
         })
     }
@@ -116,6 +120,11 @@ impl RequestContext {
             Duration::from_nanos(self.offloaded_busy_ns.load(Ordering::Acquire)),
             Duration::from_nanos(self.offloaded_queued_ns.load(Ordering::Acquire)),
         )
+    }
+
+    /// Time queued for a worker of the service's pool.
+    pub(crate) fn pool_wait(&self) -> Duration {
+        Duration::from_nanos(self.pool_wait_ns.load(Ordering::Acquire))
     }
 
     /// Downstream time up to `now` (an open group counts until `now`) and the largest critical-path wait.
@@ -236,6 +245,17 @@ impl RequestHandle {
             let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
             context.offloaded_busy_ns.fetch_add(nanos(running), Ordering::AcqRel);
             context.offloaded_queued_ns.fetch_add(nanos(queued), Ordering::AcqRel);
+        }
+    }
+
+    /// Records time this request queued for a worker of the service's own pool (a servlet container's threads,
+    /// gunicorn's workers, a semaphore in front of the handler). It stays part of the request's local wait, and is
+    /// also kept apart: in a service whose workers are held for the whole request (declared with
+    /// [`crate::AgentBuilder::pool_scope`]), a pool full of workers waiting on a slow callee is that callee's
+    /// doing, and the decision attributes it so (docs/DESIGN.md §1.7). A no-op outside a request.
+    pub fn record_pool_wait(&self, queued: Duration) {
+        if let Some(context) = &self.0 {
+            context.pool_wait_ns.fetch_add(u64::try_from(queued.as_nanos()).unwrap_or(u64::MAX), Ordering::AcqRel);
         }
     }
 

@@ -61,6 +61,9 @@ pub struct RequestRecord {
     /// `total - downstream - busy` (busy time while calls were in flight counted once): waiting that is this
     /// service's own, including `cpu_wait`.
     pub local_wait: Duration,
+    /// The part of `local_wait` spent queued for a worker of the service's pool, as the service recorded it with
+    /// [`crate::RequestHandle::record_pool_wait`].
+    pub pool_wait: Duration,
     /// The largest wait in this request's subtree when the request ended.
     pub largest_wait: Wait,
     /// A server error: 5xx, or a gRPC status meaning the server failed (UNKNOWN, DEADLINE_EXCEEDED,

@@ -129,6 +129,8 @@ struct Snapshot {
     cpu_wait_us: u64,
     downstream_us: u64,
     local_wait_us: u64,
+    /// The part of `local_wait_us` queued for a worker of the service's pool.
+    pool_wait_us: u64,
     largest: Largest,
     largest_us: u64,
 }
@@ -165,6 +167,7 @@ impl Measurement {
             cpu_wait_us: micros(clock.cpu_wait + offloaded_queued),
             downstream_us: micros(downstream),
             local_wait_us,
+            pool_wait_us: micros(context.pool_wait()).min(local_wait_us),
             largest,
             largest_us,
         }
@@ -194,6 +197,7 @@ impl Measurement {
                 cpu_wait_us: snapshot.cpu_wait_us,
                 downstream_us: snapshot.downstream_us,
                 local_wait_us: snapshot.local_wait_us,
+                pool_wait_us: snapshot.pool_wait_us,
                 error: outcome.error,
                 cancelled: outcome.cancelled,
             },
@@ -206,6 +210,7 @@ impl Measurement {
                 cpu_wait: Duration::from_micros(snapshot.cpu_wait_us),
                 downstream: Duration::from_micros(snapshot.downstream_us),
                 local_wait: Duration::from_micros(snapshot.local_wait_us),
+                pool_wait: Duration::from_micros(snapshot.pool_wait_us),
                 largest_wait: match snapshot.largest {
                     Largest::Own => Wait { point: shared.local_point.clone(), us: snapshot.largest_us },
                     Largest::Call(wait) => wait,

@@ -1,0 +1,137 @@
+//! Whose doing a worker pool's queue is (docs/DESIGN.md §1.7).
+//!
+//! In a service whose workers are held for the whole request ([`PoolScope::Request`]), a request queued for a
+//! worker waits for the requests holding them, and those spend their worker time partly in the service's own work
+//! and partly in calls: on the link to a callee and inside the callee's subtree. The queue (`pool_wait`, a part of
+//! the service's `local_wait`) is shared out in proportion to that worker time, so that a caller starved by a slow
+//! callee delegates to it instead of naming itself.
+//!
+//! Worker time in a callee's subtree counts as the callee's only when that subtree is under pressure — the
+//! callee's reports say some service in it is at or above the saturation level. A callee that is merely slow by
+//! design holds workers as part of the service's normal cost: a pool too small for it is the service's own
+//! problem, and more replicas of the service are the fix. Time on a link is waiting by definition and always
+//! counts as the link's.
+
+use std::{collections::HashMap, sync::Arc};
+
+use crate::{aggregate::WindowStats, decide::recommend::PoolScope};
+
+/// How one window's pool wait divides.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolShares {
+    /// Fraction of worker time that was the service's own (its work, its other waits, calls to callees not under
+    /// pressure).
+    pub own: f64,
+    /// Per callee: the fraction of worker time on the link to it, and inside its subtree while under pressure.
+    pub callees: HashMap<Arc<str>, (f64, f64)>,
+}
+
+impl PoolShares {
+    /// The shares of a window; `None` when the pool is not held across calls or nothing queued for it.
+    /// `pressure` is each callee's subtree utilisation from its reports; `saturation` the level that counts.
+    pub fn of(stats: &WindowStats, scope: PoolScope, pressure: &HashMap<String, f64>, saturation: f64) -> Option<Self> {
+        if scope != PoolScope::Request || stats.pool_wait.sum_us() == 0 {
+            return None;
+        }
+        // Worker time: each request from the grant of its worker to its response.
+        let worker_us = stats.total.sum_us().saturating_sub(stats.pool_wait.sum_us()) as f64;
+        let downstream_us = stats.downstream.sum_us() as f64;
+        let calls_us: f64 = stats.outbound.values().map(|edge| edge.client_total.sum_us() as f64).sum();
+        if worker_us <= 0.0 || calls_us <= 0.0 {
+            return Some(Self { own: 1.0, callees: HashMap::new() });
+        }
+        // Parallel calls overlap: scale their sum to the wall time some call was in flight.
+        let scale = (downstream_us / calls_us).min(1.0);
+        let mut callees = HashMap::new();
+        let mut attributed = 0.0;
+        for (callee, edge) in &stats.outbound {
+            let in_callee = edge.client_total.sum_us() as f64 * scale;
+            let on_link = (edge.net_wait.sum_us() as f64 * scale).min(in_callee);
+            let under_pressure = pressure.get(&**callee).is_some_and(|load| *load >= saturation);
+            let in_subtree = if under_pressure { in_callee - on_link } else { 0.0 };
+            let (link, subtree) = (on_link / worker_us, in_subtree / worker_us);
+            attributed += link + subtree;
+            callees.insert(callee.clone(), (link, subtree));
+        }
+        Some(Self { own: (1.0 - attributed).clamp(0.0, 1.0), callees })
+    }
+
+    /// The part of `pool_us` on the link to `callee` and in its subtree.
+    pub fn callee_us(&self, callee: &str, pool_us: u64) -> (u64, u64) {
+        let (link, subtree) = self.callees.get(callee).copied().unwrap_or_default();
+        ((link * pool_us as f64) as u64, (subtree * pool_us as f64) as u64)
+    }
+
+    /// The fraction of worker time held by callees under pressure (their subtrees and links).
+    pub fn held_by_callees(&self) -> f64 {
+        self.callees.values().map(|(link, subtree)| link + subtree).sum::<f64>().min(1.0)
+    }
+
+    /// The callees whose subtrees held workers, largest share first.
+    pub fn holders(&self) -> Vec<Arc<str>> {
+        let mut holders: Vec<(&Arc<str>, f64)> =
+            self.callees.iter().filter(|(_, (_, subtree))| *subtree > 0.0).map(|(c, (_, s))| (c, *s)).collect();
+        holders.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        holders.into_iter().map(|(callee, _)| callee.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{histogram::Histogram, stats::OutboundStats};
+
+    fn histogram(value_us: u64, count: u64) -> Histogram {
+        let mut histogram = Histogram::new();
+        for _ in 0..count {
+            histogram.record(value_us);
+        }
+        histogram
+    }
+
+    /// 100 requests: 50 ms queued for a worker, then 10 ms of their own and one 40 ms call to "c" (1 ms of it on
+    /// the link).
+    fn starved() -> WindowStats {
+        let mut stats = WindowStats::new(1);
+        stats.requests = 100;
+        stats.total = histogram(100_000, 100);
+        stats.pool_wait = histogram(50_000, 100);
+        stats.local_wait = histogram(55_000, 100);
+        stats.downstream = histogram(40_000, 100);
+        stats.outbound.insert(
+            "c".into(),
+            OutboundStats {
+                calls: 100,
+                client_total: histogram(40_000, 100),
+                net_wait: histogram(1_000, 100),
+                ..OutboundStats::default()
+            },
+        );
+        stats
+    }
+
+    #[test]
+    fn a_callee_under_pressure_holds_its_share_of_the_workers() {
+        let pressure: HashMap<String, f64> = [("c".to_string(), 1.4)].into();
+        let shares = PoolShares::of(&starved(), PoolScope::Request, &pressure, 0.9).unwrap();
+        // Worker time 50 ms: 39 ms in c's subtree, 1 ms on the link, 10 ms own.
+        assert!((shares.own - 0.2).abs() < 0.02, "{shares:?}");
+        let (link, subtree) = shares.callee_us("c", 50_000);
+        assert!((900..=1_100).contains(&link) && (38_000..=40_000).contains(&subtree), "{link} {subtree}");
+        assert_eq!(shares.holders(), vec![Arc::from("c")]);
+    }
+
+    #[test]
+    fn a_callee_slow_by_design_is_the_service_s_own_cost() {
+        let calm: HashMap<String, f64> = [("c".to_string(), 0.3)].into();
+        let shares = PoolShares::of(&starved(), PoolScope::Request, &calm, 0.9).unwrap();
+        // Only the link's 1 ms of 50 leaves the service.
+        assert!((shares.own - 0.98).abs() < 0.01, "{shares:?}");
+        assert!(shares.holders().is_empty());
+        // An async service's workers hold nothing across calls; nothing to share without a queue.
+        assert_eq!(PoolShares::of(&starved(), PoolScope::Own, &calm, 0.9), None);
+        let mut no_queue = starved();
+        no_queue.pool_wait = Histogram::new();
+        assert_eq!(PoolShares::of(&no_queue, PoolScope::Request, &calm, 0.9), None);
+    }
+}
