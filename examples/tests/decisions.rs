@@ -79,6 +79,27 @@ fn a_slow_store_behind_thread_per_request_callers_is_the_root_cause_and_only_it_
 }
 
 #[test]
+fn a_pushed_decision_scales_within_a_window_without_waiting_for_the_sync() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut config = RunConfig::new(shipped("shop"), Policy::Rootscale).unwrap();
+    config.faults = vec!["payments=capacity:4@5s".parse().unwrap()];
+    // No periodic sync happens in this run: only a push can scale anything.
+    config.sync = Duration::from_secs(60);
+    config.duration = Duration::from_secs(15);
+    config.seed = 2;
+    let timeline = run(&config, |_, _, _| {}).unwrap();
+    let report = report(&timeline);
+    let first = timeline.actions.first().unwrap_or_else(|| panic!("nothing scaled: {report}"));
+    assert_eq!(first.service, "payments", "{report}");
+    let pushed_after = first.pushed_after_s.unwrap_or_else(|| panic!("not made on a push: {report}"));
+    let window = config.window.as_secs_f64();
+    assert!((0.0..window).contains(&pushed_after), "{pushed_after} s after its window closed: {report}");
+    // The fault at 5 s, two windows of root cause (the first one holds), the push: well before any sync.
+    assert!(first.at_s < 5.0 + 4.0 * window, "{report}");
+    assert!(timeline.actions.iter().all(|a| a.service == "payments" && a.pushed_after_s.is_some()), "{report}");
+}
+
+#[test]
 fn the_first_step_is_within_one_replica_of_the_demand() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut config = RunConfig::new(shipped("shop"), Policy::Rootscale).unwrap();

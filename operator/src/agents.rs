@@ -1,12 +1,16 @@
 //! Asking the agents: one `Advisor.Recommend` call to each ready pod's agent, all at once, each bounded by a
 //! timeout, over one cached channel per agent (TLS and the shared token when configured). An agent that does not
 //! answer, fails TLS verification, or answers garbage, counts as missing data — which never scales a Deployment
-//! down.
+//! down. And listening to them: `Advisor.Watch`, the stream on which an agent says, as soon as it decides it, that
+//! its service needs more replicas ([`AgentClient::watch`]).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
-use rootscale_proto::v1::{RecommendRequest, RecommendResponse, advisor_client::AdvisorClient};
+use rootscale_proto::v1::{
+    NeedsReplicas as WireNeedsReplicas, RecommendRequest, RecommendResponse, WatchRequest,
+    advisor_client::AdvisorClient,
+};
 use rootscale_tracer::{
     exchange::channels::ChannelCache,
     identity::{
@@ -266,10 +270,40 @@ impl AgentClient {
 
     /// One call's request to `method`: the message and the metadata every call carries.
     fn request<T: prost::Message>(&self, method: &str, message: T) -> tonic::Request<T> {
+        let mut request = self.open_ended(method, message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// Opens `Advisor.Watch` on `agent`: the decisions that call for more replicas, as the agent makes them. The
+    /// stream ends when the agent stops or the connection goes; the caller opens it again. Messages that do not
+    /// parse end it too.
+    pub async fn watch(
+        &self,
+        agent: SocketAddr,
+        namespace: &str,
+        deployment: &str,
+    ) -> Result<impl futures_util::Stream<Item = NeedsReplicas> + Send + 'static, String> {
+        let channel = self.channels.channel(&agent.to_string())?;
+        let mut advisor = AdvisorClient::new(channel).max_decoding_message_size(MAX_WATCH_MESSAGE);
+        let request = WatchRequest { namespace: namespace.to_string(), deployment: deployment.to_string() };
+        let opened = tokio::time::timeout(self.timeout, advisor.watch(self.open_ended("Watch", request))).await;
+        let stream = match opened {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return Err(bounded_text(&self.failure(agent, &status))),
+            Err(_) => return Err(format!("the agent at {agent} did not answer within {:?}", self.timeout)),
+        };
+        Ok(futures_util::stream::unfold(stream, |mut stream| async move {
+            let news = NeedsReplicas::from_wire(stream.message().await.ok()??)?;
+            Some((news, stream))
+        }))
+    }
+
+    /// A request with the token and the operator's proof, and no deadline (a stream that stays open).
+    fn open_ended<T: prost::Message>(&self, method: &str, message: T) -> tonic::Request<T> {
         let proof =
             self.mesh_keys.as_ref().map(|keys| operator_proof(&keys.current(), method, &message.encode_to_vec()));
         let mut request = tonic::Request::new(message);
-        request.set_timeout(self.timeout);
         if let Some(token) = &self.token {
             request.metadata_mut().insert("authorization", token.clone());
         }
@@ -327,6 +361,28 @@ async fn ask_one(client: &AgentClient, pod: &str, agent: SocketAddr, request: Re
         Ok(Ok(response)) => interpret(pod, response.into_inner()),
         Ok(Err(status)) => Answer::unanswered(pod, bounded_text(&client.failure(agent, &status))),
         Err(_) => Answer::unanswered(pod, format!("the agent at {agent} did not answer within {timeout:?}")),
+    }
+}
+
+/// Largest `Advisor.Watch` message read: a name, a window, a verdict and a count.
+const MAX_WATCH_MESSAGE: usize = 1024;
+
+/// An agent's word that its service needs more replicas, from `Advisor.Watch`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NeedsReplicas {
+    pub service: String,
+    pub window_id: u64,
+    pub verdict: Verdict,
+    pub desired_replicas: u32,
+}
+
+impl NeedsReplicas {
+    /// Only a valid service name and a verdict that calls for replicas are taken.
+    fn from_wire(wire: WireNeedsReplicas) -> Option<Self> {
+        let verdict = Verdict::from_proto(wire.verdict)?;
+        (valid_service_name(&wire.service) && matches!(verdict, Verdict::RootCause | Verdict::Saturated)).then_some(
+            Self { service: wire.service, window_id: wire.window_id, verdict, desired_replicas: wire.desired_replicas },
+        )
     }
 }
 

@@ -8,7 +8,8 @@
 //! 3. [`balance`]: callers reach a service's replicas through a p2c balancer fed by a discovery stream;
 //! 4. [`cluster`]: every service's replicas, faults, and the local `ScaleTarget` that starts and drains them;
 //! 5. [`load`] and [`scenario`]: Poisson load on a rate schedule, faults on a schedule;
-//! 6. [`policy`]: who decides — rootscale's agents, or an HPA baseline — through the operator's engine;
+//! 6. [`policy`]: who decides — rootscale's agents, or an HPA baseline — through the operator's engine; [`push`]:
+//!    rootscale's policy also decides as soon as an agent says its service needs replicas;
 //! 7. [`run`]: one run, second by second, and its timeline and summary; [`report`] prints them and [`live`]
 //!    feeds them to the dashboard.
 
@@ -17,6 +18,7 @@ pub mod cluster;
 pub mod live;
 pub mod load;
 pub mod policy;
+pub mod push;
 pub mod replica;
 pub mod report;
 pub mod run;

@@ -87,6 +87,9 @@ pub struct Action {
     pub from: u32,
     pub to: u32,
     pub reason: String,
+    /// Made on an agent's push: seconds from the end of the window whose decision was pushed to this request.
+    /// `None` when the periodic sync made it.
+    pub pushed_after: Option<f64>,
 }
 
 /// How long an agent may take to answer the policy.
@@ -158,35 +161,69 @@ impl Controller {
         }
         let mut actions = Vec::new();
         for name in names {
-            let target = LocalTarget { cluster: self.cluster.clone(), service: name.clone() };
-            let outcome = match self.policy {
-                Policy::Rootscale => self.rootscale(now, &name, &target).await,
-                Policy::HpaCpu => {
-                    let recommended = self.hpa_cpu(now, &name);
-                    self.apply(now, &name, &target, recommended).await
-                }
-                Policy::HpaLatency => {
-                    let recommended = self.hpa_latency(&name);
-                    self.apply(now, &name, &target, recommended).await
-                }
-                Policy::HpaDefault => {
-                    let recommended = self.hpa_default(&name);
-                    self.apply(now, &name, &target, recommended).await
-                }
-            };
-            match outcome {
-                Ok(outcome) if outcome.desired != outcome.current => actions.push(Action {
-                    at: elapsed.as_secs_f64(),
-                    service: name,
-                    from: outcome.current,
-                    to: outcome.desired,
-                    reason: outcome.reason,
-                }),
-                Ok(_) => {}
-                Err(error) => tracing::warn!(service = %name, %error, "could not scale"),
-            }
+            actions.extend(self.decide(now, elapsed, &name).await);
         }
         actions
+    }
+
+    /// Decides `service` at once because its agent pushed that it needs replicas for `window_id` (rootscale only;
+    /// the baselines keep to their sync period). `window` is the agents' window length.
+    pub async fn pushed(
+        &mut self,
+        elapsed: Duration,
+        service: &str,
+        window_id: u64,
+        window: Duration,
+    ) -> Option<Action> {
+        if self.policy != Policy::Rootscale || !self.engines.contains_key(service) {
+            return None;
+        }
+        let mut action = self.decide(Instant::now(), elapsed, service).await?;
+        let window_ms = window.as_millis().max(1);
+        let window_end_ms = u128::from(window_id).saturating_add(1).saturating_mul(window_ms);
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+        action.pushed_after = Some(now_ms.saturating_sub(window_end_ms) as f64 / 1e3);
+        Some(action)
+    }
+
+    /// Decides one service by the run's policy and applies the result; the change made, if any.
+    async fn decide(&mut self, now: Instant, elapsed: Duration, name: &str) -> Option<Action> {
+        let target = LocalTarget { cluster: self.cluster.clone(), service: name.to_string() };
+        let outcome = match self.policy {
+            Policy::Rootscale => self.rootscale(now, name, &target).await,
+            Policy::HpaCpu => {
+                let recommended = self.hpa_cpu(now, name);
+                self.apply(now, name, &target, recommended).await
+            }
+            Policy::HpaLatency => {
+                let recommended = self.hpa_latency(name);
+                self.apply(now, name, &target, recommended).await
+            }
+            Policy::HpaDefault => {
+                let recommended = self.hpa_default(name);
+                self.apply(now, name, &target, recommended).await
+            }
+        };
+        match outcome {
+            Ok(outcome) if outcome.desired != outcome.current => Some(Action {
+                at: elapsed.as_secs_f64(),
+                service: name.to_string(),
+                from: outcome.current,
+                to: outcome.desired,
+                reason: outcome.reason,
+                pushed_after: None,
+            }),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::warn!(service = %name, %error, "could not scale");
+                None
+            }
+        }
+    }
+
+    /// How the agents are asked (and watched).
+    pub fn agents(&self) -> &AgentClient {
+        &self.agents
     }
 
     async fn rootscale(&mut self, now: Instant, name: &str, target: &LocalTarget) -> Result<Outcome, Error> {

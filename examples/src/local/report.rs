@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use crate::local::{
     policy::Action,
-    run::{Detection, RunConfig, Tick, Timeline},
+    run::{Detection, RECOVERED_FOR, RunConfig, Tick, Timeline},
 };
 
 fn opt_ms(value: Option<f64>) -> String {
@@ -135,18 +135,26 @@ pub fn summary(timeline: &Timeline) -> String {
         let _ = writeln!(out, "  scaling: none");
     }
     for action in &timeline.actions {
+        let pushed = action
+            .pushed_after_s
+            .map_or_else(String::new, |after| format!(", pushed {:.0} ms after its window closed", after * 1e3));
         let _ = writeln!(
             out,
-            "  scaled at {:>5.1}s: {} {} -> {} ({})",
+            "  scaled at {:>5.1}s: {} {} -> {} ({}{pushed})",
             action.at_s, action.service, action.from, action.to, action.reason
         );
     }
     let _ = writeln!(
         out,
-        "  entry p95: before the fault {}, worst second after it {}, last 10 s {}",
+        "  entry p95: before the fault {}, worst second after it {}, last 10 s {}; {}",
         opt_ms(s.latency_before_ms),
         opt_ms(s.latency_worst_ms),
-        opt_ms(s.latency_after_ms)
+        opt_ms(s.latency_after_ms),
+        match s.recovered_after_s {
+            Some(after) => format!("back under the SLO for {RECOVERED_FOR} s in a row {after} s after the fault"),
+            None if timeline.detections.is_empty() => "no fault".to_string(),
+            None => format!("never under the SLO for {RECOVERED_FOR} s in a row after the fault"),
+        }
     );
     let _ = writeln!(
         out,

@@ -21,6 +21,7 @@ use crate::local::{
     cluster::Cluster,
     load::Load,
     policy::{Action, Controller, Policy},
+    push::Pushes,
     replica::CpuModel,
     scenario::{Fault, FaultKind, RateSchedule},
     topology::Topology,
@@ -212,6 +213,9 @@ pub struct ActionRecord {
     pub from: u32,
     pub to: u32,
     pub reason: String,
+    /// Made on an agent's push: seconds from the end of the pushed window to the request; absent for a sync's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pushed_after_s: Option<f64>,
 }
 
 impl From<&Action> for ActionRecord {
@@ -222,6 +226,7 @@ impl From<&Action> for ActionRecord {
             from: action.from,
             to: action.to,
             reason: action.reason.clone(),
+            pushed_after_s: action.pushed_after,
         }
     }
 }
@@ -369,8 +374,26 @@ async fn drive(
     let mut actions: Vec<Action> = Vec::new();
     let sync_every = config.sync.as_secs().max(1);
     let seconds = config.duration.as_secs();
+    let mut pushes = Pushes::new(controller.agents().clone());
+    let pushing = config.policy == Policy::Rootscale;
+    // A pushed decision waits this long for the delegations of its window to land on the other agents.
+    let settle = config.window / 10;
+    let mut pushed_actions = Vec::new();
     for t in 1..=seconds {
-        tokio::time::sleep_until((started + Duration::from_secs(t)).into()).await;
+        if pushing {
+            pushes.follow(&cluster);
+        }
+        let tick_at = started + Duration::from_secs(t);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(tick_at.into()) => break,
+                Some(pushed) = pushes.next(), if pushing => {
+                    tokio::time::sleep(settle).await;
+                    let (service, window_id) = (pushed.service, pushed.window_id);
+                    pushed_actions.extend(controller.pushed(started.elapsed(), &service, window_id, config.window).await);
+                }
+            }
+        }
         let elapsed = started.elapsed();
         while injected < faults.len() && faults[injected].at <= elapsed {
             cluster.inject(&faults[injected])?;
@@ -384,7 +407,10 @@ async fn drive(
                 *healed = true;
             }
         }
-        let new_actions = if t % sync_every == 0 { controller.sync(elapsed).await } else { Vec::new() };
+        let mut new_actions = std::mem::take(&mut pushed_actions);
+        if t % sync_every == 0 {
+            new_actions.extend(controller.sync(elapsed).await);
+        }
         let services: Vec<ServiceRow> =
             topology.services.iter().map(|spec| service_row(&cluster, &spec.name, config.window)).collect();
         for (fault, detection) in faults.iter().zip(detections.iter_mut()).take(injected) {

@@ -19,7 +19,7 @@ use crate::{
     agent::{metrics::AgentMetrics, settings::AgentBuilder},
     aggregate::WindowStats,
     decide::{
-        Capacity, Decision, PolicyConfig, Recommendation,
+        Capacity, Decision, PolicyConfig, Recommendation, Verdict,
         inputs::{
             DecisionSettings, SettingsUpdate, UtilizationHistory, WindowInputs, decide_window, subtree_utilization,
         },
@@ -46,7 +46,17 @@ pub(crate) struct AgentState {
     pub capacity: Capacity,
     pub sender: Sender,
     pub metrics: AgentMetrics,
+    /// The latest decision that calls for more replicas, for `Advisor.Watch`: set as soon as it is made.
+    needs_replicas: watch::Sender<Option<NeedsReplicas>>,
     inner: Mutex<Inner>,
+}
+
+/// A decision that calls for more replicas, as `Advisor.Watch` announces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NeedsReplicas {
+    pub window_id: u64,
+    pub verdict: Verdict,
+    pub desired_replicas: u32,
 }
 
 struct Inner {
@@ -80,6 +90,7 @@ impl AgentState {
             capacity,
             sender,
             metrics: AgentMetrics::default(),
+            needs_replicas: watch::Sender::new(None),
             inner: Mutex::new(Inner {
                 settings: DecisionSettings::configured(config.slo, &config.policy),
                 window: None,
@@ -115,12 +126,36 @@ impl AgentState {
         })
     }
 
-    /// Decides the latest window again with the settings in force, and keeps the result.
+    /// Decides the latest window again with the settings in force, and keeps the result; one that calls for more
+    /// replicas is announced to the watchers at once (once per window and verdict).
     fn redecide(&self, inner: &mut Inner) {
         let Some(window) = inner.window.clone() else { return };
         let (decision, recommendation) = self.decide(inner, &window.stats, inner.settings);
+        if matches!(decision.verdict, Verdict::RootCause | Verdict::Saturated)
+            && recommendation.desired_replicas > inner.settings.current_replicas
+        {
+            let news = NeedsReplicas {
+                window_id: window.stats.window_id,
+                verdict: decision.verdict,
+                desired_replicas: recommendation.desired_replicas,
+            };
+            self.needs_replicas.send_if_modified(|last| {
+                let known = last.is_some_and(|last| (last.window_id, last.verdict) == (news.window_id, news.verdict));
+                if !known {
+                    *last = Some(news);
+                }
+                !known
+            });
+        }
         inner.decision = decision;
         inner.recommendation = Some(recommendation);
+    }
+
+    /// The decisions that call for more replicas, from now on (the latest one first, if any).
+    pub fn watch_needs_replicas(&self) -> watch::Receiver<Option<NeedsReplicas>> {
+        let mut receiver = self.needs_replicas.subscribe();
+        receiver.mark_changed();
+        receiver
     }
 
     /// The reports for the latest window (with `only_to`, just to those callees).

@@ -70,8 +70,13 @@ pub(crate) fn serve(
     let tls = access.tls.clone();
     let neighbor = NeighborServer::new(NeighborService { state: state.clone(), access: access.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let advisor = AdvisorServer::new(AdvisorService { state: state.clone(), access })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let advisor = AdvisorServer::new(AdvisorService {
+        state: state.clone(),
+        access,
+        watchers: Default::default(),
+        stopped: stop.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = || {
         tonic_reflection::server::Builder::configure()

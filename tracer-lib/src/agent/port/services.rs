@@ -3,9 +3,17 @@
 //! agent's state. Neither ever answers INTERNAL, OUT_OF_RANGE or RESOURCE_EXHAUSTED: those codes come only from
 //! tonic's decoding, which the port turns into INVALID_ARGUMENT ([`super::refused`]).
 
-use std::sync::Arc;
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
+use futures_util::Stream;
 use rootscale_proto::v1::{self as proto, advisor_server::Advisor, neighbor_server::Neighbor};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -17,6 +25,8 @@ use crate::{
 
 /// Replica counts above this are absurd.
 const MAX_REPLICAS: u32 = 100_000;
+/// `Advisor.Watch` streams open at once: the operator's leader, a dashboard, a tool. More are refused.
+const MAX_WATCHERS: usize = 8;
 
 pub(crate) struct NeighborService {
     pub state: Arc<AgentState>,
@@ -53,7 +63,22 @@ impl Neighbor for NeighborService {
 pub(crate) struct AdvisorService {
     pub state: Arc<AgentState>,
     pub access: Access,
+    /// `Watch` streams open now.
+    pub watchers: Arc<AtomicUsize>,
+    /// Turns true when the agent stops: every `Watch` stream ends then.
+    pub stopped: watch::Receiver<bool>,
 }
+
+/// One open `Watch` stream, counted until it is dropped.
+struct Watcher(Arc<AtomicUsize>);
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type NeedsReplicasStream = Pin<Box<dyn Stream<Item = Result<proto::NeedsReplicas, Status>> + Send>>;
 
 /// The settings a question asks for; an empty (zero) field asks for nothing.
 fn settings_update(request: &proto::RecommendRequest) -> Result<SettingsUpdate, Status> {
@@ -103,6 +128,42 @@ impl Advisor for AdvisorService {
     ) -> Result<Response<proto::SnapshotResponse>, Status> {
         self.access.asker(&request, "Snapshot").map_err(|status| self.refuse("unauthenticated", status))?;
         Ok(Response::new(self.state.snapshot()))
+    }
+
+    type WatchStream = NeedsReplicasStream;
+
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<NeedsReplicasStream>, Status> {
+        self.access.asker(&request, "Watch").map_err(|status| self.refuse("unauthenticated", status))?;
+        let open = self.watchers.fetch_add(1, Ordering::AcqRel);
+        let watcher = Watcher(self.watchers.clone());
+        if open >= MAX_WATCHERS {
+            return Err(self.refuse("too_many_watchers", Status::unavailable("too many watchers; try again later")));
+        }
+        let watch = request.get_ref();
+        tracing::debug!(namespace = %watch.namespace, deployment = %watch.deployment, "a watcher joined");
+        let news = self.state.watch_needs_replicas();
+        let service = self.state.service.clone();
+        let stopped = self.stopped.clone();
+        let stream = futures_util::stream::unfold((news, stopped, watcher), move |(mut news, mut stopped, watcher)| {
+            let service = service.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        changed = news.changed() => changed.ok()?,
+                        () = crate::agent::stop_requested(&mut stopped) => return None,
+                    }
+                    let Some(latest) = *news.borrow_and_update() else { continue };
+                    let message = proto::NeedsReplicas {
+                        service: service.clone(),
+                        window_id: latest.window_id,
+                        verdict: latest.verdict.to_proto() as i32,
+                        desired_replicas: latest.desired_replicas,
+                    };
+                    return Some((Ok(message), (news, stopped, watcher)));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
