@@ -116,8 +116,14 @@ fn the_first_step_is_within_one_replica_of_the_demand() {
     assert_eq!(needed, 3, "the scenario changed");
     let timeline = run(&config, |_, _, _| {}).unwrap();
     let report = report(&timeline);
-    let first = timeline.actions.first().unwrap_or_else(|| panic!("nothing scaled: {report}"));
-    assert_eq!((first.service.as_str(), first.from), ("payments", 1), "{report}");
+    // (At this rate `recommend` runs near its CPU target too and may get a replica of its own; not this test's.)
+    let first = timeline
+        .actions
+        .iter()
+        .find(|a| a.service == "payments")
+        .unwrap_or_else(|| panic!("payments was not scaled: {report}"));
+    assert_eq!(first.from, 1, "{report}");
+    assert!(first.at_s > 6.0, "scaled before the fault: {report}");
     assert!(first.to.abs_diff(needed) <= 1, "first step to {}, the demand needs {needed}: {report}", first.to);
     let slo_ms = config.topology.slo.as_secs_f64() * 1e3;
     assert!(timeline.summary.latency_after_ms.unwrap() < slo_ms, "{report}");

@@ -57,6 +57,16 @@ impl Advisor for Healthy {
     ) -> Result<tonic::Response<SnapshotResponse>, tonic::Status> {
         Ok(tonic::Response::new(SnapshotResponse::default()))
     }
+
+    type WatchStream = futures_util::stream::Pending<Result<rootscale_proto::v1::NeedsReplicas, tonic::Status>>;
+
+    /// Never pushes: these tests and benchmarks drive reconciles themselves.
+    async fn watch(
+        &self,
+        _: tonic::Request<rootscale_proto::v1::WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Ok(tonic::Response::new(futures_util::stream::pending()))
+    }
 }
 
 /// The process's resident memory, MiB (Linux).

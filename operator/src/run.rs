@@ -247,16 +247,31 @@ pub async fn run_until(client: Client, config: RunConfig, stop: watch::Receiver<
         board,
         cache,
     });
+    // One trigger per controller, by namespace (`""` for one over all): the agents' pushes reconcile at once.
+    let mut triggers = crate::controller::pushes::Triggers::new();
+    let scopes: Vec<String> = if namespaces.is_empty() { vec![String::new()] } else { namespaces.clone() };
     let controllers: Vec<_> = apis::<Deployment>(&client, namespaces)
         .into_iter()
-        .map(|api| {
+        .zip(scopes)
+        .map(|(api, scope)| {
+            let (trigger, pushed) = crate::controller::pushes::trigger();
+            triggers.insert(scope, trigger);
             Controller::new(api, watcher::Config::default())
                 .with_config(ControllerConfig::default().concurrency(config.operator.concurrency))
+                .reconcile_on(pushed)
         })
         .collect();
     // What is kept per Deployment goes when the Deployment goes (or stops being managed): checked each resync
     // against the controllers' own caches.
     let deployments: Vec<Store<Deployment>> = controllers.iter().map(Controller::store).collect();
+    tokio::spawn(crate::controller::pushes::follow(
+        deployments.clone(),
+        context.cache.clone(),
+        context.config.agents.clone(),
+        context.leader.clone(),
+        triggers,
+        stop.clone(),
+    ));
     let pruned = context.clone();
     let mut prune_stop = stop.clone();
     tokio::spawn(async move {

@@ -117,6 +117,44 @@ async fn only_the_bottleneck_is_scaled_and_the_decisions_say_why() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_decision_is_applied_within_a_window_not_at_the_next_resync() {
+    let b = service("svc-b", 1, None).await;
+    let a = service("svc-a", 64, Some(b.addr)).await;
+    let api = ApiServer::start().await;
+    api.create("deployments", deployment("svc-a", a.agent.local_addr().port(), &[("slo-latency", "100ms")]));
+    api.create("deployments", deployment("svc-b", b.agent.local_addr().port(), &[]));
+    api.create("pods", pod("svc-a"));
+    api.create("pods", pod("svc-b"));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut config = config(None, None);
+    // After the first reconciles, the next resync comes only after the test.
+    config.operator.resync = Duration::from_secs(120);
+    let operator = tokio::spawn(run_until(api.client(), config, stopped));
+    // The first reconciles, on idle agents, write the decisions (and give svc-a its SLO).
+    let first = Instant::now() + Duration::from_secs(10);
+    while ["svc-a", "svc-b"].iter().any(|name| api.get("scalingdecisions", "shop", name).is_none()) {
+        assert!(Instant::now() < first, "no first reconcile");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let loaded = Instant::now();
+    let deadline = loaded + Duration::from_secs(15);
+    load(a.addr, 100.0, deadline);
+    while scale_patches(&api, "svc-b").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = loaded.elapsed();
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), operator).await;
+    a.agent.shutdown(Duration::from_millis(200)).await;
+    b.agent.shutdown(Duration::from_millis(200)).await;
+    assert!(!scale_patches(&api, "svc-b").is_empty(), "svc-b was never scaled in {after:?}");
+    // Windows of 1 s: the overload shows in the first full one, the second confirms it, its push reconciles at
+    // once — within a few windows of the load, where the resync would have taken 120 s.
+    assert!(after < Duration::from_secs(6), "svc-b was scaled only after {after:?}");
+    assert!(scale_patches(&api, "svc-a").is_empty(), "svc-a's /scale must not be patched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recommend_mode_records_decisions_and_never_patches_scale() {
     let (api, _, b_status) = scenario("recommend").await;
     assert_eq!(b_status["verdict"], "root-cause", "svc-b: {b_status:#}");

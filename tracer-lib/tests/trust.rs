@@ -268,6 +268,7 @@ fn delegation_report(from: (&str, &str), to: &str, window_id: u64) -> NeighborRe
             caller_slo_us: 100_000,
             remote_wait_us: 400_000,
             path: vec![from.0.into()],
+            unserved_ratio: 1.0,
         }),
         ..Default::default()
     }

@@ -53,15 +53,10 @@ impl Pushes {
         for spec in &cluster.topology.services {
             for replica in cluster.replica_info(&spec.name) {
                 live.push(replica.agent_addr);
-                if !self.watching.contains_key(&replica.agent_addr) {
-                    let task = tokio::spawn(watch(
-                        self.client.clone(),
-                        replica.agent_addr,
-                        spec.name.clone(),
-                        self.sender.clone(),
-                    ));
-                    self.watching.insert(replica.agent_addr, task);
-                }
+                let (client, sender) = (&self.client, &self.sender);
+                self.watching.entry(replica.agent_addr).or_insert_with(|| {
+                    tokio::spawn(watch(client.clone(), replica.agent_addr, spec.name.clone(), sender.clone()))
+                });
             }
         }
         self.watching.retain(|agent, task| {
