@@ -179,7 +179,7 @@ pub struct Summary {
     pub latency_before_ms: Option<f64>,
     pub latency_worst_ms: Option<f64>,
     pub latency_after_ms: Option<f64>,
-    /// Seconds from the first fault until the entry's latency at the SLO percentile stayed under the SLO for
+    /// Seconds from the first fault (or change of load) until the entry's latency at the SLO percentile stayed under the SLO for
     /// [`RECOVERED_FOR`] seconds in a row (counted from the first of them; 0 if the SLO never broke); `None` if it
     /// never did.
     pub recovered_after_s: Option<u64>,
@@ -485,7 +485,13 @@ fn summarize(
         }
         merged.percentile(at).map(|d| d.as_secs_f64() * 1e3)
     };
-    let first_fault = config.faults.iter().map(|f| f.at.as_secs() as usize).min();
+    // What the run is about: its first fault, else its first change of load (a surge).
+    let first_fault = config
+        .faults
+        .iter()
+        .map(|f| f.at.as_secs() as usize)
+        .min()
+        .or_else(|| config.rate.steps.get(1).map(|(at, _)| at.as_secs() as usize));
     let scaled_for: Vec<&str> =
         config.faults.iter().filter(|f| !matches!(f.kind, FaultKind::Link(_))).map(|f| f.service.as_str()).collect();
     Summary {

@@ -62,6 +62,16 @@ impl Histogram {
         Self::default()
     }
 
+    /// `count` values of `value_us`: a window's distribution in a test.
+    #[cfg(test)]
+    pub(crate) fn repeated(value_us: u64, count: u64) -> Self {
+        let mut histogram = Self::new();
+        for _ in 0..count {
+            histogram.record(value_us);
+        }
+        histogram
+    }
+
     /// Records one value.
     #[inline]
     pub fn record(&mut self, value_us: u64) {

@@ -189,12 +189,37 @@ mod tests {
         assert!(!history.idle_throughout(2, 1.0), "not enough windows yet");
     }
 
+    /// As the agent does with each closed window of `service` (5 s long): the window joins the history, is
+    /// decided, and what it ended with is remembered.
+    fn close(
+        service: &str,
+        stats: &WindowStats,
+        capacity: Capacity,
+        settings: DecisionSettings,
+        history: &mut UtilizationHistory,
+    ) -> (Decision, Recommendation) {
+        let (policy, neighbors) = (PolicyConfig::default(), Neighbors::new(8));
+        history.push(stats.window_id, utilization(stats, 5_000, capacity).max());
+        let inputs = WindowInputs {
+            service,
+            stats,
+            window_ms: 5_000,
+            capacity,
+            policy: &policy,
+            settings,
+            history,
+            neighbors: &neighbors,
+            delegations: &[],
+        };
+        let (decision, recommendation) = decide_window(&inputs);
+        history.ended_with(stats.window_id, decision.verdict);
+        (decision, recommendation)
+    }
+
     #[test]
     fn idle_takes_two_quiet_windows_not_a_stabilisation_window() {
         use crate::aggregate::histogram::Histogram;
-        let policy = PolicyConfig::default();
-        let settings = DecisionSettings::configured(None, &policy);
-        let neighbors = Neighbors::new(8);
+        let settings = DecisionSettings::configured(None, &PolicyConfig::default());
         let capacity = Capacity { cores: 4.0, concurrency: None, pool_scope: Default::default() };
         let mut history = UtilizationHistory::default();
         let mut verdicts = Vec::new();
@@ -202,26 +227,8 @@ mod tests {
             // 100 requests of 1 ms CPU in 5 s: 0.5 % of 4 cores, far below half the target.
             let mut stats = WindowStats::new(window_id);
             (stats.requests, stats.arrivals) = (100, 100);
-            let (mut busy, mut total) = (Histogram::new(), Histogram::new());
-            for _ in 0..100 {
-                busy.record(1_000);
-                total.record(1_200);
-            }
-            (stats.busy, stats.total) = (busy, total);
-            // As the agent does: the window joins the history, then is decided.
-            history.push(window_id, utilization(&stats, 5_000, capacity).max());
-            let inputs = WindowInputs {
-                service: "quiet",
-                stats: &stats,
-                window_ms: 5_000,
-                capacity,
-                policy: &policy,
-                settings,
-                history: &history,
-                neighbors: &neighbors,
-                delegations: &[],
-            };
-            let (decision, recommendation) = decide_window(&inputs);
+            (stats.busy, stats.total) = (Histogram::repeated(1_000, 100), Histogram::repeated(1_200, 100));
+            let (decision, recommendation) = close("quiet", &stats, capacity, settings, &mut history);
             verdicts.push(decision.verdict);
             assert!(recommendation.usage_ratio < 0.01, "{}", recommendation.usage_ratio);
         }
@@ -232,9 +239,8 @@ mod tests {
     #[test]
     fn a_root_cause_named_for_one_window_holds_and_a_second_window_scales() {
         use crate::aggregate::histogram::Histogram;
-        let policy = PolicyConfig::default();
-        let settings = DecisionSettings::configured(Some(Slo { latency_us: 100_000, percentile: 95.0 }), &policy);
-        let neighbors = Neighbors::new(8);
+        let slo = Slo { latency_us: 100_000, percentile: 95.0 };
+        let settings = DecisionSettings::configured(Some(slo), &PolicyConfig::default());
         let capacity = Capacity { cores: 4.0, concurrency: Some(2.0), pool_scope: Default::default() };
         let mut history = UtilizationHistory::default();
         // The entry waits 90 of its 100 ms in its own full pool of 2, with twice as many arrivals as completions.
@@ -242,34 +248,14 @@ mod tests {
             let mut stats = WindowStats::new(window_id);
             (stats.requests, stats.arrivals) = (100, if slow { 200 } else { 100 });
             let (total, local) = if slow { (100_000, 90_000) } else { (20_000, 10_000) };
-            for (histogram, value) in
-                [(&mut stats.total, total), (&mut stats.local_wait, local), (&mut stats.busy, 1_000)]
-            {
-                let mut filled = Histogram::new();
-                for _ in 0..100 {
-                    filled.record(value);
-                }
-                *histogram = filled;
-            }
+            stats.total = Histogram::repeated(total, 100);
+            stats.local_wait = Histogram::repeated(local, 100);
+            stats.busy = Histogram::repeated(1_000, 100);
             stats
         };
         let mut outcomes = Vec::new();
         for (window_id, slow) in [(1, true), (2, true), (3, false), (4, true)] {
-            let stats = window(window_id, slow);
-            history.push(window_id, utilization(&stats, 5_000, capacity).max());
-            let inputs = WindowInputs {
-                service: "entry",
-                stats: &stats,
-                window_ms: 5_000,
-                capacity,
-                policy: &policy,
-                settings,
-                history: &history,
-                neighbors: &neighbors,
-                delegations: &[],
-            };
-            let (decision, recommendation) = decide_window(&inputs);
-            history.ended_with(window_id, decision.verdict);
+            let (decision, recommendation) = close("entry", &window(window_id, slow), capacity, settings, &mut history);
             outcomes.push((decision.verdict, recommendation.desired_replicas, recommendation.usage_ratio <= 1.0));
         }
         assert_eq!(

@@ -547,11 +547,7 @@ mod tests {
     use crate::aggregate::stats::OutboundStats;
 
     fn histogram(value_us: u64, count: u64) -> Histogram {
-        let mut histogram = Histogram::new();
-        for _ in 0..count {
-            histogram.record(value_us);
-        }
-        histogram
+        Histogram::repeated(value_us, count)
     }
 
     static NO_PRESSURE: std::sync::LazyLock<HashMap<String, f64>> = std::sync::LazyLock::new(HashMap::new);

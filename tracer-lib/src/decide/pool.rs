@@ -82,11 +82,7 @@ mod tests {
     use crate::aggregate::{histogram::Histogram, stats::OutboundStats};
 
     fn histogram(value_us: u64, count: u64) -> Histogram {
-        let mut histogram = Histogram::new();
-        for _ in 0..count {
-            histogram.record(value_us);
-        }
-        histogram
+        Histogram::repeated(value_us, count)
     }
 
     /// 100 requests: 50 ms queued for a worker, then 10 ms of their own and one 40 ms call to "c" (1 ms of it on
