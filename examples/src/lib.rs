@@ -1,9 +1,9 @@
 //! Example services, load generation and benchmarks for rootscale.
 //!
-//! - [`localization`]: real services on loopback, each with its own rootscale agent, faults injected at run time,
-//!   and the check of who says what (the agent's tests and the `localize` command use it).
 //! - [`local`]: local mode — topologies from YAML files, replicas behind client-side balancing, load, faults and
 //!   a policy scaling the replicas (the `demo` and `compare` commands).
+//! - [`localization`]: the localization matrix on local mode's replicas and topology files: one fault at a time,
+//!   and the check of who says what (the agent's tests and the `localize` command use it).
 
 pub mod local;
 pub mod localization;

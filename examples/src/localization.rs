@@ -1,308 +1,80 @@
-//! A harness for bottleneck localization: each service of a topology runs for real on loopback (axum for HTTP,
-//! tonic for gRPC) on its own single-threaded runtime (its own "CPU"), instrumented with rootscale and with its
-//! own agent; an open-loop load generator drives the entry service; faults are injected while it runs (a worker
-//! pool too small for the load, a CPU-bound handler, a slowed link, a killed service); and every agent's verdict is
-//! read after each window.
+//! The localization matrix on local mode: a topology file's services run as local mode's replicas (real servers on
+//! loopback, each with its own agent), under its open-loop load, with no policy scaling anything; one fault is
+//! injected at a window boundary, and every agent's verdict is read after each window and checked: the faulty
+//! service says root-cause (for a slow link, its caller says network), every service above it delegated toward
+//! it, and nobody else says root-cause.
+//!
+//! The matrix's topologies are files like the demo's ([`MATRIX`]); their `demo:` faults are the matrix's scenarios.
 
-use crate::handler::{Handle, grpc_service, http_router};
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::Arc,
+    time::Duration,
 };
 
-use bytes::Bytes;
-use futures_util::future::join_all;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use rootscale_proto::v1::{Verdict as WireVerdict, WaitKind};
 use rootscale_tracer::{
-    Agent, AgentView, TraceClient,
-    aggregate::histogram::Histogram,
+    AgentView,
     decide::AggregationMode,
     identity::{KeyRing, MeshKeys},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::{Semaphore, oneshot},
+
+use crate::local::{
+    Error,
+    cluster::Cluster,
+    load::Load,
+    replica::CpuModel,
+    scenario::{Fault, FaultKind, RateSchedule},
+    topology::Topology,
 };
-use tower::ServiceBuilder;
 
-use crate::demo::{CallRequest, demo_client::DemoClient};
+/// The matrix's topologies: (name, file contents).
+pub const MATRIX: [(&str, &str); 3] = [
+    ("chain-4", include_str!("../topologies/matrix/chain-4.yaml")),
+    ("diamond", include_str!("../topologies/matrix/diamond.yaml")),
+    ("fan-out", include_str!("../topologies/matrix/fan-out.yaml")),
+];
 
-/// How a service is called.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    Http,
-    Grpc,
+/// One of the matrix's topologies, by name.
+pub fn matrix_topology(name: &str) -> Result<Topology, Error> {
+    let (_, text) = MATRIX
+        .iter()
+        .find(|(shipped, _)| *shipped == name)
+        .ok_or_else(|| Error::Topology(format!("no matrix topology `{name}`")))?;
+    Topology::parse(text, name)
 }
 
-/// One service of a topology.
-#[derive(Clone, Debug)]
-pub struct ServiceSpec {
-    pub name: String,
-    pub protocol: Protocol,
-    /// Groups of calls made one group after another; the calls in a group run in parallel.
-    pub calls: Vec<Vec<String>>,
-    /// Time each request holds a worker-pool slot (sleeping: I/O-like work).
-    pub work: Duration,
-    /// Worker-pool slots.
-    pub pool: usize,
-}
-
-impl ServiceSpec {
-    pub fn new(name: &str, protocol: Protocol) -> Self {
-        Self { name: name.into(), protocol, calls: Vec::new(), work: Duration::from_millis(10), pool: 64 }
-    }
-
-    /// Calls `callees` one after another.
-    pub fn calls(mut self, callees: &[&str]) -> Self {
-        self.calls.extend(callees.iter().map(|callee| vec![callee.to_string()]));
-        self
-    }
-
-    /// Calls `callees` all at once.
-    pub fn parallel(mut self, callees: &[&str]) -> Self {
-        self.calls.push(callees.iter().map(|callee| callee.to_string()).collect());
-        self
-    }
-
-    pub fn pool(mut self, slots: usize, work: Duration) -> Self {
-        self.pool = slots;
-        self.work = work;
-        self
-    }
-}
-
-/// A call graph with one entry service (called over HTTP by the load generator).
-#[derive(Clone, Debug)]
-pub struct Topology {
-    pub name: String,
-    pub services: Vec<ServiceSpec>,
-}
-
-impl Topology {
-    /// A → B → C → D, protocols alternating.
-    pub fn chain4() -> Self {
-        use Protocol::*;
-        Self {
-            name: "chain-4".into(),
-            services: vec![
-                ServiceSpec::new("svc-a", Http).calls(&["svc-b"]),
-                ServiceSpec::new("svc-b", Grpc).calls(&["svc-c"]),
-                ServiceSpec::new("svc-c", Http).calls(&["svc-d"]),
-                ServiceSpec::new("svc-d", Grpc),
-            ],
-        }
-    }
-
-    /// A → B, A → C (one after the other), B → D, C → D.
-    pub fn diamond() -> Self {
-        use Protocol::*;
-        Self {
-            name: "diamond".into(),
-            services: vec![
-                ServiceSpec::new("svc-a", Http).calls(&["svc-b", "svc-c"]),
-                ServiceSpec::new("svc-b", Grpc).calls(&["svc-d"]),
-                ServiceSpec::new("svc-c", Http).calls(&["svc-d"]),
-                ServiceSpec::new("svc-d", Http),
-            ],
-        }
-    }
-
-    /// A → (B, C, D) in parallel.
-    pub fn fanout() -> Self {
-        use Protocol::*;
-        Self {
-            name: "fan-out".into(),
-            services: vec![
-                ServiceSpec::new("svc-a", Http).parallel(&["svc-b", "svc-c", "svc-d"]),
-                ServiceSpec::new("svc-b", Grpc),
-                ServiceSpec::new("svc-c", Http),
-                ServiceSpec::new("svc-d", Grpc),
-            ],
-        }
-    }
-
-    pub fn entry(&self) -> &str {
-        &self.services[0].name
-    }
-
-    fn spec(&self, name: &str) -> Option<&ServiceSpec> {
-        self.services.iter().find(|s| s.name == name)
-    }
-
-    pub fn callees(&self, name: &str) -> BTreeSet<String> {
-        self.spec(name).map(|s| s.calls.iter().flatten().cloned().collect()).unwrap_or_default()
-    }
-
-    /// Every service from which `target` can be reached.
-    pub fn ancestors(&self, target: &str) -> BTreeSet<String> {
-        crate::local::topology::ancestors(
-            self.services.iter().map(|s| s.name.as_str()),
-            |name| self.callees(name),
-            target,
-        )
-    }
-
-    /// Services in an order where every callee comes before its callers.
-    fn start_order(&self) -> Vec<String> {
-        let mut order: Vec<String> = Vec::new();
-        while order.len() < self.services.len() {
-            for service in &self.services {
-                if !order.contains(&service.name) && self.callees(&service.name).iter().all(|c| order.contains(c)) {
-                    order.push(service.name.clone());
-                }
-            }
-        }
-        order
-    }
-}
-
-/// A fault to inject.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Fault {
-    /// Shrink the service's worker pool to this many slots.
-    Pool(usize),
-    /// Burn this much CPU per request on the service's single thread.
-    Cpu(Duration),
-    /// Delay every response on the link from `from` to `to`.
-    Link { from: String, to: String, delay: Duration },
-}
-
-impl Fault {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Fault::Pool(_) => "pool",
-            Fault::Cpu(_) => "cpu",
-            Fault::Link { .. } => "link",
-        }
-    }
-}
-
-/// How a run is set up.
-#[derive(Clone, Debug)]
+/// How a run is set up, beyond its topology.
+#[derive(Clone)]
 pub struct Settings {
     pub window: Duration,
-    /// The entry service's SLO at p95.
-    pub slo: Duration,
-    /// Requests per second from the load generator.
-    pub rate: f64,
+    /// The entry's SLO, instead of the topology's.
+    pub slo: Option<Duration>,
+    /// Requests per second at the entry, instead of the topology's demo rate.
+    pub rate: Option<f64>,
     pub mode: AggregationMode,
-    /// Links that go through a delaying proxy (needed for `Fault::Link`).
-    pub proxied: Vec<(String, String)>,
-    /// The mesh key every service proves its membership with (`None`: an open mesh).
-    pub mesh_keys: Option<Arc<KeyRing>>,
+    /// The mesh key every replica proves its membership with.
+    pub mesh_keys: Arc<KeyRing>,
+    pub seed: u64,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
+impl Settings {
+    /// One-second windows, the topology's SLO and rate, max mode, and a mesh key made for the run (identity on,
+    /// as in production).
+    pub fn new() -> Result<Self, Error> {
+        let keys = MeshKeys::generate().map_err(|error| Error::Start(error.to_string()))?;
+        Ok(Self {
             window: Duration::from_secs(1),
-            slo: Duration::from_millis(200),
-            rate: 150.0,
+            slo: None,
+            rate: None,
             mode: AggregationMode::Max,
-            proxied: Vec::new(),
-            // Identity on, as in production; a key made for the run.
-            mesh_keys: MeshKeys::generate().ok().map(|keys| Arc::new(KeyRing::fixed(keys))),
-        }
+            mesh_keys: Arc::new(KeyRing::fixed(keys)),
+            seed: 1,
+        })
     }
 }
 
-/// What a service's handler reads on every request, so faults apply at once.
-struct Control {
-    pool: Mutex<Arc<Semaphore>>,
-    cpu_us: AtomicU64,
-}
-
-enum Callee {
-    Http { client: TraceClient<Client<HttpConnector, Empty<Bytes>>>, uri: String },
-    Grpc(DemoClient<TraceClient<tonic::transport::Channel>>),
-}
-
-impl Callee {
-    async fn call(&self) -> Result<(), String> {
-        match self {
-            Callee::Http { client, uri } => crate::calls::http_get(client.clone(), uri).await,
-            Callee::Grpc(client) => {
-                client.clone().call(CallRequest {}).await.map(|_| ()).map_err(|status| status.message().to_string())
-            }
-        }
-    }
-}
-
-struct Handler {
-    name: String,
-    control: Arc<Control>,
-    work: Duration,
-    calls: Vec<Vec<Callee>>,
-}
-
-/// Burns CPU for `duration` without yielding.
-pub fn spin(duration: Duration) {
-    let start = Instant::now();
-    let mut x = 0u64;
-    while start.elapsed() < duration {
-        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-    }
-}
-
-impl Handle for Handler {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn handle(&self) -> Result<(), String> {
-        let pool = self.control.pool.lock().map_err(|_| "pool lock poisoned")?.clone();
-        {
-            let _slot = pool.acquire().await.map_err(|_| "pool closed")?;
-            tokio::time::sleep(self.work).await;
-        }
-        let cpu = self.control.cpu_us.load(Ordering::Relaxed);
-        if cpu > 0 {
-            spin(Duration::from_micros(cpu));
-        }
-        for group in &self.calls {
-            for outcome in join_all(group.iter().map(Callee::call)).await {
-                outcome?;
-            }
-        }
-        Ok(())
-    }
-}
-
-struct RunningService {
-    addr: SocketAddr,
-    agent_addr: SocketAddr,
-    view: AgentView,
-    control: Arc<Control>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// A link through a proxy whose response delay can change while it runs.
-struct Proxy {
-    delay_us: Arc<AtomicU64>,
-}
-
-/// The load generator's tally.
-#[derive(Default)]
-pub struct LoadStats {
-    pub sent: u64,
-    pub ok: u64,
-    pub failed: u64,
-    pub latency: Histogram,
-}
-
-/// One service's view after a window: which window, and its decision.
+/// One service's decision about a window, as its (first) replica's agent made it.
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub window_id: u64,
@@ -313,285 +85,76 @@ pub struct Seen {
     pub reason: String,
 }
 
-/// A topology running under load.
+/// A topology running under load, with nothing scaling it.
 pub struct Running {
     pub topology: Topology,
-    pub settings: Settings,
-    services: BTreeMap<String, RunningService>,
-    proxies: BTreeMap<(String, String), Proxy>,
-    harness: tokio::runtime::Runtime,
-    load: Arc<Mutex<LoadStats>>,
-    load_stop: Arc<AtomicBool>,
-}
-
-fn start_service(
-    spec: ServiceSpec,
-    settings: &Settings,
-    entry: bool,
-    targets: BTreeMap<String, (Protocol, SocketAddr)>,
-) -> Result<RunningService, String> {
-    let (ready, ready_receiver) = std::sync::mpsc::channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let control =
-        Arc::new(Control { pool: Mutex::new(Arc::new(Semaphore::new(spec.pool))), cpu_us: AtomicU64::new(0) });
-    let settings = settings.clone();
-    let thread_control = control.clone();
-    let thread = std::thread::Builder::new()
-        .name(spec.name.clone())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    let _ = ready.send(Err(error.to_string()));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let mut agent = Agent::builder(&spec.name)
-                    .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
-                    .window(settings.window)
-                    .mode(settings.mode)
-                    .concurrency(spec.pool as u32)
-                    // Each service runs on one thread: one core, whatever the machine or container has.
-                    .cpu_cores(1.0)
-                    .exchange_timeout(Duration::from_millis(500));
-                if let Some(keys) = &settings.mesh_keys {
-                    agent = agent.mesh_keys(keys.clone());
-                }
-                if entry {
-                    agent = agent.slo(settings.slo, 95.0);
-                }
-                let agent = match agent.start().await {
-                    Ok(agent) => agent,
-                    Err(error) => {
-                        let _ = ready.send(Err(error.to_string()));
-                        return;
-                    }
-                };
-                let calls = spec
-                    .calls
-                    .iter()
-                    .map(|group| {
-                        group
-                            .iter()
-                            .filter_map(|callee| {
-                                let (protocol, addr) = targets.get(callee)?;
-                                Some(match protocol {
-                                    Protocol::Http => {
-                                        let client = Client::builder(TokioExecutor::new()).build_http();
-                                        Callee::Http {
-                                            client: ServiceBuilder::new().layer(agent.client_layer()).service(client),
-                                            uri: format!("http://{addr}/"),
-                                        }
-                                    }
-                                    Protocol::Grpc => {
-                                        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                                            .ok()?
-                                            .connect_lazy();
-                                        let layer = agent.client_layer().callee(callee).ok()?;
-                                        Callee::Grpc(DemoClient::new(
-                                            ServiceBuilder::new().layer(layer).service(channel),
-                                        ))
-                                    }
-                                })
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let handler =
-                    Arc::new(Handler { name: spec.name.clone(), control: thread_control, work: spec.work, calls });
-                let listener = match TcpListener::bind("127.0.0.1:0").await {
-                    Ok(listener) => listener,
-                    Err(error) => {
-                        let _ = ready.send(Err(error.to_string()));
-                        return;
-                    }
-                };
-                let addr = listener.local_addr().map_err(|e| e.to_string());
-                let server = match spec.protocol {
-                    Protocol::Http => {
-                        let app = http_router(handler.clone()).layer(agent.server_layer());
-                        tokio::spawn(async move {
-                            let _ = axum::serve(listener, app).await;
-                        })
-                    }
-                    Protocol::Grpc => {
-                        let router = tonic::transport::Server::builder()
-                            .layer(agent.server_layer())
-                            .add_service(grpc_service(handler.clone()));
-                        // Without TCP_NODELAY a response can sit out a delayed ACK, which callers measure as
-                        // network time.
-                        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                        tokio::spawn(async move {
-                            let _ = router.serve_with_incoming(incoming).await;
-                        })
-                    }
-                };
-                let _ = ready.send(addr.map(|addr| (addr, agent.local_addr(), agent.view())));
-                let _ = stopped.await;
-                server.abort();
-                agent.shutdown(Duration::from_millis(200)).await;
-            });
-        })
-        .map_err(|error| error.to_string())?;
-    let (addr, agent_addr, view) = ready_receiver.recv().map_err(|_| "service thread ended".to_string())??;
-    Ok(RunningService { addr, agent_addr, view, control, stop: Some(stop), thread: Some(thread) })
-}
-
-async fn proxy_connection(client: TcpStream, upstream: SocketAddr, delay_us: Arc<AtomicU64>) {
-    let Ok(server) = TcpStream::connect(upstream).await else { return };
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    tokio::spawn(async move { tokio::io::copy(&mut client_read, &mut server_write).await });
-    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    tokio::spawn(async move {
-        while let Some((due, chunk)) = receiver.recv().await {
-            tokio::time::sleep_until(due.into()).await;
-            if client_write.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut buffer = vec![0u8; 64 * 1024];
-    while let Ok(n) = server_read.read(&mut buffer).await {
-        if n == 0 {
-            return;
-        }
-        let due = Instant::now() + Duration::from_micros(delay_us.load(Ordering::Relaxed));
-        if sender.send((due, buffer[..n].to_vec())).is_err() {
-            return;
-        }
-    }
+    window: Duration,
+    cluster: Arc<Cluster>,
+    load: Load,
+    // Runs the load generator; dropped last.
+    _harness: tokio::runtime::Runtime,
 }
 
 impl Running {
-    /// Starts every service (callees first) and the load generator.
-    pub fn start(topology: Topology, settings: Settings) -> Result<Self, String> {
+    /// Starts every service's replicas, then the load, in the middle of a window.
+    pub fn start(mut topology: Topology, settings: &Settings) -> Result<Self, Error> {
+        if let Some(slo) = settings.slo {
+            topology.slo = slo;
+        }
+        let rate = settings.rate.unwrap_or(topology.demo.rate);
         let harness = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
-            .map_err(|error| error.to_string())?;
-        let mut services: BTreeMap<String, RunningService> = BTreeMap::new();
-        let mut proxies = BTreeMap::new();
-        for name in topology.start_order() {
-            let spec = topology.spec(&name).cloned().ok_or("unknown service")?;
-            let mut targets = BTreeMap::new();
-            for callee in topology.callees(&name) {
-                let callee_spec = topology.spec(&callee).ok_or("unknown callee")?;
-                let mut addr = services[&callee].addr;
-                if settings.proxied.contains(&(name.clone(), callee.clone())) {
-                    let delay_us = Arc::new(AtomicU64::new(0));
-                    let listener = harness.block_on(TcpListener::bind("127.0.0.1:0")).map_err(|e| e.to_string())?;
-                    let proxy_addr = listener.local_addr().map_err(|e| e.to_string())?;
-                    let (upstream, delay) = (addr, delay_us.clone());
-                    harness.spawn(async move {
-                        while let Ok((client, _)) = listener.accept().await {
-                            tokio::spawn(proxy_connection(client, upstream, delay.clone()));
-                        }
-                    });
-                    proxies.insert((name.clone(), callee.clone()), Proxy { delay_us });
-                    addr = proxy_addr;
-                }
-                targets.insert(callee.clone(), (callee_spec.protocol, addr));
-            }
-            let entry = name == topology.entry();
-            services.insert(name.clone(), start_service(spec, &settings, entry, targets)?);
-        }
-        let running =
-            Self { topology, settings, services, proxies, harness, load: Arc::default(), load_stop: Arc::default() };
-        running.start_load();
-        Ok(running)
+            .map_err(|e| Error::Start(e.to_string()))?;
+        let cluster = Cluster::start(
+            topology.clone(),
+            settings.window,
+            settings.mode,
+            settings.seed,
+            CpuModel::Virtual,
+            settings.mesh_keys.clone(),
+        )?;
+        std::thread::sleep(crate::local::run::until_mid_window(settings.window));
+        let load =
+            Load::start(harness.handle(), cluster.entry_registry()?, RateSchedule::constant(rate), settings.seed);
+        Ok(Self { topology, window: settings.window, cluster, load, _harness: harness })
     }
 
-    /// Open-loop load at the settings' rate: requests are sent on schedule whether or not earlier ones returned.
-    fn start_load(&self) {
-        let entry = self.services[self.topology.entry()].addr;
-        let (stats, stop) = (self.load.clone(), self.load_stop.clone());
-        let interval = Duration::from_secs_f64(1.0 / self.settings.rate.max(0.1));
-        self.harness.spawn(async move {
-            let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-            let mut ticks = tokio::time::interval(interval);
-            while !stop.load(Ordering::Relaxed) {
-                ticks.tick().await;
-                let (client, stats) = (client.clone(), stats.clone());
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let uri = format!("http://{entry}/");
-                    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
-                        let response = client.get(uri.parse().map_err(|_| ())?).await.map_err(|_| ())?;
-                        let ok = response.status().is_success();
-                        response.into_body().collect().await.map_err(|_| ())?;
-                        if ok { Ok(()) } else { Err(()) }
-                    })
-                    .await;
-                    let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
-                    stats.sent += 1;
-                    match outcome {
-                        Ok(Ok(())) => {
-                            stats.ok += 1;
-                            stats.latency.record(started.elapsed().as_micros() as u64);
-                        }
-                        _ => stats.failed += 1,
-                    }
-                });
-            }
-        });
+    pub fn inject(&self, fault: &Fault) -> Result<(), Error> {
+        self.cluster.inject(fault)
     }
 
-    pub fn inject(&self, service: &str, fault: &Fault) -> Result<(), String> {
-        match fault {
-            Fault::Pool(slots) => {
-                let control = &self.services.get(service).ok_or("unknown service")?.control;
-                *control.pool.lock().map_err(|_| "poisoned")? = Arc::new(Semaphore::new(*slots));
-            }
-            Fault::Cpu(per_request) => {
-                let control = &self.services.get(service).ok_or("unknown service")?.control;
-                control.cpu_us.store(per_request.as_micros() as u64, Ordering::Relaxed);
-            }
-            Fault::Link { from, to, delay } => {
-                let proxy = self.proxies.get(&(from.clone(), to.clone())).ok_or("that link has no proxy")?;
-                proxy.delay_us.store(delay.as_micros() as u64, Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
-
-    /// Stops a service (server and agent) while the rest runs on.
-    pub fn kill(&mut self, service: &str) {
-        if let Some(running) = self.services.get_mut(service) {
-            if let Some(stop) = running.stop.take() {
-                let _ = stop.send(());
-            }
-            if let Some(thread) = running.thread.take() {
-                let _ = thread.join();
-            }
-        }
+    /// Crashes every replica of `service` while the rest runs on.
+    pub fn crash(&self, service: &str) -> Result<(), Error> {
+        self.cluster.crash(service)
     }
 
     /// The current window id (windows are aligned to wall-clock multiples, the same for every agent).
     pub fn window_now(&self) -> u64 {
-        unix_ms() / self.settings.window.as_millis().max(1) as u64
+        unix_ms() / self.window_ms()
+    }
+
+    fn window_ms(&self) -> u64 {
+        self.window.as_millis().max(1) as u64
     }
 
     /// Sleeps until window `id` has closed everywhere and delegations had time to travel.
     pub fn wait_for_window(&self, id: u64) {
-        let window_ms = self.settings.window.as_millis().max(1) as u64;
+        let window_ms = self.window_ms();
         let end_ms = (id + 1) * window_ms;
-        let now_ms = unix_ms();
         let settle_ms = (window_ms * 2 / 5).clamp(150, 600);
-        std::thread::sleep(Duration::from_millis(end_ms.saturating_sub(now_ms) + settle_ms));
+        std::thread::sleep(Duration::from_millis(end_ms.saturating_sub(unix_ms()) + settle_ms));
     }
 
-    /// What every live service decided for its latest window.
+    /// What every service with a live replica decided for its latest window.
     pub fn verdicts(&self) -> BTreeMap<String, Seen> {
-        self.services
+        self.topology
+            .services
             .iter()
-            .filter(|(_, s)| s.stop.is_some())
-            .map(|(name, service)| {
-                let snapshot = service.view.snapshot();
+            .filter_map(|spec| {
+                let replica = self.cluster.replica_info(&spec.name).into_iter().next()?;
+                let snapshot = replica.view.snapshot();
                 let decision = snapshot.decision.unwrap_or_default();
                 let link = decision
                     .bottleneck
@@ -605,39 +168,36 @@ impl Running {
                     link,
                     reason: decision.evidence.map(|e| e.reason).unwrap_or_default(),
                 };
-                (name.clone(), seen)
+                Some((spec.name.clone(), seen))
             })
             .collect()
     }
 
-    /// Where a service's agent listens.
+    /// Where the first replica of `service` has its agent.
     pub fn agent_addr(&self, service: &str) -> Option<String> {
-        self.services.get(service).map(|s| s.agent_addr.to_string())
+        self.cluster.replica_info(service).first().map(|r| r.agent_addr.to_string())
     }
 
-    /// The agents' views, by service.
-    pub fn views(&self) -> BTreeMap<String, AgentView> {
-        self.services.iter().map(|(name, s)| (name.clone(), s.view.clone())).collect()
+    /// Every live replica's agent view, by service.
+    pub fn views(&self) -> BTreeMap<String, Vec<AgentView>> {
+        self.topology
+            .services
+            .iter()
+            .map(|spec| {
+                (spec.name.clone(), self.cluster.replica_info(&spec.name).into_iter().map(|r| r.view).collect())
+            })
+            .collect()
     }
 
-    /// A copy of the load generator's tally.
-    pub fn load(&self) -> (u64, u64, u64, Histogram) {
-        let stats = self.load.lock().unwrap_or_else(|p| p.into_inner());
-        (stats.sent, stats.ok, stats.failed, stats.latency.clone())
+    /// The load generator's totals so far: (sent, ok, failed).
+    pub fn load_totals(&self) -> (u64, u64, u64) {
+        self.load.totals()
     }
 
-    /// Clears the load generator's tally.
-    pub fn reset_load(&self) {
-        *self.load.lock().unwrap_or_else(|p| p.into_inner()) = LoadStats::default();
-    }
-
-    /// Stops everything.
-    pub fn stop(mut self) {
-        self.load_stop.store(true, Ordering::Relaxed);
-        let names: Vec<String> = self.services.keys().cloned().collect();
-        for name in names {
-            self.kill(&name);
-        }
+    /// Stops the load, then every replica.
+    pub fn stop(self) {
+        self.load.stop();
+        self.cluster.stop();
     }
 }
 
@@ -645,30 +205,49 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Whether a window's verdicts localise a fault at `at`: the right service says root-cause (or, for a link, the
-/// caller says network), every service above it delegated toward it, and nobody else says root-cause.
-pub fn localized(
-    topology: &Topology,
-    verdicts: &BTreeMap<String, Seen>,
-    at: &str,
-    fault: &Fault,
-) -> Result<(), String> {
-    let (culprit, ancestors) = match fault {
-        Fault::Link { from, to, .. } => {
-            let seen = verdicts.get(from).ok_or("caller missing")?;
+/// The link a link fault slows: (its only caller, the service). Errors for a fault of another kind, and for a
+/// service with no caller or several (a slow link into it would be several links).
+pub fn faulty_link(topology: &Topology, fault: &Fault) -> Result<(String, String), Error> {
+    if !matches!(fault.kind, FaultKind::Link(_)) {
+        return Err(Error::Scenario(format!("fault `{fault}` is not a link fault")));
+    }
+    let callers: Vec<&str> = topology
+        .services
+        .iter()
+        .filter(|spec| topology.callees(&spec.name).contains(&fault.service))
+        .map(|spec| spec.name.as_str())
+        .collect();
+    match callers.as_slice() {
+        [caller] => Ok((caller.to_string(), fault.service.clone())),
+        _ => Err(Error::Scenario(format!(
+            "fault `{fault}`: `{}` has {} callers; the matrix slows a link with one",
+            fault.service,
+            callers.len()
+        ))),
+    }
+}
+
+/// Whether a window's verdicts localise `fault`: the right service says root-cause (or, for a link, the caller
+/// says network on that link), every service above it delegated toward it, and nobody else says root-cause.
+pub fn localized(topology: &Topology, verdicts: &BTreeMap<String, Seen>, fault: &Fault) -> Result<(), String> {
+    let culprit = match fault.kind {
+        FaultKind::Link(_) => {
+            let (from, to) = faulty_link(topology, fault).map_err(|e| e.to_string())?;
+            let seen = verdicts.get(&from).ok_or("caller missing")?;
             if seen.verdict != WireVerdict::Network || seen.link.as_ref() != Some(&(from.clone(), to.clone())) {
                 return Err(format!("{from} says {:?} ({}), not network on {from}>{to}", seen.verdict, seen.reason));
             }
-            (from.clone(), topology.ancestors(from))
+            from
         }
-        _ => {
-            let seen = verdicts.get(at).ok_or("service missing")?;
+        FaultKind::Capacity(_) | FaultKind::Cpu(_) => {
+            let seen = verdicts.get(&fault.service).ok_or("service missing")?;
             if seen.verdict != WireVerdict::RootCause {
-                return Err(format!("{at} says {:?} ({})", seen.verdict, seen.reason));
+                return Err(format!("{} says {:?} ({})", fault.service, seen.verdict, seen.reason));
             }
-            (at.to_string(), topology.ancestors(at))
+            fault.service.clone()
         }
     };
+    let ancestors = topology.ancestors(&culprit);
     // Every verdict must be about the same window.
     let windows: BTreeSet<u64> = verdicts.values().map(|seen| seen.window_id).collect();
     if windows.len() != 1 {
@@ -688,11 +267,11 @@ pub fn localized(
         }
     }
     for (service, seen) in verdicts {
+        if seen.verdict == WireVerdict::RootCause && matches!(fault.kind, FaultKind::Link(_)) {
+            return Err(format!("{service} says root-cause for a slow link ({})", seen.reason));
+        }
         if seen.verdict == WireVerdict::RootCause && *service != culprit {
             return Err(format!("{service} also says root-cause ({})", seen.reason));
-        }
-        if seen.verdict == WireVerdict::RootCause && matches!(fault, Fault::Link { .. }) {
-            return Err(format!("{service} says root-cause for a slow link ({})", seen.reason));
         }
     }
     Ok(())
@@ -713,22 +292,36 @@ pub struct ScenarioResult {
     pub last_verdicts: BTreeMap<String, Seen>,
 }
 
-/// Runs one scenario: warm up for a window, inject `fault` at `at`, and check up to `max_windows` windows.
+/// Runs one scenario: start `topology`, let a warm-up window close, inject `fault` (its time is not used: the
+/// matrix injects after the warm-up), and check up to `max_windows` windows after the one it began in.
 pub fn run_scenario(
     topology: &Topology,
     settings: &Settings,
-    at: &str,
     fault: &Fault,
     max_windows: u32,
-) -> Result<ScenarioResult, String> {
-    let mut settings = settings.clone();
-    if let Fault::Link { from, to, .. } = fault {
-        settings.proxied.push((from.clone(), to.clone()));
+) -> Result<ScenarioResult, Error> {
+    if matches!(fault.kind, FaultKind::Link(_)) {
+        faulty_link(topology, fault)?;
     }
     let running = Running::start(topology.clone(), settings)?;
-    let warm_up = running.window_now();
-    running.wait_for_window(warm_up);
-    running.inject(at, fault)?;
+    running.wait_for_window(running.window_now());
+    let outcome = running.inject(fault).map(|()| check_windows(&running, fault, max_windows));
+    let bytes_per_report = {
+        let (reports, bytes) = running
+            .views()
+            .values()
+            .flatten()
+            .map(|view| view.reports_sent())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        if reports == 0 { 0.0 } else { bytes as f64 / reports as f64 }
+    };
+    running.stop();
+    let mut result = outcome?;
+    result.bytes_per_report = bytes_per_report;
+    Ok(result)
+}
+
+fn check_windows(running: &Running, fault: &Fault, max_windows: u32) -> ScenarioResult {
     let injected = running.window_now();
     let mut result = ScenarioResult {
         detected_in: None,
@@ -745,7 +338,7 @@ pub fn run_scenario(
             .filter(|(_, seen)| seen.verdict == WireVerdict::RootCause)
             .map(|(name, _)| name.clone())
             .collect();
-        let outcome = localized(topology, &verdicts, at, fault);
+        let outcome = localized(&running.topology, &verdicts, fault);
         result.last_verdicts = verdicts;
         match outcome {
             Ok(()) => {
@@ -756,9 +349,5 @@ pub fn run_scenario(
             Err(why) => result.failure = Some(why),
         }
     }
-    let (reports, bytes) =
-        running.views().values().map(|v| v.reports_sent()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    result.bytes_per_report = if reports == 0 { 0.0 } else { bytes as f64 / reports as f64 };
-    running.stop();
-    Ok(result)
+    result
 }

@@ -10,64 +10,19 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use rootscale_operator::{
     controller::reconcile::OperatorConfig,
     run::{RunConfig, run_until},
 };
-use rootscale_proto::v1::{
-    Decision, RecommendRequest, RecommendResponse, Recommendation, SnapshotRequest, SnapshotResponse, Verdict,
-    advisor_server::{Advisor, AdvisorServer},
-};
+use rootscale_proto::v1::{Decision, RecommendResponse, Recommendation, Verdict};
 use serde_json::json;
 
 /// The resync of the bench: short, so several pass in a short run.
 const RESYNC: Duration = Duration::from_secs(5);
 /// Resyncs measured at steady state.
 const STEADY_RESYNCS: u32 = 3;
-
-/// An agent on target, recording when it was asked.
-#[derive(Clone, Default)]
-struct Healthy {
-    asked: Arc<Mutex<Vec<Instant>>>,
-}
-
-#[tonic::async_trait]
-impl Advisor for Healthy {
-    async fn recommend(
-        &self,
-        _: tonic::Request<RecommendRequest>,
-    ) -> Result<tonic::Response<RecommendResponse>, tonic::Status> {
-        self.asked.lock().unwrap().push(Instant::now());
-        Ok(tonic::Response::new(RecommendResponse {
-            decision: Some(Decision { verdict: Verdict::Healthy as i32, ..Default::default() }),
-            recommendation: Some(Recommendation { usage_ratio: 1.0, ..Default::default() }),
-            observed_latency_us: 12_000,
-            ..Default::default()
-        }))
-    }
-
-    async fn snapshot(
-        &self,
-        _: tonic::Request<SnapshotRequest>,
-    ) -> Result<tonic::Response<SnapshotResponse>, tonic::Status> {
-        Ok(tonic::Response::new(SnapshotResponse::default()))
-    }
-
-    type WatchStream = futures_util::stream::Pending<Result<rootscale_proto::v1::NeedsReplicas, tonic::Status>>;
-
-    /// Never pushes: these tests and benchmarks drive reconciles themselves.
-    async fn watch(
-        &self,
-        _: tonic::Request<rootscale_proto::v1::WatchRequest>,
-    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
-        Ok(tonic::Response::new(futures_util::stream::pending()))
-    }
-}
 
 /// The process's resident memory, MiB (Linux).
 fn resident_mib() -> f64 {
@@ -101,14 +56,14 @@ fn round_spans(asked: &[Instant]) -> Vec<Duration> {
 #[tokio::main]
 async fn main() {
     let count: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1000);
-    let advisor = Healthy::default();
-    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let agent_port = incoming.local_addr().unwrap().port();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AdvisorServer::new(advisor.clone()))
-            .serve_with_incoming(incoming),
-    );
+    // An agent on target: nothing to scale.
+    let advisor = support::advisor::FixedAdvisor::new(RecommendResponse {
+        decision: Some(Decision { verdict: Verdict::Healthy as i32, ..Default::default() }),
+        recommendation: Some(Recommendation { usage_ratio: 1.0, ..Default::default() }),
+        observed_latency_us: 12_000,
+        ..Default::default()
+    });
+    let agent_port = advisor.clone().serve().await.port();
     let api = support::ApiServer::start().await;
     for i in 0..count {
         let name = format!("svc-{i:04}");

@@ -2,6 +2,9 @@
 //! mock stands in for the API server and asserts every request (method, path, body) in order — and that no other
 //! request comes; the watches' caches are filled by hand; the agents are real gRPC servers on loopback.
 
+#[path = "support/advisor.rs"]
+mod advisor;
+
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -29,13 +32,11 @@ use rootscale_operator::{
     crd::ScalingDecision,
     leadership::Leadership,
 };
-use rootscale_proto::v1::{
-    Decision, Evidence, RecommendRequest, RecommendResponse, Recommendation, SnapshotRequest, SnapshotResponse,
-    Verdict, WaitKind, WaitPoint,
-    advisor_server::{Advisor, AdvisorServer},
-};
+use rootscale_proto::v1::{Decision, Evidence, RecommendResponse, Recommendation, Verdict, WaitKind, WaitPoint};
 use serde_json::{Value, json};
 use tower_test::mock::{Handle, pair};
+
+use advisor::FixedAdvisor;
 
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
@@ -195,67 +196,28 @@ impl Watches {
 }
 
 /// An agent that always gives `verdict` with `usage_ratio`, and `suspect` as the bottleneck.
-struct FixedAdvisor {
-    verdict: Verdict,
-    usage_ratio: f64,
-    suspect: String,
-}
-
-#[tonic::async_trait]
-impl Advisor for FixedAdvisor {
-    async fn recommend(
-        &self,
-        _: tonic::Request<RecommendRequest>,
-    ) -> Result<tonic::Response<RecommendResponse>, tonic::Status> {
-        Ok(tonic::Response::new(RecommendResponse {
-            service: "web".into(),
-            window_id: 1,
-            decision: Some(Decision {
-                verdict: self.verdict as i32,
-                kind: "cpu".into(),
-                bottleneck: Some(WaitPoint {
-                    service: self.suspect.clone(),
-                    from_service: String::new(),
-                    kind: WaitKind::Local as i32,
-                }),
-                delegated_to: vec![],
-                evidence: Some(Evidence { percentile: 95.0, reason: "busy".into(), ..Default::default() }),
-            }),
-            recommendation: Some(Recommendation { usage_ratio: self.usage_ratio, ..Default::default() }),
-            observed_latency_us: 250_000,
-            traffic: None,
-        }))
-    }
-
-    async fn snapshot(
-        &self,
-        _: tonic::Request<SnapshotRequest>,
-    ) -> Result<tonic::Response<SnapshotResponse>, tonic::Status> {
-        Ok(tonic::Response::new(SnapshotResponse::default()))
-    }
-
-    type WatchStream = futures_util::stream::Pending<Result<rootscale_proto::v1::NeedsReplicas, tonic::Status>>;
-
-    /// Never pushes: these tests and benchmarks drive reconciles themselves.
-    async fn watch(
-        &self,
-        _: tonic::Request<rootscale_proto::v1::WatchRequest>,
-    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
-        Ok(tonic::Response::new(futures_util::stream::pending()))
-    }
-}
-
-async fn agent(advisor: FixedAdvisor) -> SocketAddr {
-    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = incoming.local_addr().unwrap();
-    let server = tonic::transport::Server::builder().add_service(AdvisorServer::new(advisor));
-    tokio::spawn(server.serve_with_incoming(incoming));
-    addr
+async fn agent(verdict: Verdict, usage_ratio: f64, suspect: String) -> SocketAddr {
+    FixedAdvisor::new(RecommendResponse {
+        service: "web".into(),
+        window_id: 1,
+        decision: Some(Decision {
+            verdict: verdict as i32,
+            kind: "cpu".into(),
+            bottleneck: Some(WaitPoint { service: suspect, from_service: String::new(), kind: WaitKind::Local as i32 }),
+            delegated_to: vec![],
+            evidence: Some(Evidence { percentile: 95.0, reason: "busy".into(), ..Default::default() }),
+        }),
+        recommendation: Some(Recommendation { usage_ratio, ..Default::default() }),
+        observed_latency_us: 250_000,
+        traffic: None,
+    })
+    .serve()
+    .await
 }
 
 /// An agent that says root-cause at `usage_ratio` times its target.
 async fn fixed_agent(usage_ratio: f64) -> SocketAddr {
-    agent(FixedAdvisor { verdict: Verdict::RootCause, usage_ratio, suspect: "web".into() }).await
+    agent(Verdict::RootCause, usage_ratio, "web".into()).await
 }
 
 /// A context whose caches hold one ready pod of `web` (its agent on 127.0.0.1) and nothing else.
@@ -524,7 +486,7 @@ async fn an_ipv6_pod_address_is_dialled_in_brackets() {
 #[tokio::test]
 async fn an_agent_answering_a_megabyte_suspect_is_bounded() {
     let huge = "a".repeat(1 << 20);
-    let agent = agent(FixedAdvisor { verdict: Verdict::RootCause, usage_ratio: 9.0, suspect: huge }).await;
+    let agent = agent(Verdict::RootCause, 9.0, huge).await;
     let (ctx, mut api, _watches) = context();
     let port = agent.port().to_string();
     let deployment = deployment(&[("enabled", "true"), ("max-replicas", "20"), ("agent-port", &port)]);

@@ -8,6 +8,10 @@
 //! First a side-by-side table: rounds in which every variant runs in turn, so a noisy neighbour slows all of them
 //! alike; it prints each variant's median and the medians of the per-round differences (what the layer adds, and
 //! what the key adds on top). Then criterion's own measurement of each variant.
+//!
+//! A third group, `in-request`, is a request through the server layer whose handler makes one call through the client
+//! layer: the call's bookkeeping inside its request (the request's critical path, its downstream time, its largest
+//! wait) is only exercised there. What one call inside a request adds is that group's added cost less the server's.
 //! Run: `cargo bench -p rootscale-tracer --bench layer_overhead`.
 
 use std::{
@@ -52,6 +56,9 @@ fn drain<B: Body>(body: B) {
         }
     }
 }
+
+type Hello = Response<Full<Bytes>>;
+type Ready<T> = std::future::Ready<Result<T, Infallible>>;
 
 /// A hello-world response, with the content type every real handler sets.
 fn hello_response() -> Response<Full<Bytes>> {
@@ -133,7 +140,32 @@ struct Variant {
     run: Box<dyn FnMut()>,
 }
 
-/// The six variants, and the tracers to check afterwards.
+/// A handler that calls `client` once (its response read to the end) and then answers hello: a service whose
+/// request makes one downstream call.
+fn calling<C>(
+    client: C,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Hello,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Hello, Infallible>>,
+> + Clone
+where
+    C: Service<Request<Full<Bytes>>> + Clone,
+    C::Response: IntoBody,
+    C::Error: std::fmt::Debug,
+{
+    service_fn(move |_request: Request<Full<Bytes>>| {
+        let mut client = client.clone();
+        async move {
+            let call = Request::get("http://svc-c/").body(Full::new(Bytes::new())).unwrap();
+            client.call(call).await.unwrap().drain();
+            Ok(hello_response())
+        }
+    })
+}
+
+/// The nine variants, and the tracers to check afterwards.
 struct Bench {
     variants: Vec<Variant>,
     plain: Tracer,
@@ -159,13 +191,15 @@ fn bench() -> Bench {
     let signed_timing = header_written_by(callee, TIMING_HEADER, Some(signed_caller.clone()));
     let unsigned = HeaderValue::from_static("s=svc-a;a=127.0.0.7:9797");
     let unsigned_timing = HeaderValue::from_static("v=1;s=svc-c;t=41873;w=40211;k=l;at=svc-c;a=127.0.0.9:9797");
-    let timed = |timing: HeaderValue| {
+    fn timed(
+        timing: HeaderValue,
+    ) -> impl Service<Request<Full<Bytes>>, Response = Hello, Error = Infallible, Future = Ready<Hello>> + Clone {
         service_fn(move |_request: Request<Full<Bytes>>| {
             let mut response = hello_response();
             response.headers_mut().insert(TIMING_HEADER, timing.clone());
             std::future::ready(Ok::<_, Infallible>(response))
         })
-    };
+    }
     fn variant<S>(group: &'static str, name: &'static str, mut service: S, caller: HeaderValue) -> Variant
     where
         S: Service<Request<Full<Bytes>>> + 'static,
@@ -179,8 +213,26 @@ fn bench() -> Bench {
         variant("server", "rootscale", plain.server_layer().layer(service_fn(hello)), unsigned.clone()),
         variant("server", "rootscale+key", keyed.server_layer().layer(service_fn(hello)), signed_caller.clone()),
         variant("client", "bare", timed(signed_timing.clone()), signed_caller.clone()),
-        variant("client", "rootscale", plain.client_layer().layer(timed(unsigned_timing)), unsigned),
-        variant("client", "rootscale+key", keyed.client_layer().layer(timed(signed_timing)), signed_caller),
+        variant("client", "rootscale", plain.client_layer().layer(timed(unsigned_timing.clone())), unsigned.clone()),
+        variant(
+            "client",
+            "rootscale+key",
+            keyed.client_layer().layer(timed(signed_timing.clone())),
+            signed_caller.clone(),
+        ),
+        variant("in-request", "bare", calling(timed(signed_timing.clone())), signed_caller.clone()),
+        variant(
+            "in-request",
+            "rootscale",
+            plain.server_layer().layer(calling(plain.client_layer().layer(timed(unsigned_timing.clone())))),
+            unsigned.clone(),
+        ),
+        variant(
+            "in-request",
+            "rootscale+key",
+            keyed.server_layer().layer(calling(keyed.client_layer().layer(timed(signed_timing)))),
+            signed_caller,
+        ),
     ];
     Bench { variants, plain, keyed }
 }
@@ -205,7 +257,7 @@ impl Bench {
 
 fn layers(c: &mut Criterion) {
     let mut bench = bench();
-    for group_name in ["server", "client"] {
+    for group_name in ["server", "client", "in-request"] {
         let mut group = c.benchmark_group(group_name);
         for variant in bench.variants.iter_mut().filter(|variant| variant.group == group_name) {
             group.bench_function(variant.name, |b| b.iter(|| (variant.run)()));
@@ -241,7 +293,7 @@ fn side_by_side() {
     println!("side by side: {ROUNDS} rounds of {CALLS} calls per variant, medians");
     println!("| layer | bare ns | rootscale ns | rootscale+key ns | added by rootscale | added by the key |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for (group, first) in [("server", 0), ("client", 3)] {
+    for (group, first) in [("server", 0), ("client", 3), ("in-request", 6)] {
         let diff =
             |a: usize, b: usize| median(ns[b].iter().zip(&ns[a]).map(|(later, earlier)| later - earlier).collect());
         println!(
@@ -251,6 +303,18 @@ fn side_by_side() {
             median(ns[first + 2].clone()),
             diff(first, first + 1),
             diff(first + 1, first + 2),
+        );
+    }
+    // The call's own cost inside its request: what the in-request group adds beyond the server layer's.
+    let added = |first: usize, index: usize| {
+        median(ns[first + index].iter().zip(&ns[first]).map(|(layered, bare)| layered - bare).collect())
+    };
+    for (index, name) in [(1, "rootscale"), (2, "rootscale+key")] {
+        println!(
+            "one client call inside a request, {name}: {:+.0} ns (in-request added {:+.0} less server added {:+.0})",
+            added(6, index) - added(0, index),
+            added(6, index),
+            added(0, index)
         );
     }
     bench.finish();
@@ -267,7 +331,7 @@ fn only(spec: &str) {
         .variants
         .iter_mut()
         .find(|v| format!("{}/{}", v.group, v.name) == variant)
-        .expect("a variant: server|client / bare|rootscale|rootscale+key")
+        .expect("a variant: server|client|in-request / bare|rootscale|rootscale+key")
         .run;
     for _ in 0..calls {
         run();

@@ -1,8 +1,10 @@
 //! Where requests wait, measured on real axum and tonic servers on loopback (docs/DESIGN.md §1.1–1.2).
 //!
 //! Tolerances: sleeps are lower bounds (a timer never fires early), so measured values are checked against
-//! `[expected - 2 ms, expected + 25 ms]`; the upper slack absorbs timer granularity and a noisy shared machine
-//! running debug builds. Medians over several requests, never single samples.
+//! `[expected - 0.5 ms, expected + 5 ms]`: the upper slack absorbs timer granularity (tokio's timer rounds up to the
+//! millisecond) and a debug build's own time, yet every wait here is at least 5 ms, so a wait counted twice or in
+//! the wrong place fails (a 5 ms callee measured through a 20 ms link, with the link counted in it, is 25 ms).
+//! Measured here: 0.0–2.5 ms above what the handlers sleep. Medians over several requests, never single samples.
 
 mod common;
 
@@ -11,8 +13,8 @@ use std::time::Duration;
 use common::*;
 use rootscale_tracer::{TIMING_HEADER, WaitPoint};
 
-const SLACK_BELOW_MS: f64 = 2.0;
-const SLACK_ABOVE_MS: f64 = 25.0;
+const SLACK_BELOW_MS: f64 = 0.5;
+const SLACK_ABOVE_MS: f64 = 5.0;
 
 fn assert_near(what: &str, value: Duration, expected_ms: f64) {
     let value_ms = ms(value);
@@ -50,7 +52,7 @@ async fn a_sleeping_handler_shows_local_wait() {
     assert_eq!(requests.len(), ROUNDS);
     assert_near("local_wait", median(requests.iter().map(|r| r.local_wait).collect()), 40.0);
     assert_near("total", median(requests.iter().map(|r| r.total).collect()), 40.0);
-    assert!(median(requests.iter().map(|r| r.busy).collect()) < Duration::from_millis(5));
+    assert!(median(requests.iter().map(|r| r.busy).collect()) < Duration::from_millis(2));
     assert!(requests.iter().all(|r| r.downstream.is_zero() && r.caller.is_none() && !r.error));
     assert_eq!(requests[0].largest_wait.point, WaitPoint::Local { service: "svc-a".into() });
 }
@@ -68,12 +70,12 @@ async fn a_grpc_callee_time_comes_back_as_remote_total_with_small_net_wait() {
     assert!(calls.iter().all(|c| &*c.callee == "svc-c" && c.critical && !c.error && !c.malformed_timing));
     assert_near("remote_total", median(calls.iter().map(|c| c.remote_total.unwrap()).collect()), 30.0);
     let net_wait = median(calls.iter().map(|c| c.net_wait.unwrap()).collect());
-    assert!(net_wait < Duration::from_millis(10), "net_wait on loopback = {net_wait:?}");
+    assert!(net_wait < Duration::from_millis(3), "net_wait on loopback = {net_wait:?}");
     // C saw B as its caller, and B's downstream time is the call.
     assert!(c_records.requests().iter().all(|r| r.caller.as_deref() == Some("svc-b")));
     let b_requests = b_records.requests();
     assert_near("B downstream", median(b_requests.iter().map(|r| r.downstream).collect()), 30.0);
-    assert!(median(b_requests.iter().map(|r| r.local_wait).collect()) < Duration::from_millis(5));
+    assert!(median(b_requests.iter().map(|r| r.local_wait).collect()) < Duration::from_millis(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,7 +109,7 @@ async fn parallel_calls_count_once_and_only_the_last_to_finish_is_critical() {
 
     let requests = a_records.requests();
     assert_near("downstream", median(requests.iter().map(|r| r.downstream).collect()), 50.0);
-    assert!(median(requests.iter().map(|r| r.local_wait).collect()) < Duration::from_millis(5));
+    assert!(median(requests.iter().map(|r| r.local_wait).collect()) < Duration::from_millis(3));
     let calls = a_records.calls();
     assert_eq!(calls.len(), 2 * ROUNDS);
     for call in &calls {
@@ -147,7 +149,7 @@ async fn a_cpu_bound_handler_shows_busy() {
     let busy = median(requests.iter().map(|r| r.busy).collect());
     assert_near("busy", busy, 30.0);
     let local_wait = median(requests.iter().map(|r| r.local_wait).collect());
-    assert!(local_wait < busy / 4, "local_wait {local_wait:?} should be small next to busy {busy:?}");
+    assert!(local_wait < Duration::from_millis(3), "local_wait {local_wait:?} should be small next to busy {busy:?}");
 }
 
 /// Runs a traced axum server on its own single-threaded runtime whose handler waits 5 ms on a blocking thread
@@ -208,7 +210,10 @@ fn a_saturated_runtime_shows_cpu_wait() {
     let idle = median(cpu_wait_on_single_thread_runtime(false));
     let saturated = median(cpu_wait_on_single_thread_runtime(true));
     // Expected with hogs: the rest of the running 10 ms slice, often plus the other hog's (≈ 5–15 ms).
-    assert!(saturated >= Duration::from_millis(2), "cpu_wait with CPU hogs: {saturated:?} (idle: {idle:?})");
+    assert!(
+        (Duration::from_millis(2)..=Duration::from_millis(30)).contains(&saturated),
+        "cpu_wait with CPU hogs: {saturated:?} (idle: {idle:?})"
+    );
     assert!(idle < Duration::from_millis(1), "cpu_wait on an idle runtime: {idle:?}");
 }
 

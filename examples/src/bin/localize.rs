@@ -1,13 +1,17 @@
-//! The localization benchmark: runs the scenario matrix of the agent's tests (every service of a chain of 4, a
-//! diamond and a fan-out, each with a worker pool too small for the load and with a CPU-bound handler, plus slowed
-//! links), repeated, and prints precision@1, recall, windows-to-detect and bytes exchanged per edge per window.
+//! The localization benchmark: runs the scenario matrix of the agent's tests (the faults of the topology files in
+//! `examples/topologies/matrix/`: every service of a chain of 4, a diamond and a fan-out with a worker pool too
+//! small for the load and with a CPU-bound handler, and slowed links), repeated, and prints precision@1, recall,
+//! windows-to-detect and bytes exchanged per edge per window.
 //!
 //! `cargo run --release -p rootscale-examples --bin localize -- [--repeat 2] [--window-ms 1000] [--rate 150]`
 
 use std::time::Duration;
 
 use clap::Parser;
-use rootscale_examples::localization::{Fault, Settings, Topology, run_scenario};
+use rootscale_examples::{
+    local::scenario::FaultKind,
+    localization::{MATRIX, Settings, faulty_link, matrix_topology, run_scenario},
+};
 
 #[derive(Parser)]
 struct Args {
@@ -70,34 +74,35 @@ fn main() {
         eprintln!("--rate takes requests per second in (0, 5000]");
         std::process::exit(2);
     }
-    let settings = Settings { window: Duration::from_millis(args.window_ms), rate: args.rate, ..Settings::default() };
+    let settings = match Settings::new() {
+        Ok(settings) => Settings { window: Duration::from_millis(args.window_ms), rate: Some(args.rate), ..settings },
+        Err(error) => {
+            eprintln!("{error}");
+            std::process::exit(1);
+        }
+    };
     println!(
         "localization matrix: {} repeats, {} ms windows, {} req/s, detection counted within {} windows",
         args.repeat, args.window_ms, args.rate, args.max_windows
     );
     let mut rows: Vec<(String, Tally)> = Vec::new();
     let mut bytes = Vec::new();
-    for topology in [Topology::chain4(), Topology::diamond(), Topology::fanout()] {
-        let mut scenarios: Vec<(String, Fault)> = Vec::new();
-        for service in topology.services.iter().map(|s| s.name.clone()) {
-            scenarios.push((service.clone(), Fault::Pool(1)));
-            scenarios.push((service, Fault::Cpu(Duration::from_millis(9))));
-        }
-        for service in &topology.services {
-            for callee in service.calls.iter().flatten().take(1) {
-                let fault =
-                    Fault::Link { from: service.name.clone(), to: callee.clone(), delay: Duration::from_millis(150) };
-                scenarios.push((callee.clone(), fault));
+    for (name, _) in MATRIX {
+        let topology = match matrix_topology(name) {
+            Ok(topology) => topology,
+            Err(error) => {
+                eprintln!("{error}");
+                std::process::exit(1);
             }
-        }
-        for kind in ["pool", "cpu", "link"] {
+        };
+        for kind in ["capacity", "cpu", "link"] {
             let mut tally = Tally::default();
-            for (service, fault) in scenarios.iter().filter(|(_, f)| f.kind() == kind) {
+            for fault in topology.demo.faults.iter().filter(|f| f.kind_name() == kind) {
                 for _ in 0..args.repeat {
-                    let result = match run_scenario(&topology, &settings, service, fault, args.max_windows) {
+                    let result = match run_scenario(&topology, &settings, fault, args.max_windows) {
                         Ok(result) => result,
                         Err(error) => {
-                            eprintln!("{} {service} {kind}: could not run: {error}", topology.name);
+                            eprintln!("{name} {fault}: could not run: {error}");
                             continue;
                         }
                     };
@@ -107,24 +112,23 @@ fn main() {
                         tally.detected += 1;
                         tally.windows.push(windows);
                     } else {
-                        eprintln!("{} {service} {kind}: missed: {}", topology.name, result.failure.unwrap_or_default());
+                        eprintln!("{name} {fault}: missed: {}", result.failure.unwrap_or_default());
                     }
                     // What the system pointed at: root causes, or for a link the caller's network verdict.
-                    let culprit = match fault {
-                        Fault::Link { from, .. } => from.clone(),
-                        _ => service.clone(),
-                    };
-                    let named: Vec<&String> = match fault {
-                        Fault::Link { .. } => result
-                            .last_verdicts
-                            .iter()
-                            .filter(|(_, seen)| {
-                                seen.link.is_some() && seen.verdict == rootscale_proto::v1::Verdict::Network
-                            })
-                            .map(|(name, _)| name)
-                            .chain(result.root_causes.iter())
-                            .collect(),
-                        _ => result.root_causes.iter().collect(),
+                    let (culprit, named): (String, Vec<&String>) = match fault.kind {
+                        FaultKind::Link(_) => (
+                            faulty_link(&topology, fault).map(|(from, _)| from).unwrap_or_default(),
+                            result
+                                .last_verdicts
+                                .iter()
+                                .filter(|(_, seen)| {
+                                    seen.link.is_some() && seen.verdict == rootscale_proto::v1::Verdict::Network
+                                })
+                                .map(|(name, _)| name)
+                                .chain(result.root_causes.iter())
+                                .collect(),
+                        ),
+                        _ => (fault.service.clone(), result.root_causes.iter().collect()),
                     };
                     if !named.is_empty() {
                         tally.answered += 1;
@@ -134,7 +138,7 @@ fn main() {
                     }
                 }
             }
-            rows.push((format!("{} / {kind}", topology.name), tally));
+            rows.push((format!("{name} / {kind}"), tally));
         }
     }
     println!();

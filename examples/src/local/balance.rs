@@ -125,20 +125,30 @@ where
     BoxCloneSyncService::new(Buffer::new(balance, QUEUE).map_err(call_error))
 }
 
-/// One HTTP replica: a hyper client whose requests are sent to that replica's address.
+/// One HTTP replica: a hyper client whose requests (with bodies of type `B`) are sent to that replica's address.
 #[derive(Clone)]
-pub struct HttpReplica {
-    client: Client<HttpConnector, Empty<Bytes>>,
+pub struct HttpReplica<B = Empty<Bytes>> {
+    client: Client<HttpConnector, B>,
     addr: SocketAddr,
 }
 
-impl HttpReplica {
+impl<B> HttpReplica<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     pub fn connect(addr: SocketAddr) -> Result<Self, BoxError> {
         Ok(Self { client: Client::builder(TokioExecutor::new()).build_http(), addr })
     }
 }
 
-impl Service<Request<Empty<Bytes>>> for HttpReplica {
+impl<B> Service<Request<B>> for HttpReplica<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     type Response = Response<Incoming>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
@@ -147,7 +157,7 @@ impl Service<Request<Empty<Bytes>>> for HttpReplica {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Empty<Bytes>>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let client = self.client.clone();
         let addr = self.addr;
         Box::pin(async move {

@@ -166,6 +166,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// Crashes every replica of `name` at once: no drain, and they stay in the registry, so callers go on dialing
+    /// addresses nobody listens on, as when pods die before their endpoints are updated.
+    pub fn crash(&self, name: &str) -> Result<(), Error> {
+        let service = self.service(name)?;
+        let replicas = std::mem::take(&mut *service.replicas.lock().unwrap_or_else(|p| p.into_inner()));
+        for replica in replicas {
+            replica.stop(Duration::ZERO);
+        }
+        Ok(())
+    }
+
     /// Applies a fault to every replica of its service, now and later.
     pub fn inject(&self, fault: &Fault) -> Result<(), Error> {
         let control = &self.service(&fault.service)?.config.control;

@@ -4,7 +4,7 @@
 //! 1. [`topology`]: the services, their calls and what one replica can do, from a YAML file;
 //! 2. [`replica`]: one replica — a real HTTP or gRPC server with its own rootscale agent (measure, aggregate,
 //!    exchange and decide happen there, in `rootscale-tracer`), its work modelled by a worker pool and virtual
-//!    cores;
+//!    cores; or, for a service with `runtime: external`, [`external`]: the user's program behind rootscale-proxy;
 //! 3. [`balance`]: callers reach a service's replicas through a p2c balancer fed by a discovery stream;
 //! 4. [`cluster`]: every service's replicas, faults, and the local `ScaleTarget` that starts and drains them;
 //! 5. [`load`] and [`scenario`]: Poisson load on a rate schedule, faults on a schedule;
@@ -15,6 +15,7 @@
 
 pub mod balance;
 pub mod cluster;
+pub mod external;
 pub mod live;
 pub mod load;
 pub mod policy;

@@ -181,10 +181,6 @@ impl Controller {
         let window_ms = window.as_millis().max(1);
         let window_end_ms = u128::from(window_id).saturating_add(1).saturating_mul(window_ms);
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
-        // A watch opened again repeats the agent's last word, which may be old news: the sync covers it.
-        if now_ms.saturating_sub(window_end_ms) > 2 * window_ms {
-            return None;
-        }
         let mut action = self.decide(Instant::now(), elapsed, service).await?;
         action.pushed_after = Some(now_ms.saturating_sub(window_end_ms) as f64 / 1e3);
         Some(action)

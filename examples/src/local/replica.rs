@@ -44,7 +44,8 @@ use crate::{
     local::{
         Error,
         balance::{self, Balanced, Replicas},
-        topology::{Protocol, ServiceSpec, ServiceTime},
+        external,
+        topology::{Protocol, Runtime, ServiceSpec, ServiceTime},
     },
 };
 
@@ -110,6 +111,15 @@ pub enum CpuModel {
     /// Burning it on the replica's own thread (its one real core) while holding a virtual core: for overhead
     /// experiments; replicas then share the machine's real cores.
     Burn,
+}
+
+/// Burns CPU for `duration` without yielding.
+fn spin(duration: Duration) {
+    let start = Instant::now();
+    let mut x = 0u64;
+    while start.elapsed() < duration {
+        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+    }
 }
 
 /// Everything a replica needs to start.
@@ -224,7 +234,7 @@ impl Work {
                 let running_since = Instant::now();
                 match self.cpu_model {
                     CpuModel::Virtual => tokio::time::sleep(cpu).await,
-                    CpuModel::Burn => crate::localization::spin(cpu),
+                    CpuModel::Burn => spin(cpu),
                 }
                 // The core was held for as long as the timer really took (it rounds up to its tick).
                 let running = running_since.elapsed();
@@ -329,12 +339,11 @@ fn callee_clients(config: &ReplicaConfig, agent: &Agent) -> Result<BTreeMap<Stri
     Ok(callees)
 }
 
-async fn serve(
-    config: ReplicaConfig,
-    usage: Arc<Usage>,
-    ready: std::sync::mpsc::Sender<Result<(SocketAddr, SocketAddr, AgentView), Error>>,
-    stop: oneshot::Receiver<Duration>,
-) {
+/// Where a replica says it is ready: its address, its agent's, and the agent's view; or why it could not start.
+pub(crate) type Ready = std::sync::mpsc::Sender<Result<(SocketAddr, SocketAddr, AgentView), Error>>;
+
+/// The replica's agent, as its service's settings say.
+pub(crate) fn agent_builder(config: &ReplicaConfig) -> rootscale_tracer::AgentBuilder {
     let spec = &config.spec;
     let mut agent = Agent::builder(&spec.name)
         .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -348,6 +357,16 @@ async fn serve(
     if let Some((latency, percentile)) = config.slo {
         agent = agent.slo(latency, percentile);
     }
+    agent
+}
+
+async fn serve(config: ReplicaConfig, usage: Arc<Usage>, ready: Ready, stop: oneshot::Receiver<Duration>) {
+    if let Runtime::External { command } = &config.spec.runtime {
+        let command = command.clone();
+        return external::serve(config, &command, ready, stop).await;
+    }
+    let spec = &config.spec;
+    let agent = agent_builder(&config);
     let started = async {
         let agent = agent.start().await.map_err(|e| Error::Start(e.to_string()))?;
         let callees = callee_clients(&config, &agent)?;

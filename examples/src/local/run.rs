@@ -82,6 +82,12 @@ impl RunConfig {
             let spec = self.topology.spec(&fault.service).ok_or_else(|| {
                 Error::Scenario(format!("fault `{fault}`: no service `{}` in {}", fault.service, self.topology.name))
             })?;
+            if matches!(spec.runtime, super::topology::Runtime::External { .. }) {
+                return Err(Error::Scenario(format!(
+                    "fault `{fault}`: `{}` is external; faults act on modelled services only",
+                    fault.service
+                )));
+            }
             if matches!(fault.kind, FaultKind::Cpu(_)) && spec.cpu.is_zero() {
                 return Err(Error::Scenario(format!("fault `{fault}`: `{}` uses no CPU to multiply", fault.service)));
             }
@@ -127,6 +133,8 @@ pub struct ServiceRow {
     /// Where the verdict points: callees delegated to, the slow link, or the kind of local wait.
     pub detail: String,
     pub delegated_to: Vec<String>,
+    /// Some replica estimated its own wait for the window (a sidecar's service without trace context).
+    pub own_wait_estimated: bool,
     /// Calls per second to each callee over the agents' last window, all replicas.
     pub calls: BTreeMap<String, f64>,
 }
@@ -268,6 +276,7 @@ pub fn service_row(cluster: &Cluster, name: &str, window: Duration) -> ServiceRo
         verdict: String::new(),
         detail: String::new(),
         delegated_to: Vec::new(),
+        own_wait_estimated: false,
         calls: BTreeMap::new(),
     };
     let seconds = window.as_secs_f64().max(0.001);
@@ -287,6 +296,8 @@ pub fn service_row(cluster: &Cluster, name: &str, window: Duration) -> ServiceRo
         }
         let Some(decision) = snapshot.decision else { continue };
         let Some(verdict) = Verdict::from_proto(decision.verdict) else { continue };
+        row.own_wait_estimated |=
+            decision.evidence.as_ref().is_some_and(|evidence| evidence.local_wait_estimate.is_some());
         let detail = match verdict {
             Verdict::Delegated => format!("-> {}", decision.delegated_to.join(",")),
             Verdict::Network => decision
@@ -458,7 +469,7 @@ async fn drive(
 }
 
 /// How long until the middle of the next window (windows are aligned to Unix time, as the agents' are).
-fn until_mid_window(window: Duration) -> Duration {
+pub(crate) fn until_mid_window(window: Duration) -> Duration {
     let window_ms = window.as_millis().max(1);
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
     let phase = now_ms % window_ms;

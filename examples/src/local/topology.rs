@@ -23,6 +23,14 @@
 //!       - parallel: [cart, recommend]    # ...these at once
 //!       - call: checkout
 //!         probability: 0.3
+//!   - name: search                     # a program of your own, in any language, behind rootscale-proxy
+//!     protocol: http
+//!     runtime: external
+//!     command: [python3, examples/python/service.py]
+//!     capacity: 8                      # its pool, for the agent (and SERVICE_POOL)
+//!     service_time: {distribution: constant, value: 5ms}   # SERVICE_WORK_MS, for programs that model work
+//!     calls:
+//!       - call: catalog                # a route for each callee it may call
 //! demo:
 //!   rate: 150
 //!   duration: 60s
@@ -51,6 +59,9 @@ const MAX_CAPACITY: i64 = 10_000;
 const MAX_REPLICAS: i64 = 100;
 const MAX_CORES: f64 = 64.0;
 const MAX_WORK: Duration = Duration::from_secs(10);
+/// An external service's command: at most this many arguments, each at most this long.
+const MAX_COMMAND_ARGS: usize = 64;
+const MAX_COMMAND_ARG_BYTES: usize = 4096;
 
 /// How a service is called.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +107,17 @@ pub struct Step {
     pub probability: f64,
 }
 
+/// What runs a replica.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Runtime {
+    /// Local mode's own server, linked with the tracer, doing the modelled work.
+    #[default]
+    Modelled,
+    /// A program of the user's (`command`, run once per replica) behind `rootscale-proxy`: it listens on `PORT`,
+    /// calls its callees by name through `HTTP_PROXY` (see `local::external`).
+    External { command: Vec<String> },
+}
+
 /// One service: what a replica of it does and can do.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceSpec {
@@ -115,6 +137,7 @@ pub struct ServiceSpec {
     /// This service's share of the SLO (given, or derived from the SLO by expected latency).
     pub budget: Duration,
     pub steps: Vec<Step>,
+    pub runtime: Runtime,
 }
 
 /// The demo's defaults for a topology.
@@ -176,6 +199,10 @@ struct ServiceFile {
     budget: Option<Spanned<String>>,
     #[serde(default)]
     calls: Vec<StepFile>,
+    #[serde(default)]
+    runtime: Option<Spanned<String>>,
+    #[serde(default)]
+    command: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -376,6 +403,22 @@ impl Topology {
             demo: DemoDefaults { rate: 100.0, duration: Duration::from_secs(60), faults: Vec::new() },
         };
         topology.check_cycles(&file)?;
+        // An external program reaches its callees through the sidecar's HTTP proxy port: they must speak HTTP.
+        for (spec, file) in topology.services.iter().zip(&file.services) {
+            if !matches!(spec.runtime, Runtime::External { .. }) {
+                continue;
+            }
+            for callee in spec.steps.iter().flat_map(|step| &step.callees) {
+                if topology.spec(callee).is_some_and(|callee| callee.protocol != Protocol::Http) {
+                    return Err(format!(
+                        "{}: the external service `{}` calls `{callee}`, which speaks grpc; it reaches its callees \
+                         over HTTP/1.1 through the sidecar",
+                        at(&file.name),
+                        spec.name
+                    ));
+                }
+            }
+        }
         let entry_spec = topology.spec(&topology.entry).ok_or("the entry is missing")?;
         if entry_spec.protocol != Protocol::Http {
             return Err(format!("{}: the entry must speak http (the load generator sends HTTP)", at(&file.entry)));
@@ -474,6 +517,7 @@ impl Topology {
             };
             steps.push(Step { callees: callees.iter().map(|c| c.value.clone()).collect(), probability });
         }
+        let runtime = Self::runtime(file, protocol, &steps)?;
         Ok(ServiceSpec {
             name,
             protocol,
@@ -487,7 +531,61 @@ impl Topology {
             max_replicas,
             budget: budget.unwrap_or_default(),
             steps,
+            runtime,
         })
+    }
+
+    /// `runtime` and `command`: an external service is an HTTP program that calls each of its callees in turn.
+    fn runtime(file: &ServiceFile, protocol: Protocol, steps: &[Step]) -> Result<Runtime, String> {
+        let name = &file.name.value;
+        let external = match &file.runtime {
+            None => false,
+            Some(runtime) => match runtime.value.as_str() {
+                "modelled" => false,
+                "external" => true,
+                other => return Err(format!("{}: runtime `{other}` is not modelled or external", at(runtime))),
+            },
+        };
+        let Some(command) = &file.command else {
+            if external {
+                return Err(format!("{}: the external service `{name}` needs a `command`", at(&file.name)));
+            }
+            return Ok(Runtime::Modelled);
+        };
+        if !external {
+            return Err(format!("{}: `command` is for a service with `runtime: external`", at(command)));
+        }
+        let line = at(command);
+        if command.value.is_empty() || command.value.len() > MAX_COMMAND_ARGS {
+            return Err(format!("{line}: a command has 1 to {MAX_COMMAND_ARGS} words, not {}", command.value.len()));
+        }
+        if let Some(word) = command
+            .value
+            .iter()
+            .find(|word| word.is_empty() || word.len() > MAX_COMMAND_ARG_BYTES || word.contains('\0'))
+        {
+            return Err(format!(
+                "{line}: command word `{}` is empty, over {MAX_COMMAND_ARG_BYTES} bytes or holds a NUL",
+                word.chars().take(40).collect::<String>()
+            ));
+        }
+        if protocol != Protocol::Http {
+            return Err(format!("{}: an external service speaks http here", at(&file.protocol)));
+        }
+        // Its program decides what it calls; the topology can only say whom, in order.
+        if let Some(step) = steps.iter().find(|step| step.callees.len() > 1 || step.probability < 1.0) {
+            return Err(format!(
+                "{line}: `{name}` is external: its calls are made by its program, one callee after another, so a \
+                 step cannot be parallel or have a probability ({})",
+                step.callees.join(", ")
+            ));
+        }
+        for (field, present) in [("cpu", file.cpu.is_some()), ("cores", file.cores.is_some())] {
+            if present {
+                return Err(format!("{line}: `{field}` does not apply to the external service `{name}`"));
+            }
+        }
+        Ok(Runtime::External { command: command.value.clone() })
     }
 
     /// Calls must form a DAG: a cycle would make a request call itself forever.
@@ -609,27 +707,18 @@ impl Topology {
 
     /// Every service from which `target` can be reached.
     pub fn ancestors(&self, target: &str) -> BTreeSet<String> {
-        ancestors(self.services.iter().map(|s| s.name.as_str()), |name| self.callees(name), target)
-    }
-}
-
-/// Every one of `services` from which `target` can be reached, given each one's callees.
-pub fn ancestors<'a>(
-    services: impl Iterator<Item = &'a str> + Clone,
-    callees: impl Fn(&str) -> BTreeSet<String>,
-    target: &str,
-) -> BTreeSet<String> {
-    let mut found = BTreeSet::new();
-    loop {
-        let before = found.len();
-        for service in services.clone() {
-            let callees = callees(service);
-            if callees.contains(target) || callees.iter().any(|c| found.contains(c)) {
-                found.insert(service.to_string());
+        let mut found = BTreeSet::new();
+        loop {
+            let before = found.len();
+            for service in &self.services {
+                let callees = self.callees(&service.name);
+                if callees.contains(target) || callees.iter().any(|c| found.contains(c)) {
+                    found.insert(service.name.clone());
+                }
             }
-        }
-        if found.len() == before {
-            return found;
+            if found.len() == before {
+                return found;
+            }
         }
     }
 }
@@ -733,6 +822,49 @@ demo:
             assert!(message.contains(line), "{message} does not name {line}");
             assert!(message.contains(what), "{message} does not say {what}");
         }
+    }
+
+    #[test]
+    fn an_external_service_runs_its_command_and_is_checked() {
+        let external = GOOD.replace(
+            "  - name: cache\n    protocol: http\n    capacity: 4\n",
+            "  - name: cache\n    protocol: http\n    capacity: 4\n    runtime: external\n    command: [python3, svc.py]\n",
+        );
+        let topology = Topology::parse(&external, "t.yaml").unwrap();
+        assert_eq!(
+            topology.spec("cache").unwrap().runtime,
+            Runtime::External { command: vec!["python3".into(), "svc.py".into()] }
+        );
+        assert_eq!(topology.spec("web").unwrap().runtime, Runtime::Modelled);
+        let cases = [
+            (external.replace("runtime: external", "runtime: docker"), "line 21", "runtime `docker`"),
+            (external.replace("    command: [python3, svc.py]\n", ""), "line 18", "needs a `command`"),
+            (external.replace("    runtime: external\n", ""), "line 21", "`command` is for a service with"),
+            (external.replace("[python3, svc.py]", "[]"), "line 22", "1 to 64 words"),
+            (external.replace("[python3, svc.py]", "[python3, '']"), "line 22", "is empty"),
+            (
+                external.replace("  - name: cache\n    protocol: http", "  - name: cache\n    protocol: grpc"),
+                "line 19",
+                "speaks http",
+            ),
+            (
+                external.replace("    capacity: 4\n    runtime", "    capacity: 4\n    cpu: 1ms\n    runtime"),
+                "line 23",
+                "`cpu` does not apply",
+            ),
+        ];
+        for (text, line, what) in cases {
+            assert_ne!(text, external, "the case for {what} changed nothing");
+            let message = error(&text);
+            assert!(message.contains(line), "{message} does not name {line}");
+            assert!(message.contains(what), "{message} does not say {what}");
+        }
+        // Its calls are its program's: one callee after another, always.
+        let calling = external.replace(
+            "    capacity: 4\n    runtime: external\n    command: [python3, svc.py]\n",
+            "    capacity: 4\n    runtime: external\n    command: [python3, svc.py]\n    calls:\n      - parallel: [db]\n        probability: 0.5\n",
+        );
+        assert!(error(&calling).contains("cannot be parallel or have a probability"), "{}", error(&calling));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! operator did. It is no API server: no validation, no admission, no field ownership.
 #![allow(dead_code)]
 
+pub mod advisor;
 pub mod shop;
 
 use std::{

@@ -67,6 +67,8 @@ pub struct AgentBuilder {
     pub(crate) exchange_timeout: Duration,
     pub(crate) max_neighbors: usize,
     pub(crate) observer: Option<Arc<dyn Observer>>,
+    /// Metrics of the process hosting the agent (a sidecar's own counters), served beside the agent's.
+    pub(crate) extra_metrics: Vec<Arc<dyn prometheus_client::collector::Collector>>,
     pub(crate) cpu_cores: Option<f64>,
     pub(crate) mesh_keys: Option<Arc<KeyRing>>,
     pub(crate) operator_identity: String,
@@ -108,6 +110,7 @@ impl AgentBuilder {
             exchange_timeout: DEFAULT_EXCHANGE_TIMEOUT,
             max_neighbors: DEFAULT_MAX_NEIGHBORS,
             observer: None,
+            extra_metrics: Vec::new(),
             cpu_cores: None,
             mesh_keys: None,
             operator_identity: DEFAULT_OPERATOR_IDENTITY.to_string(),
@@ -284,6 +287,13 @@ impl AgentBuilder {
 
     pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = Some(observer);
+        self
+    }
+
+    /// Serves `collector`'s metrics on the agent's `/metrics` too, read on each scrape: for the process that hosts
+    /// the agent (the sidecar's counters), so one scrape target has them all.
+    pub fn extra_metrics(mut self, collector: Arc<dyn prometheus_client::collector::Collector>) -> Self {
+        self.extra_metrics.push(collector);
         self
     }
 

@@ -146,7 +146,7 @@ impl AgentBuilder {
             keys: self.mesh_keys.clone(),
             operator_identity: self.operator_identity.clone(),
         };
-        let server = port::serve(state.clone(), listener, access, stopped)?;
+        let server = port::serve(state.clone(), listener, access, self.extra_metrics.clone(), stopped)?;
         tasks.push(tokio::spawn(server));
         tracing::info!(service = %self.service, agent = %advertise, %local_addr, "rootscale agent started");
         Ok((tracer, state, local_addr, tasks))

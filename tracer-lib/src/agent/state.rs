@@ -23,7 +23,7 @@ use crate::{
         inputs::{
             DecisionSettings, SettingsUpdate, UtilizationHistory, WindowInputs, decide_window, subtree_utilization,
         },
-        recommend::utilization,
+        recommend::{Utilization, utilization},
     },
     exchange::{
         inbox::{Inbox, Received},
@@ -63,6 +63,8 @@ struct Inner {
     /// Configured at start, changed only by the authenticated operator.
     settings: DecisionSettings,
     window: Option<Arc<ClosedWindow>>,
+    /// The latest window's load, worked out once when it closed (its decisions and reports use it).
+    load: Utilization,
     decision: Decision,
     recommendation: Option<Recommendation>,
     inbox: Inbox,
@@ -94,6 +96,7 @@ impl AgentState {
             inner: Mutex::new(Inner {
                 settings: DecisionSettings::configured(config.slo, &config.policy),
                 window: None,
+                load: Utilization::default(),
                 decision: Decision::no_data("no window has closed yet"),
                 recommendation: None,
                 inbox: Inbox::default(),
@@ -118,6 +121,7 @@ impl AgentState {
             stats: window,
             window_ms: self.window_ms,
             capacity: self.capacity,
+            load: inner.load,
             policy: &self.policy,
             settings,
             history: &inner.history,
@@ -151,10 +155,15 @@ impl AgentState {
         inner.recommendation = Some(recommendation);
     }
 
-    /// The decisions that call for more replicas, from now on (the latest one first, if any).
+    /// The decisions that call for more replicas, from now on; the latest one first if it is still news (about a
+    /// window at most [`REPLAY_WINDOWS`] before the current one). Older news would make every reopened watch act
+    /// on a decision the periodic sync has long covered.
     pub fn watch_needs_replicas(&self) -> watch::Receiver<Option<NeedsReplicas>> {
         let mut receiver = self.needs_replicas.subscribe();
-        receiver.mark_changed();
+        let current = self.tracer.window_clock().window_id(std::time::Instant::now());
+        if receiver.borrow().as_ref().is_some_and(|news| news.window_id.saturating_add(REPLAY_WINDOWS) >= current) {
+            receiver.mark_changed();
+        }
         receiver
     }
 
@@ -172,7 +181,7 @@ impl AgentState {
             service: &self.service,
             agent: &self.advertise,
             window_ms: self.window_ms,
-            capacity: self.capacity,
+            load: inner.load,
             callees_utilization,
         };
         outbox::reports(&from, stats, &inner.decision, inner.inbox.delegations(stats.window_id).first(), only_to)
@@ -201,7 +210,8 @@ impl AgentState {
             // What the window before ended with, delegations and the operator's questions included.
             inner.history.ended_with(previous.stats.window_id, inner.decision.verdict);
         }
-        inner.history.push(stats.window_id, utilization(stats, self.window_ms, self.capacity).max());
+        inner.load = utilization(stats, self.window_ms, self.capacity);
+        inner.history.push(stats.window_id, inner.load.max());
         inner.window = Some(window.clone());
         self.redecide(inner);
         self.metrics.decided(inner.decision.verdict);
@@ -381,6 +391,9 @@ pub(crate) async fn run_windows(state: Arc<AgentState>, mut stop: watch::Receive
     }
 }
 
+/// How many windows old the last decision may be for a watch just opened to hear it.
+const REPLAY_WINDOWS: u64 = 2;
+
 /// Callees reported per answer, the busiest first.
 const MAX_CALLEE_RATES: usize = 64;
 
@@ -453,5 +466,25 @@ mod tests {
         // A gap in the windows starts over.
         state.on_window(window(14, 36));
         assert_eq!(state.decision().verdict, Verdict::Healthy, "{:?}", state.decision());
+    }
+
+    #[test]
+    fn a_watch_opened_later_hears_the_last_decision_only_while_it_is_news() {
+        let fresh_state = state();
+        let now = fresh_state.tracer.window_clock().window_id(std::time::Instant::now());
+        // Two saturated windows that end just before the current one: news, replayed to a new watcher.
+        fresh_state.on_window(window(now - 2, 36));
+        fresh_state.on_window(window(now - 1, 36));
+        assert_eq!(fresh_state.decision().verdict, Verdict::Saturated, "{:?}", fresh_state.decision());
+        let mut fresh = fresh_state.watch_needs_replicas();
+        assert!(fresh.has_changed().unwrap(), "the last decision is replayed");
+        assert_eq!(fresh.borrow_and_update().map(|news| news.window_id), Some(now - 1));
+        // The same decision, about windows long closed: a watcher opened now does not hear it.
+        let old = state();
+        old.on_window(window(now - 5, 36));
+        old.on_window(window(now - 4, 36));
+        assert_eq!(old.decision().verdict, Verdict::Saturated, "{:?}", old.decision());
+        let stale = old.watch_needs_replicas();
+        assert!(!stale.has_changed().unwrap(), "{:?}", *stale.borrow());
     }
 }

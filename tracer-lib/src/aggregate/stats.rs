@@ -110,6 +110,11 @@ pub struct WindowStats {
     pub outbound: HashMap<Arc<str>, OutboundStats>,
     pub inbound_overflow: u64,
     pub outbound_overflow: u64,
+    /// Calls made for a request that could not be named (a sidecar's application that does not pass the trace
+    /// context on): their time is in the requests' `local_wait`, not in `downstream`.
+    pub untied_calls: u64,
+    /// Those calls' `client_total`, summed.
+    pub untied_us: u64,
 }
 
 /// What the server layer hands to the aggregator for one request.
@@ -136,6 +141,8 @@ pub struct CallSample<'a> {
     pub remote_wait: (WaitPointRef<'a>, u64),
     pub critical: bool,
     pub error: bool,
+    /// Made for a request the caller could not name (see [`WindowStats::untied_calls`]).
+    pub untied: bool,
 }
 
 impl WindowStats {
@@ -169,6 +176,10 @@ impl WindowStats {
     }
 
     pub(crate) fn record_call(&mut self, sample: &CallSample<'_>, edge_cap: usize) {
+        if sample.untied {
+            self.untied_calls += 1;
+            self.untied_us = self.untied_us.saturating_add(sample.client_total_us);
+        }
         let Some(edge) = capped_entry(&mut self.outbound, sample.callee, edge_cap, || sample.callee.into()) else {
             self.outbound_overflow += 1;
             return;
@@ -207,12 +218,24 @@ impl WindowStats {
         self.downstream.merge(&other.downstream);
         self.inbound_overflow += other.inbound_overflow;
         self.outbound_overflow += other.outbound_overflow;
+        self.untied_calls += other.untied_calls;
+        self.untied_us = self.untied_us.saturating_add(other.untied_us);
         for (caller, theirs) in &other.inbound {
             self.inbound.entry(caller.clone()).or_default().merge(theirs);
         }
         for (callee, theirs) in &other.outbound {
             self.outbound.entry(callee.clone()).or_default().merge(theirs);
         }
+    }
+
+    /// The share of the window's `local_wait` that was spent in untied calls (0 when there were none), at most 1.
+    /// Subtracting it is the per-window estimate of a service's own wait when its calls cannot be tied to their
+    /// requests: exact when each request's calls run one after another, too low a wait when they overlap.
+    pub fn untied_share(&self) -> f64 {
+        if self.untied_us == 0 {
+            return 0.0;
+        }
+        (self.untied_us as f64 / self.local_wait.sum_us().max(1) as f64).min(1.0)
     }
 
     /// Keeps the `cap` busiest edges each way and counts the rest as overflow, so names that arrive first (a
@@ -256,6 +279,8 @@ impl WindowStats {
             outbound,
             inbound_overflow: self.inbound_overflow,
             outbound_overflow: self.outbound_overflow,
+            untied_calls: self.untied_calls,
+            untied_us: self.untied_us,
         }
     }
 }

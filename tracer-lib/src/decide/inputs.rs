@@ -8,7 +8,7 @@ use crate::{
     aggregate::WindowStats,
     decide::{
         Capacity, Decision, Delegated, PolicyConfig, PolicyInput, Recommendation, Slo, Verdict, policy, recommend,
-        recommend::{utilization, utilization_with},
+        recommend::{Utilization, utilization_with},
     },
     exchange::neighbors::Neighbors,
 };
@@ -114,6 +114,8 @@ pub struct WindowInputs<'a> {
     pub stats: &'a WindowStats,
     pub window_ms: u64,
     pub capacity: Capacity,
+    /// The window's load (`utilization` of its stats with `capacity`).
+    pub load: Utilization,
     pub policy: &'a PolicyConfig,
     pub settings: DecisionSettings,
     pub history: &'a UtilizationHistory,
@@ -123,9 +125,8 @@ pub struct WindowInputs<'a> {
 
 /// Runs the rule and the replica count on one window.
 pub fn decide_window(inputs: &WindowInputs<'_>) -> (Decision, Recommendation) {
-    let WindowInputs { service, stats, window_ms, capacity, policy, settings, history, neighbors, delegations } =
+    let WindowInputs { service, stats, window_ms, capacity, load, policy, settings, history, neighbors, delegations } =
         *inputs;
-    let load = utilization(stats, window_ms, capacity);
     let target = settings.target_utilization;
     let stale: HashSet<String> = neighbors.iter().filter(|(_, n)| n.stale()).map(|(name, _)| name.clone()).collect();
     let neighbor_cpu: HashMap<String, f64> =
@@ -168,6 +169,7 @@ pub fn decide_window(inputs: &WindowInputs<'_>) -> (Decision, Recommendation) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::recommend::utilization;
 
     #[test]
     fn an_empty_field_keeps_the_setting_in_force() {
@@ -199,12 +201,14 @@ mod tests {
         history: &mut UtilizationHistory,
     ) -> (Decision, Recommendation) {
         let (policy, neighbors) = (PolicyConfig::default(), Neighbors::new(8));
-        history.push(stats.window_id, utilization(stats, 5_000, capacity).max());
+        let load = utilization(stats, 5_000, capacity);
+        history.push(stats.window_id, load.max());
         let inputs = WindowInputs {
             service,
             stats,
             window_ms: 5_000,
             capacity,
+            load,
             policy: &policy,
             settings,
             history,

@@ -198,6 +198,34 @@ pub struct Compared {
     pub via: Option<Arc<str>>,
 }
 
+/// How a service's own wait was estimated for the whole window, because its outbound calls could not be tied to
+/// their requests (a sidecar's application that does not pass the trace context on; docs/DESIGN.md §1.8).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LocalWaitEstimate {
+    pub untied_calls: u64,
+    pub untied_us: u64,
+    /// The fraction of the window's `local_wait` those calls account for: taken out of the local wait compared.
+    pub untied_share: f64,
+}
+
+impl LocalWaitEstimate {
+    fn of(stats: &WindowStats) -> Option<Self> {
+        (stats.untied_calls > 0).then(|| Self {
+            untied_calls: stats.untied_calls,
+            untied_us: stats.untied_us,
+            untied_share: stats.untied_share(),
+        })
+    }
+}
+
+/// `local_us` of the window less the share of its untied calls (none: all of it).
+fn own_wait(stats: &WindowStats, local_us: u64) -> u64 {
+    match stats.untied_share() {
+        0.0 => local_us,
+        share => (local_us as f64 * (1.0 - share)) as u64,
+    }
+}
+
 /// What the rule decided, with the evidence.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
@@ -215,6 +243,8 @@ pub struct Decision {
     pub requests: u64,
     pub compared: Vec<Compared>,
     pub reason: String,
+    /// Set when this service's own wait was estimated for the window rather than measured per request.
+    pub local_wait_estimate: Option<LocalWaitEstimate>,
 }
 
 impl Decision {
@@ -230,6 +260,7 @@ impl Decision {
             requests: input.stats.requests,
             compared: Vec::new(),
             reason,
+            local_wait_estimate: LocalWaitEstimate::of(input.stats),
         }
     }
 
@@ -246,6 +277,7 @@ impl Decision {
             requests: 0,
             compared: Vec::new(),
             reason: reason.to_string(),
+            local_wait_estimate: None,
         }
     }
 
@@ -272,6 +304,11 @@ impl Decision {
                     })
                     .collect(),
                 reason: truncate(&self.reason, 1000),
+                local_wait_estimate: self.local_wait_estimate.map(|estimate| proto::LocalWaitEstimate {
+                    untied_calls: estimate.untied_calls,
+                    untied_us: estimate.untied_us,
+                    untied_share: estimate.untied_share,
+                }),
             }),
         }
     }
@@ -295,22 +332,27 @@ fn ms(us: u64) -> String {
 }
 
 /// The waits a triggered service compares, largest first. A pool held across calls has its queue shared out:
-/// the part held by links and by callees under pressure moves from the service's own wait to theirs.
-fn candidates(input: &PolicyInput<'_>, config: &PolicyConfig, percentile: f64) -> Vec<Compared> {
+/// the part held by links and by callees under pressure moves from the service's own wait to theirs. Calls not
+/// tied to their requests have the window's share of their time taken out of the service's own wait.
+fn candidates(
+    input: &PolicyInput<'_>,
+    config: &PolicyConfig,
+    shares: Option<&PoolShares>,
+    percentile: f64,
+) -> Vec<Compared> {
     let stats = input.stats;
     let own: Arc<str> = input.service.into();
-    let shares = PoolShares::of(stats, input.pool_scope, input.neighbor_subtree, config.saturation);
     let pool_us = at(&stats.pool_wait, percentile);
-    let shared_out = shares.as_ref().map_or(0, |shares| ((1.0 - shares.own) * pool_us as f64) as u64);
+    let shared_out = shares.map_or(0, |shares| ((1.0 - shares.own) * pool_us as f64) as u64);
     let mut compared = vec![Compared {
         point: WaitPoint::Local { service: own.clone() },
-        us: at(&stats.local_wait, percentile).saturating_sub(shared_out),
+        us: own_wait(stats, at(&stats.local_wait, percentile)).saturating_sub(shared_out),
         via: None,
     }];
     let mut edges: Vec<_> = stats.outbound.iter().filter(|(_, edge)| edge.calls >= config.min_edge_calls).collect();
     edges.sort_by(|a, b| a.0.cmp(b.0));
     for (callee, edge) in edges {
-        let (on_link, in_subtree) = shares.as_ref().map_or((0, 0), |shares| shares.callee_us(callee, pool_us));
+        let (on_link, in_subtree) = shares.map_or((0, 0), |shares| shares.callee_us(callee, pool_us));
         if !edge.net_wait.is_empty() || on_link > 0 {
             compared.push(Compared {
                 point: WaitPoint::Net { from: own.clone(), to: callee.clone() },
@@ -337,6 +379,18 @@ fn candidates(input: &PolicyInput<'_>, config: &PolicyConfig, percentile: f64) -
 
 /// Runs the rule on one closed window.
 pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
+    let mut decision = decide_measured(input, config);
+    if let Some(estimate) = decision.local_wait_estimate {
+        decision.reason.push_str(&format!(
+            " (own wait estimated for the window: {} calls not tied to their request, {:.0}% of its local wait)",
+            estimate.untied_calls,
+            estimate.untied_share * 100.0
+        ));
+    }
+    decision
+}
+
+fn decide_measured(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
     let stats = input.stats;
     let percentile =
         input.slo.map(|slo| slo.percentile).or_else(|| input.delegations.first().map(|d| d.percentile)).unwrap_or(95.0);
@@ -370,10 +424,10 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
         );
     }
     let slo_trigger = input.slo.filter(|slo| observed as f64 >= config.trigger_fraction * slo.latency_us as f64);
+    let shares = PoolShares::of(stats, input.pool_scope, input.neighbor_subtree, config.saturation);
     if slo_trigger.is_none() && input.delegations.is_empty() {
         let target = config.target_utilization;
-        let held = PoolShares::of(stats, input.pool_scope, input.neighbor_subtree, config.saturation)
-            .filter(|shares| input.utilization > target && shares.held_by_callees() >= 0.5);
+        let held = shares.as_ref().filter(|shares| input.utilization > target && shares.held_by_callees() >= 0.5);
         if let Some(shares) = held {
             // A full pool of workers waiting on callees under pressure: theirs to answer, not this service's.
             let mut decision = Decision::new(Verdict::Delegated, input, percentile, observed, String::new());
@@ -427,7 +481,7 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
         (None, Some(delegation)) => format!("delegated by {}", delegation.from),
         (None, None) => String::new(),
     };
-    let compared = candidates(input, config, percentile);
+    let compared = candidates(input, config, shares.as_ref(), percentile);
     let mut decision = Decision::new(Verdict::Healthy, input, percentile, observed, String::new());
     if (compared[0].us as f64) < config.min_share * observed as f64 {
         decision.reason = format!(
@@ -504,8 +558,9 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
     if own {
         decision.verdict = Verdict::RootCause;
         // CPU when the service's own work (busy) and its wait for a thread make up most of its time.
-        let cpu_share = (stats.busy.mean_us() + stats.cpu_wait.mean_us())
-            / (stats.busy.mean_us() + stats.local_wait.mean_us()).max(1.0);
+        let local_mean = stats.local_wait.mean_us() * (1.0 - stats.untied_share());
+        let cpu_share =
+            (stats.busy.mean_us() + stats.cpu_wait.mean_us()) / (stats.busy.mean_us() + local_mean).max(1.0);
         decision.kind = Some(if cpu_share >= 0.5 { "cpu" } else { "local" });
         decision.bottleneck = own_point.clone();
     } else if !decision.delegated_to.is_empty() {
@@ -635,6 +690,39 @@ mod tests {
         assert_eq!(decision.kind, Some("local"));
         assert_eq!(decision.bottleneck, Some(local("a")));
         assert!(decision.delegated_to.is_empty());
+    }
+
+    #[test]
+    fn calls_not_tied_to_their_request_come_out_of_the_own_wait_as_a_window_estimate() {
+        // A sidecar's application without trace context: each request's 70 ms call to b sits in its local wait
+        // (80 ms), beside 10 ms of its own.
+        let mut stats = window(90_000, 80_000, 1_000);
+        edge(&mut stats, "b", 500, 69_000, local("b"));
+        let measured = run(&stats, Some(100), &[], AggregationMode::Max);
+        assert_eq!(measured.verdict, Verdict::RootCause, "untold, the calls' time looks like its own");
+        assert_eq!(measured.local_wait_estimate, None);
+        stats.untied_calls = 100;
+        stats.untied_us = 100 * 70_000;
+        let estimated = run(&stats, Some(100), &[], AggregationMode::Max);
+        assert_eq!(estimated.verdict, Verdict::Delegated, "{}", estimated.reason);
+        assert_eq!(estimated.delegated_to, vec![Arc::from("b")]);
+        let estimate = estimated.local_wait_estimate.unwrap();
+        assert_eq!((estimate.untied_calls, estimate.untied_us), (100, 7_000_000));
+        assert!((estimate.untied_share - 0.875).abs() < 1e-9, "{}", estimate.untied_share);
+        let own = estimated.compared.iter().find(|c| c.via.is_none()).unwrap();
+        // 80 ms less 7/8 of it, within the histogram's bucket width.
+        assert!((9_000..=11_000).contains(&own.us), "own wait {} µs", own.us);
+        assert!(estimated.reason.contains("estimated for the window: 100 calls"), "{}", estimated.reason);
+        let wire = estimated.to_proto().evidence.unwrap().local_wait_estimate.unwrap();
+        assert_eq!((wire.untied_calls, wire.untied_us), (100, 7_000_000));
+        // The service's own slowness still shows through the estimate.
+        let mut slow_itself = window(190_000, 180_000, 1_000);
+        edge(&mut slow_itself, "b", 500, 9_000, local("b"));
+        slow_itself.untied_calls = 100;
+        slow_itself.untied_us = 100 * 10_000;
+        let decision = run(&slow_itself, Some(100), &[], AggregationMode::Max);
+        assert_eq!(decision.verdict, Verdict::RootCause, "{}", decision.reason);
+        assert!(decision.local_wait_estimate.is_some());
     }
 
     #[test]

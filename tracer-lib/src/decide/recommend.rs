@@ -162,7 +162,10 @@ pub fn utilization_with(stats: &WindowStats, window_ms: u64, capacity: Capacity,
     let cpu_utilization = cpu_demand / capacity.cores;
     let held_us = match capacity.pool_scope {
         // Time waiting on callees holds nothing of this service's (in an async service): leave it out.
-        PoolScope::Own => stats.total.sum_us().saturating_sub(stats.downstream.sum_us()),
+        // Calls that could not be tied to their requests are left out the same way.
+        PoolScope::Own => {
+            stats.total.sum_us().saturating_sub(stats.downstream.sum_us()).saturating_sub(stats.untied_us)
+        }
         // A worker is held through the calls: the whole request counts, as the queue for a worker does in an
         // async service's own time.
         PoolScope::Request => stats.total.sum_us(),

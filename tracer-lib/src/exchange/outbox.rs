@@ -8,7 +8,7 @@ use rootscale_proto::v1 as proto;
 
 use crate::{
     aggregate::WindowStats,
-    decide::{Capacity, Decision, Delegated, recommend::utilization},
+    decide::{Decision, Delegated, recommend::Utilization},
     exchange::report::{self, ReportHead},
 };
 
@@ -29,7 +29,8 @@ pub struct Sender<'a> {
     pub service: &'a str,
     pub agent: &'a str,
     pub window_ms: u64,
-    pub capacity: Capacity,
+    /// The window's load.
+    pub load: Utilization,
     /// The largest utilisation its callees' last reports gave for their subtrees.
     pub callees_utilization: f64,
 }
@@ -45,8 +46,7 @@ pub fn reports(
     only_to: Option<&[Arc<str>]>,
 ) -> Outbox {
     let wire_decision = decision.to_proto();
-    let load = utilization(stats, from.window_ms, from.capacity);
-    let summary = report::summary(stats, load.cpu, load.max().max(from.callees_utilization));
+    let summary = report::summary(stats, from.load.cpu, from.load.max().max(from.callees_utilization));
     let head = ReportHead {
         service: from.service,
         agent: from.agent,

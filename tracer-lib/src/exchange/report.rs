@@ -247,6 +247,15 @@ fn check_decision(decision: &proto::Decision) -> Result<(), ReportError> {
                 check_name(&compared.via_callee, "evidence.compared.via_callee")?;
             }
         }
+        if let Some(estimate) = &evidence.local_wait_estimate {
+            check_count(estimate.untied_calls, "evidence.local_wait_estimate.untied_calls")?;
+            if !(0.0..=1.0).contains(&estimate.untied_share) {
+                return Err(invalid(format!(
+                    "evidence.local_wait_estimate.untied_share {} is not a fraction",
+                    estimate.untied_share
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -439,6 +448,14 @@ mod tests {
             ("bytes", |r| r.decision.as_mut().unwrap().evidence.as_mut().unwrap().reason = "x".repeat(20_000)),
             ("evidence.percentile", |r| {
                 r.decision.as_mut().unwrap().evidence.as_mut().unwrap().percentile = f64::INFINITY
+            }),
+            ("untied_share", |r| {
+                r.decision.as_mut().unwrap().evidence.as_mut().unwrap().local_wait_estimate =
+                    Some(proto::LocalWaitEstimate { untied_calls: 3, untied_us: 9, untied_share: f64::NAN })
+            }),
+            ("untied_calls", |r| {
+                r.decision.as_mut().unwrap().evidence.as_mut().unwrap().local_wait_estimate =
+                    Some(proto::LocalWaitEstimate { untied_calls: u64::MAX, untied_us: 9, untied_share: 0.5 })
             }),
         ];
         for (expected, break_it) in cases {

@@ -39,6 +39,8 @@ pub struct ClientLayer {
     tracer: Tracer,
     callee: Callee,
     send_caller: bool,
+    /// Calls made outside any request are on behalf of one that could not be named (see [`ClientLayer::untied_calls`]).
+    untied: bool,
 }
 
 /// How calls are named when the response does not name its service.
@@ -53,7 +55,7 @@ enum Callee {
 
 impl ClientLayer {
     pub(crate) fn new(tracer: Tracer) -> Self {
-        Self { tracer, callee: Callee::Learned(Arc::default()), send_caller: true }
+        Self { tracer, callee: Callee::Learned(Arc::default()), send_caller: true, untied: false }
     }
 
     /// The name to record calls under when the response does not say (an un-instrumented callee, a transport
@@ -70,6 +72,15 @@ impl ClientLayer {
     /// yes). Turn it off on clients that call third parties, so they do not learn internal names and addresses.
     pub fn send_caller(mut self, send: bool) -> Self {
         self.send_caller = send;
+        self
+    }
+
+    /// Marks calls made while no request is current as made for a request this service could not name, rather
+    /// than for none (a background job's): the sidecar's calls from an application that does not pass the trace
+    /// context on. The window counts them apart, and the decision estimates the service's own wait from the
+    /// window's totals instead of per request (docs/DESIGN.md §1.8).
+    pub fn untied_calls(mut self) -> Self {
+        self.untied = true;
         self
     }
 }
@@ -108,7 +119,7 @@ where
             (Callee::Learned(_), Some(authority)) => Fallback::Authority(authority.clone()),
             (Callee::Learned(learned), None) => Fallback::Learned(learned.clone()),
         };
-        let call = Call::start(self.layer.tracer.clone(), fallback);
+        let call = Call::start(self.layer.tracer.clone(), fallback, self.layer.untied);
         if self.layer.send_caller {
             request.headers_mut().insert(CALLER_HEADER, self.layer.tracer.caller_header(call.proof_window));
         }
@@ -152,12 +163,15 @@ pub(crate) struct Call {
     proof_window: u64,
     error: bool,
     malformed_timing: bool,
+    /// Made for a request that could not be named: counted in the window's untied calls.
+    untied: bool,
 }
 
 impl Call {
-    fn start(tracer: Tracer, fallback: Fallback) -> Self {
+    fn start(tracer: Tracer, fallback: Fallback, untied: bool) -> Self {
         let started = Instant::now();
         let request = current();
+        let untied = untied && request.is_none();
         if let Some(request) = &request {
             request.call_started(started);
         }
@@ -171,12 +185,13 @@ impl Call {
             timing_head_at: None,
             error: false,
             malformed_timing: false,
+            untied,
         }
     }
 
     /// A call to a wrapped, non-HTTP dependency.
     pub(crate) fn start_named(tracer: Tracer, name: Arc<str>) -> Self {
-        Self::start(tracer, Fallback::Named(name))
+        Self::start(tracer, Fallback::Named(name), false)
     }
 
     /// Takes the timing header from a response head or trailers; a later one (trailers) wins. Returns whether one
@@ -266,6 +281,7 @@ impl Call {
                 remote_wait: (remote_point, remote_wait_us),
                 critical,
                 error,
+                untied: self.untied,
             },
         );
         if let Some(observer) = &shared.observer {

@@ -6,15 +6,16 @@
 //! passing. Work spawned onto other tasks carries it explicitly with [`RequestHandle::scope`] or
 //! [`InRequestExt::in_current_request`].
 //!
-//! Everything here is per request: a small uncontended mutex for the calls (they may finish on other threads) and
-//! atomics for the wake time. Nothing is shared between requests.
+//! Everything here is per request and lock-free: calls may start and finish on other threads, so their
+//! bookkeeping is a few atomics ([`CallGroups`], [`CriticalWait`]), as is the wake time. Nothing is shared between
+//! requests.
 
 use std::{
     future::Future,
     pin::Pin,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Wake, Waker},
     time::{Duration, Instant},
@@ -36,10 +37,8 @@ pub(crate) struct RequestContext {
     woken_at: AtomicU64,
     /// The waker of the task that polls the handler; our own waker forwards to it.
     task_waker: AtomicWaker,
-    /// Set by the first outbound call, so requests that make none never take the calls lock.
+    /// Set by the first outbound call, so requests that make none skip the calls' bookkeeping.
     made_calls: AtomicBool,
-    /// Outbound calls in flight now: a copy of `Calls::in_flight` readable without the lock.
-    in_flight: AtomicU32,
     /// CPU work done for the request on another thread or pool, and the time it queued there, in nanoseconds
     /// (see [`RequestHandle::record_offloaded_cpu`]).
     offloaded_busy_ns: AtomicU64,
@@ -47,16 +46,149 @@ pub(crate) struct RequestContext {
     /// Time the request queued for a worker of the service's pool, in nanoseconds (see
     /// [`RequestHandle::record_pool_wait`]).
     pool_wait_ns: AtomicU64,
-    calls: Mutex<Calls>,
+    calls: CallGroups,
+    /// The largest of `max(net_wait, remote_wait)` over calls on the critical path.
+    critical_wait: CriticalWait,
 }
 
+/// The request's outbound calls as groups of overlapping calls: how many are in flight, when the open group
+/// began, and the summed length of the closed ones — the union of the calls' in-flight intervals.
 #[derive(Default)]
-struct Calls {
-    in_flight: u32,
-    group_start: Option<Instant>,
-    downstream: Duration,
-    /// The largest of `max(net_wait, remote_wait)` over calls on the critical path.
-    critical_wait: Option<Wait>,
+struct CallGroups {
+    /// Calls in flight (the high 16 bits) and the open group's start in nanoseconds after the request's (the low
+    /// 47 bits), with [`CLOSING`] set while the last call of a group adds the group to `downstream_ns`.
+    open: AtomicU64,
+    downstream_ns: AtomicU64,
+}
+
+/// Set in `CallGroups::open` between a group's last call ending and its length being added.
+const CLOSING: u64 = 1 << 47;
+const START_MASK: u64 = CLOSING - 1;
+const IN_FLIGHT_SHIFT: u32 = 48;
+/// How long a reader waits for a group's close to finish, in spins.
+const MAX_CLOSING_SPINS: u32 = 1_000;
+/// More calls than this in flight at once are counted as this many (the group stays open while any is).
+const MAX_IN_FLIGHT: u64 = (1 << 16) - 1;
+
+impl CallGroups {
+    fn in_flight(word: u64) -> u64 {
+        word >> IN_FLIGHT_SHIFT
+    }
+
+    /// A call starts `at` nanoseconds after the request did.
+    fn started(&self, at: u64) {
+        let _ = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+            let in_flight = Self::in_flight(word);
+            // The first call of a group (or one that starts while the previous group is being closed) opens a group.
+            let start = if in_flight == 0 { at.min(START_MASK) } else { word & START_MASK };
+            Some(((in_flight + 1).min(MAX_IN_FLIGHT) << IN_FLIGHT_SHIFT) | start)
+        });
+    }
+
+    /// A call ends `at` nanoseconds after the request started; whether it closed its group.
+    fn finished(&self, at: u64) -> bool {
+        let mut word = self.open.load(Ordering::Acquire);
+        loop {
+            let in_flight = Self::in_flight(word);
+            let next = match in_flight {
+                0 => return false,
+                1 => CLOSING | (word & START_MASK),
+                _ => word - (1 << IN_FLIGHT_SHIFT),
+            };
+            match self.open.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) if in_flight == 1 => break,
+                Ok(_) => return false,
+                Err(now) => word = now,
+            }
+        }
+        let start = word & START_MASK;
+        self.downstream_ns.fetch_add(at.saturating_sub(start), Ordering::AcqRel);
+        // A call that started meanwhile has replaced the closing mark with its own group: leave that.
+        let _ = self.open.compare_exchange(CLOSING | start, 0, Ordering::AcqRel, Ordering::Acquire);
+        true
+    }
+
+    fn any_in_flight(&self) -> bool {
+        Self::in_flight(self.open.load(Ordering::Acquire)) > 0
+    }
+
+    /// The union's length up to `at` (an open group counts until then), read consistently: a group's close is
+    /// either wholly in the sum or wholly open.
+    fn until(&self, at: u64) -> Duration {
+        let mut tries = 0;
+        loop {
+            let before = self.downstream_ns.load(Ordering::Acquire);
+            let word = self.open.load(Ordering::Acquire);
+            let after = self.downstream_ns.load(Ordering::Acquire);
+            let closing = before != after || word & CLOSING != 0 && Self::in_flight(word) == 0;
+            // A group being closed on another thread this very moment is a few instructions away from done; a
+            // closer preempted in between is not waited for (never block): its group may then be missed.
+            if closing && tries < MAX_CLOSING_SPINS {
+                tries += 1;
+                std::hint::spin_loop();
+                continue;
+            }
+            let open = if Self::in_flight(word) > 0 { at.saturating_sub(word & START_MASK) } else { 0 };
+            return Duration::from_nanos(after + open);
+        }
+    }
+}
+
+/// Slots for successively larger critical waits; a request that beats its largest more often than this uses the
+/// fallback, behind a lock.
+const CRITICAL_SLOTS: usize = 4;
+
+/// The largest critical-path wait, kept without a lock: each larger wait is written once into a slot of its own,
+/// and one word names the largest so far (its microseconds and its slot).
+#[derive(Default)]
+struct CriticalWait {
+    /// `us << 8 | slot`, slot counted from one (0: none yet); [`FALLBACK`] names `fallback`.
+    best: AtomicU64,
+    used: AtomicUsize,
+    slots: [OnceLock<Wait>; CRITICAL_SLOTS],
+    fallback: Mutex<Option<Wait>>,
+}
+
+const FALLBACK: u64 = 0xFF;
+
+impl CriticalWait {
+    fn best_us(word: u64) -> Option<u64> {
+        (word != 0).then_some(word >> 8)
+    }
+
+    /// Keeps `us` (made into a wait by `wait`) if it is larger than the largest so far.
+    fn offer(&self, us: u64, wait: impl FnOnce() -> Wait) {
+        let us = us.min(u64::MAX >> 8);
+        if Self::best_us(self.best.load(Ordering::Acquire)).is_some_and(|best| us <= best) {
+            return;
+        }
+        let index = self.used.fetch_add(1, Ordering::AcqRel);
+        let slot = match self.slots.get(index) {
+            Some(slot) => {
+                let _ = slot.set(wait());
+                index as u64 + 1
+            }
+            None => {
+                let mut fallback = self.fallback.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if fallback.as_ref().is_none_or(|kept| us > kept.us) {
+                    *fallback = Some(wait());
+                }
+                FALLBACK
+            }
+        };
+        let _ = self.best.fetch_update(Ordering::AcqRel, Ordering::Acquire, |best| {
+            Self::best_us(best).is_none_or(|best| us > best).then_some(us << 8 | slot)
+        });
+    }
+
+    fn get(&self) -> Option<Wait> {
+        let best = self.best.load(Ordering::Acquire);
+        match best & 0xFF {
+            0 => None,
+            FALLBACK => self.fallback.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone(),
+            slot => self.slots.get(slot as usize - 1).and_then(|slot| slot.get().cloned()),
+        }
+    }
 }
 
 impl RequestContext {
@@ -68,11 +200,11 @@ impl RequestContext {
             woken_at: AtomicU64::new(1),
             task_waker: AtomicWaker::new(),
             made_calls: AtomicBool::new(false),
-            in_flight: AtomicU32::new(0),
             offloaded_busy_ns: AtomicU64::new(0),
             offloaded_queued_ns: AtomicU64::new(0),
             pool_wait_ns: AtomicU64::new(0),
-            calls: Mutex::new(Calls::default()),
+            calls: CallGroups::default(),
+            critical_wait: CriticalWait::default(),
         })
     }
 
@@ -80,37 +212,19 @@ impl RequestContext {
         u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    fn lock_calls(&self) -> std::sync::MutexGuard<'_, Calls> {
-        // A poisoned lock only means another call's bookkeeping panicked; the counters are still usable.
-        self.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// An outbound call starts.
     pub(crate) fn call_started(&self, now: Instant) {
         self.made_calls.store(true, Ordering::Release);
-        let mut calls = self.lock_calls();
-        if calls.in_flight == 0 {
-            calls.group_start = Some(now);
-        }
-        calls.in_flight += 1;
-        self.in_flight.store(calls.in_flight, Ordering::Release);
+        self.calls.started(self.nanos_since_start(now));
     }
 
     /// An outbound call whose largest wait was `wait_us` ended; returns whether it was the last of its overlapping
     /// group, i.e. on the critical path. `wait` makes the owned wait, only if it becomes the largest so far.
     pub(crate) fn call_finished(&self, now: Instant, wait_us: u64, wait: impl FnOnce() -> Wait) -> bool {
-        let mut calls = self.lock_calls();
-        calls.in_flight = calls.in_flight.saturating_sub(1);
-        self.in_flight.store(calls.in_flight, Ordering::Release);
-        if calls.in_flight > 0 {
+        if !self.calls.finished(self.nanos_since_start(now)) {
             return false;
         }
-        if let Some(group_start) = calls.group_start.take() {
-            calls.downstream += now.saturating_duration_since(group_start);
-        }
-        if calls.critical_wait.as_ref().is_none_or(|current| wait_us > current.us) {
-            calls.critical_wait = Some(wait());
-        }
+        self.critical_wait.offer(wait_us, wait);
         true
     }
 
@@ -132,9 +246,7 @@ impl RequestContext {
         if !self.made_calls.load(Ordering::Acquire) {
             return (Duration::ZERO, None);
         }
-        let calls = self.lock_calls();
-        let open = calls.group_start.map_or(Duration::ZERO, |start| now.saturating_duration_since(start));
-        (calls.downstream + open, calls.critical_wait.clone())
+        (self.calls.until(self.nanos_since_start(now)), self.critical_wait.get())
     }
 }
 
@@ -186,7 +298,7 @@ impl PollClock {
             self.cpu_wait += Duration::from_nanos(polled.saturating_sub(woken));
         }
         self.context.task_waker.register(cx.waker());
-        let overlapping = self.context.in_flight.load(Ordering::Acquire) > 0;
+        let overlapping = self.context.calls.any_in_flight();
         let mut inner_cx = Context::from_waker(&self.waker);
         let result = CURRENT.sync_scope(self.context.clone(), || poll(&mut inner_cx));
         let ended = Instant::now();
@@ -295,3 +407,73 @@ pub trait InRequestExt: Future + Sized {
 }
 
 impl<F: Future> InRequestExt for F {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::measure::record::WaitPoint;
+
+    fn wait(service: &str, us: u64) -> Wait {
+        Wait { point: WaitPoint::Local { service: service.into() }, us }
+    }
+
+    #[test]
+    fn call_groups_are_the_union_of_in_flight_intervals() {
+        let groups = CallGroups::default();
+        // One call, 100 → 150.
+        groups.started(100);
+        assert_eq!(groups.until(120), Duration::from_nanos(20), "an open group counts until now");
+        assert!(groups.finished(150), "the only call closes its group");
+        // Two overlapping calls, 200 → 260 and 230 → 300: one group of 100.
+        groups.started(200);
+        groups.started(230);
+        assert!(!groups.finished(260), "a call with another in flight does not close the group");
+        assert!(groups.any_in_flight());
+        assert!(groups.finished(300));
+        assert!(!groups.any_in_flight());
+        assert_eq!(groups.until(1_000), Duration::from_nanos(50 + 100));
+        assert!(!groups.finished(1_000), "a finish without a start closes nothing");
+        assert_eq!(groups.until(1_000), Duration::from_nanos(150));
+    }
+
+    #[test]
+    fn call_groups_stay_consistent_across_threads() {
+        let groups = Arc::new(CallGroups::default());
+        let clock = Arc::new(AtomicU64::new(1));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (groups, clock) = (groups.clone(), clock.clone());
+                std::thread::spawn(move || {
+                    let mut closed = 0;
+                    for _ in 0..20_000 {
+                        groups.started(clock.fetch_add(1, Ordering::AcqRel));
+                        closed += u64::from(groups.finished(clock.fetch_add(1, Ordering::AcqRel)));
+                    }
+                    closed
+                })
+            })
+            .collect();
+        let closed: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert!(!groups.any_in_flight(), "every start was matched");
+        assert!((1..=80_000).contains(&closed), "{closed} groups closed");
+        // The union of intervals on one clock is at least one tick per group and at most the clock's span.
+        let end = clock.load(Ordering::Acquire);
+        let union = groups.until(end).as_nanos() as u64;
+        assert!(union >= closed && union < end, "union {union} ns for {closed} groups within {end}");
+    }
+
+    #[test]
+    fn the_largest_critical_wait_is_kept_beyond_the_slots() {
+        let critical = CriticalWait::default();
+        assert_eq!(critical.get(), None);
+        critical.offer(5, || wait("a", 5));
+        critical.offer(3, || panic!("a smaller wait is not made"));
+        assert_eq!(critical.get(), Some(wait("a", 5)));
+        for us in 6..=(6 + CRITICAL_SLOTS as u64 + 2) {
+            critical.offer(us, || wait("b", us));
+            assert_eq!(critical.get(), Some(wait("b", us)), "after offering {us}");
+        }
+        critical.offer(2, || panic!("smaller"));
+        assert_eq!(critical.get().unwrap().us, 6 + CRITICAL_SLOTS as u64 + 2);
+    }
+}

@@ -51,6 +51,16 @@ impl Collector for AgentCollector {
     }
 }
 
+/// Metrics of the process hosting the agent, given to [`AgentBuilder::extra_metrics`](crate::AgentBuilder::extra_metrics).
+#[derive(Debug)]
+struct ExtraCollector(Arc<dyn Collector>);
+
+impl Collector for ExtraCollector {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+}
+
 /// Service names with a health entry: every service the port serves.
 const SERVED: [&str; 5] = [
     "rootscale.v1.Neighbor",
@@ -65,6 +75,7 @@ pub(crate) fn serve(
     state: Arc<AgentState>,
     listener: tokio::net::TcpListener,
     access: Access,
+    extra_metrics: Vec<Arc<dyn Collector>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<impl Future<Output = ()> + Send + 'static, Error> {
     let tls = access.tls.clone();
@@ -89,6 +100,9 @@ pub(crate) fn serve(
     let mut registry = Registry::default();
     crate::metrics::register(&mut registry, &state.tracer);
     registry.register_collector(Box::new(AgentCollector(state.clone())));
+    for collector in extra_metrics {
+        registry.register_collector(Box::new(ExtraCollector(collector)));
+    }
     let registry = Arc::new(registry);
     let metrics = get(move || {
         let registry = registry.clone();
