@@ -14,14 +14,14 @@ use std::{
 
 use rootscale_proto::v1::{Verdict as WireVerdict, WaitKind};
 use rootscale_tracer::{
-    AgentView,
+    AgentView, SampleRate,
     decide::AggregationMode,
     identity::{KeyRing, MeshKeys},
 };
 
 use crate::local::{
     Error,
-    cluster::Cluster,
+    cluster::{Cluster, ClusterConfig},
     load::Load,
     replica::CpuModel,
     scenario::{Fault, FaultKind, RateSchedule},
@@ -56,6 +56,8 @@ pub struct Settings {
     /// The mesh key every replica proves its membership with.
     pub mesh_keys: Arc<KeyRing>,
     pub seed: u64,
+    /// Which requests the replicas measure.
+    pub sample: SampleRate,
 }
 
 impl Settings {
@@ -70,6 +72,7 @@ impl Settings {
             mode: AggregationMode::Max,
             mesh_keys: Arc::new(KeyRing::fixed(keys)),
             seed: 1,
+            sample: SampleRate::ALL,
         })
     }
 }
@@ -109,11 +112,14 @@ impl Running {
             .map_err(|e| Error::Start(e.to_string()))?;
         let cluster = Cluster::start(
             topology.clone(),
-            settings.window,
-            settings.mode,
-            settings.seed,
-            CpuModel::Virtual,
-            settings.mesh_keys.clone(),
+            &ClusterConfig {
+                window: settings.window,
+                mode: settings.mode,
+                seed: settings.seed,
+                cpu_model: CpuModel::Virtual,
+                mesh_keys: settings.mesh_keys.clone(),
+                sample: settings.sample,
+            },
         )?;
         std::thread::sleep(crate::local::run::until_mid_window(settings.window));
         let load =

@@ -9,7 +9,7 @@ use std::{
 
 use rootscale_examples::local::{
     SHIPPED,
-    cluster::Cluster,
+    cluster::{Cluster, ClusterConfig},
     load::Load,
     policy::Policy,
     run::{RunConfig, run},
@@ -74,11 +74,17 @@ fn a_healthy_run_adds_no_replica() {
 fn replicas_start_and_drain_under_load_without_losing_a_request() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let keys = std::sync::Arc::new(rootscale_tracer::identity::KeyRing::fixed(
-        rootscale_tracer::identity::MeshKeys::generate().unwrap(),
-    ));
-    let cluster =
-        Cluster::start(shop(), Duration::from_secs(1), Default::default(), 5, Default::default(), keys).unwrap();
+    let config = ClusterConfig {
+        window: Duration::from_secs(1),
+        mode: Default::default(),
+        seed: 5,
+        cpu_model: Default::default(),
+        mesh_keys: std::sync::Arc::new(rootscale_tracer::identity::KeyRing::fixed(
+            rootscale_tracer::identity::MeshKeys::generate().unwrap(),
+        )),
+        sample: Default::default(),
+    };
+    let cluster = Cluster::start(shop(), &config).unwrap();
     let load = Load::start(runtime.handle(), cluster.entry_registry().unwrap(), RateSchedule::constant(150.0), 5);
     std::thread::sleep(Duration::from_secs(1));
     // The entry (HTTP, balanced by the load generator), a gRPC service in the middle and an HTTP one with a

@@ -20,6 +20,7 @@ use rootscale_examples::{
 };
 use rootscale_proto::v1::{RecommendRequest, Verdict, advisor_client::AdvisorClient};
 use rootscale_tracer::{
+    SampleRate,
     decide::AggregationMode,
     identity::peer::{OPERATOR_PROOF_METADATA, operator_proof},
 };
@@ -43,18 +44,40 @@ fn faults(topology: &Topology, kinds: &[&str]) -> Vec<Fault> {
 /// Every service with a pool cut to one worker (about 90 requests/s against 150) and with CPU ×9 (1.35 cores of
 /// demand on one).
 fn check_every_service(name: &str) {
+    check_every_service_with(name, &settings());
+}
+
+fn check_every_service_with(name: &str, settings: &Settings) {
     let topology = matrix_topology(name).expect("a matrix topology");
     let scenarios = faults(&topology, &["capacity", "cpu"]);
     assert_eq!(scenarios.len(), 2 * topology.services.len(), "{name}: every service, both faults");
     let mut failures = Vec::new();
     for fault in scenarios {
-        let result = run_scenario(&topology, &settings(), &fault, 2).expect("scenario runs");
+        let result = run_scenario(&topology, settings, &fault, 2).expect("scenario runs");
         eprintln!("{name} {fault}: {result:?}");
         if result.detected_in.is_none() {
             failures.push(format!("{fault}: {}", result.failure.unwrap_or_default()));
+            continue;
+        }
+        // A decision made on a sample says so.
+        let reason = &result.last_verdicts[&fault.service].reason;
+        let says_sampled = reason.contains(&format!("one request in {}", settings.sample.every()));
+        if says_sampled != settings.sample.is_sampling() {
+            failures.push(format!("{fault}: the root cause's reason is wrong about sampling: {reason}"));
         }
     }
     assert!(failures.is_empty(), "{name}: not localised within 2 windows:\n{}", failures.join("\n"));
+}
+
+/// The same, with every replica measuring one request in 16 (`ROOTSCALE_SAMPLE=1/16`): about nine requests per
+/// service per window, counts scaled by 16.
+#[test]
+fn sampled_one_in_sixteen_every_topology_every_service_every_fault() {
+    let _serial = serial();
+    let settings = Settings { sample: SampleRate::one_in(16).expect("a rate"), ..settings() };
+    for name in ["chain-4", "diamond", "fan-out"] {
+        check_every_service_with(name, &settings);
+    }
 }
 
 #[test]

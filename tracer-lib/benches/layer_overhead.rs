@@ -12,6 +12,9 @@
 //! A third group, `in-request`, is a request through the server layer whose handler makes one call through the client
 //! layer: the call's bookkeeping inside its request (the request's critical path, its downstream time, its largest
 //! wait) is only exercised there. What one call inside a request adds is that group's added cost less the server's.
+//! A fourth variant, `rootscale-1in16`, samples one request in 16 (`ROOTSCALE_SAMPLE=1/16`) as a service inside a
+//! sampled mesh sees it: its callers send the measured form of their caller header on one request in 16 and the
+//! marked `u=1` form on the rest; calls outside a request (the `client` group) are drawn.
 //! Run: `cargo bench -p rootscale-tracer --bench layer_overhead`.
 
 use std::{
@@ -30,7 +33,7 @@ use http::{HeaderValue, Request, Response, header::CONTENT_TYPE};
 use http_body::Body;
 use http_body_util::Full;
 use rootscale_tracer::{
-    CALLER_HEADER, TIMING_HEADER, Tracer,
+    CALLER_HEADER, SampleRate, TIMING_HEADER, Tracer,
     identity::{KeyRing, MeshKeys},
 };
 use tower::{Layer, Service, service_fn};
@@ -97,9 +100,16 @@ impl<B: Body> IntoBody for Response<B> {
     }
 }
 
+/// How many requests in one the sampled variants measure.
+const SAMPLE_EVERY: u32 = 16;
+
 /// A tracer; with `keys`, a member of the mesh. The window is an hour, so proofs made at the start stay current.
 fn tracer(service: &str, agent: &str, keys: Option<&Arc<KeyRing>>) -> Tracer {
-    let builder = Tracer::builder(service).agent_addr(agent).window(Duration::from_secs(3600));
+    sampled_tracer(service, agent, keys, SampleRate::ALL)
+}
+
+fn sampled_tracer(service: &str, agent: &str, keys: Option<&Arc<KeyRing>>, sample: SampleRate) -> Tracer {
+    let builder = Tracer::builder(service).agent_addr(agent).window(Duration::from_secs(3600)).sample(sample);
     match keys {
         Some(keys) => builder.mesh_keys(keys.clone()),
         None => builder,
@@ -165,11 +175,15 @@ where
     })
 }
 
-/// The nine variants, and the tracers to check afterwards.
+/// The variant names of each group, in the order they run.
+const VARIANTS: [&str; 4] = ["bare", "rootscale", "rootscale+key", "rootscale-1in16"];
+
+/// The twelve variants, and the tracers to check afterwards.
 struct Bench {
     variants: Vec<Variant>,
     plain: Tracer,
     keyed: Tracer,
+    sampled: Tracer,
 }
 
 fn bench() -> Bench {
@@ -177,6 +191,7 @@ fn bench() -> Bench {
         Arc::new(KeyRing::fixed(MeshKeys::parse("bench-mesh-key-0123456789abcdefghijklmnopqrstuvwxyz").unwrap()));
     let plain = tracer("svc-b", "127.0.0.8:9797", None);
     let keyed = tracer("svc-b", "127.0.0.8:9797", Some(&keys));
+    let sampled = sampled_tracer("svc-b", "127.0.0.8:9797", None, SampleRate::one_in(SAMPLE_EVERY).unwrap());
     // What members send: svc-a's signed caller header (captured from its client layer), svc-c's signed timing.
     let echo = service_fn(|request: Request<Full<Bytes>>| {
         let mut response = Response::new(Full::new(Bytes::new()));
@@ -190,6 +205,10 @@ fn bench() -> Bench {
     let callee = tracer("svc-c", "127.0.0.9:9797", Some(&keys)).server_layer().layer(service_fn(hello));
     let signed_timing = header_written_by(callee, TIMING_HEADER, Some(signed_caller.clone()));
     let unsigned = HeaderValue::from_static("s=svc-a;a=127.0.0.7:9797");
+    // A sampled caller's headers: measured on one request in 16, marked left out on the others.
+    let unsampled = HeaderValue::from_static("s=svc-a;u=1;a=127.0.0.7:9797");
+    let sampled_callers: Vec<HeaderValue> =
+        (0..SAMPLE_EVERY).map(|i| if i == 0 { unsigned.clone() } else { unsampled.clone() }).collect();
     let unsigned_timing = HeaderValue::from_static("v=1;s=svc-c;t=41873;w=40211;k=l;at=svc-c;a=127.0.0.9:9797");
     fn timed(
         timing: HeaderValue,
@@ -200,18 +219,36 @@ fn bench() -> Bench {
             std::future::ready(Ok::<_, Infallible>(response))
         })
     }
-    fn variant<S>(group: &'static str, name: &'static str, mut service: S, caller: HeaderValue) -> Variant
+    /// Runs `service` with the caller headers in turn (one header: always that one).
+    fn cycling<S>(group: &'static str, name: &'static str, mut service: S, callers: Vec<HeaderValue>) -> Variant
     where
         S: Service<Request<Full<Bytes>>> + 'static,
         S::Response: IntoBody,
         S::Error: std::fmt::Debug,
     {
-        Variant { group, name, run: Box::new(move || round_trip(&mut service, &caller)) }
+        let mut next = 0;
+        Variant {
+            group,
+            name,
+            run: Box::new(move || {
+                round_trip(&mut service, &callers[next]);
+                next = (next + 1) % callers.len();
+            }),
+        }
+    }
+    fn variant<S>(group: &'static str, name: &'static str, service: S, caller: HeaderValue) -> Variant
+    where
+        S: Service<Request<Full<Bytes>>> + 'static,
+        S::Response: IntoBody,
+        S::Error: std::fmt::Debug,
+    {
+        cycling(group, name, service, vec![caller])
     }
     let variants = vec![
         variant("server", "bare", service_fn(hello), signed_caller.clone()),
         variant("server", "rootscale", plain.server_layer().layer(service_fn(hello)), unsigned.clone()),
         variant("server", "rootscale+key", keyed.server_layer().layer(service_fn(hello)), signed_caller.clone()),
+        cycling("server", "rootscale-1in16", sampled.server_layer().layer(service_fn(hello)), sampled_callers.clone()),
         variant("client", "bare", timed(signed_timing.clone()), signed_caller.clone()),
         variant("client", "rootscale", plain.client_layer().layer(timed(unsigned_timing.clone())), unsigned.clone()),
         variant(
@@ -219,6 +256,12 @@ fn bench() -> Bench {
             "rootscale+key",
             keyed.client_layer().layer(timed(signed_timing.clone())),
             signed_caller.clone(),
+        ),
+        variant(
+            "client",
+            "rootscale-1in16",
+            sampled.client_layer().layer(timed(unsigned_timing.clone())),
+            unsigned.clone(),
         ),
         variant("in-request", "bare", calling(timed(signed_timing.clone())), signed_caller.clone()),
         variant(
@@ -233,8 +276,14 @@ fn bench() -> Bench {
             keyed.server_layer().layer(calling(keyed.client_layer().layer(timed(signed_timing)))),
             signed_caller,
         ),
+        cycling(
+            "in-request",
+            "rootscale-1in16",
+            sampled.server_layer().layer(calling(sampled.client_layer().layer(timed(unsigned_timing)))),
+            sampled_callers,
+        ),
     ];
-    Bench { variants, plain, keyed }
+    Bench { variants, plain, keyed, sampled }
 }
 
 impl Bench {
@@ -248,7 +297,7 @@ impl Bench {
             .flat_map(|role| Rejection::ALL.map(|reason| counts.get(role, reason)))
             .sum();
         assert_eq!(refused, 0, "the benchmark's proofs were refused");
-        for tracer in [&self.plain, &self.keyed] {
+        for tracer in [&self.plain, &self.keyed, &self.sampled] {
             let now = tracer.window_clock().window_id(std::time::Instant::now());
             black_box(tracer.close_window(now).map(|window| window.stats.requests));
         }
@@ -291,30 +340,32 @@ fn side_by_side() {
         }
     }
     println!("side by side: {ROUNDS} rounds of {CALLS} calls per variant, medians");
-    println!("| layer | bare ns | rootscale ns | rootscale+key ns | added by rootscale | added by the key |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (group, first) in [("server", 0), ("client", 3), ("in-request", 6)] {
-        let diff =
-            |a: usize, b: usize| median(ns[b].iter().zip(&ns[a]).map(|(later, earlier)| later - earlier).collect());
+    println!(
+        "| layer | bare ns | rootscale ns | rootscale+key ns | rootscale 1/16 ns | added by rootscale | added by the key \
+         | added at 1/16 |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let width = VARIANTS.len();
+    let diff = |a: usize, b: usize| median(ns[b].iter().zip(&ns[a]).map(|(later, earlier)| later - earlier).collect());
+    for (group, first) in [("server", 0), ("client", width), ("in-request", 2 * width)] {
         println!(
-            "| {group} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} |",
+            "| {group} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {:+.0} |",
             median(ns[first].clone()),
             median(ns[first + 1].clone()),
             median(ns[first + 2].clone()),
+            median(ns[first + 3].clone()),
             diff(first, first + 1),
             diff(first + 1, first + 2),
+            diff(first, first + 3),
         );
     }
     // The call's own cost inside its request: what the in-request group adds beyond the server layer's.
-    let added = |first: usize, index: usize| {
-        median(ns[first + index].iter().zip(&ns[first]).map(|(layered, bare)| layered - bare).collect())
-    };
-    for (index, name) in [(1, "rootscale"), (2, "rootscale+key")] {
+    for (index, name) in [(1, "rootscale"), (2, "rootscale+key"), (3, "rootscale 1/16")] {
+        let (in_request, server) = (diff(2 * width, 2 * width + index), diff(0, index));
         println!(
-            "one client call inside a request, {name}: {:+.0} ns (in-request added {:+.0} less server added {:+.0})",
-            added(6, index) - added(0, index),
-            added(6, index),
-            added(0, index)
+            "one client call inside a request, {name}: {:+.0} ns (in-request added {in_request:+.0} less server added \
+             {server:+.0})",
+            in_request - server
         );
     }
     bench.finish();
@@ -331,7 +382,7 @@ fn only(spec: &str) {
         .variants
         .iter_mut()
         .find(|v| format!("{}/{}", v.group, v.name) == variant)
-        .expect("a variant: server|client|in-request / bare|rootscale|rootscale+key")
+        .expect("a variant: server|client|in-request / bare|rootscale|rootscale+key|rootscale-1in16")
         .run;
     for _ in 0..calls {
         run();

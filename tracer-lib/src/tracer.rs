@@ -25,6 +25,7 @@ use crate::{
         downstream::Dependency,
         headers::{CallerHeader, HeaderError, Timing, TimingEncoder, valid_agent_addr, valid_service_name},
         record::{CallRecord, RequestRecord, WaitPoint},
+        sample::SampleRate,
         server::ServerLayer,
     },
 };
@@ -69,6 +70,10 @@ pub(crate) struct Shared {
     pub(crate) agent: Option<Arc<str>>,
     /// The caller header without a proof (no mesh key).
     caller_header: HeaderValue,
+    /// The same, for requests left out of the sample.
+    unsampled_caller_header: HeaderValue,
+    /// Which requests are measured.
+    pub(crate) sample: SampleRate,
     /// Tells the headers this tracer believed from other tracers' on the same thread.
     reader_id: u64,
     pub(crate) timing_encoder: TimingEncoder,
@@ -105,6 +110,7 @@ pub struct TracerBuilder {
     observer: Option<Arc<dyn Observer>>,
     timing_for_everyone: bool,
     keys: Option<Arc<KeyRing>>,
+    sample: SampleRate,
 }
 
 impl TracerBuilder {
@@ -142,6 +148,14 @@ impl TracerBuilder {
         self
     }
 
+    /// Measure one request in N (default: every one). Use one rate across the mesh: a service measures the
+    /// requests its instrumented callers measured, so its counts scaled by its own N are unbiased only if theirs
+    /// was the same (see [`crate::measure::sample`]).
+    pub fn sample(mut self, rate: SampleRate) -> Self {
+        self.sample = rate;
+        self
+    }
+
     pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = Some(observer);
         self
@@ -172,12 +186,14 @@ impl TracerBuilder {
                     .keys
                     .map(|keys| Membership::new(keys, service.clone(), agent.clone(), clock.window_id(Instant::now()))),
                 caller_header: CallerHeader::encode(&service, agent.as_deref()),
+                unsampled_caller_header: CallerHeader::encode_with_proof(&service, agent.as_deref(), "", true),
+                sample: self.sample,
                 reader_id: believed::new_reader_id(),
                 timing_encoder: TimingEncoder::new(&service, agent.as_deref()),
                 local_point: WaitPoint::Local { service: service.clone() },
                 service,
                 agent,
-                aggregator: Aggregator::new(clock, self.edge_cap),
+                aggregator: Aggregator::new(clock, self.edge_cap, self.sample),
                 counters: Counters::default(),
                 observer: self.observer,
                 timing_for_everyone: self.timing_for_everyone,
@@ -198,6 +214,7 @@ impl Tracer {
             edge_cap: DEFAULT_EDGE_CAP,
             observer: None,
             timing_for_everyone: false,
+            sample: SampleRate::ALL,
             keys: None,
         }
     }
@@ -321,11 +338,13 @@ impl Tracer {
         self.shared.membership.as_ref().map_or(0, Membership::current_window)
     }
 
-    /// The `rootscale-caller` header for a call in `window` (see [`Tracer::proof_window`]).
-    pub(crate) fn caller_header(&self, window: u64) -> HeaderValue {
-        match &self.shared.membership {
-            Some(membership) => membership.caller_header(window),
-            None => self.shared.caller_header.clone(),
+    /// The `rootscale-caller` header for a call in `window` (see [`Tracer::proof_window`]) made for a request that
+    /// is measured (`sampled`) or left out of the sample.
+    pub(crate) fn caller_header(&self, window: u64, sampled: bool) -> HeaderValue {
+        match (&self.shared.membership, sampled) {
+            (Some(membership), _) => membership.caller_header(window, sampled),
+            (None, true) => self.shared.caller_header.clone(),
+            (None, false) => self.shared.unsampled_caller_header.clone(),
         }
     }
 

@@ -22,12 +22,6 @@ async fn send_with_caller(client: &HttpClient, addr: std::net::SocketAddr, calle
     response.into_body().collect().await.expect("body");
 }
 
-/// Closes every window from `first` to the current one and returns them.
-fn close_all(tracer: &Tracer, first: u64) -> Vec<Arc<rootscale_tracer::ClosedWindow>> {
-    let last = tracer.window_clock().window_id(std::time::Instant::now());
-    (first..=last).filter_map(|id| tracer.close_window(id)).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_callers_stay_under_the_edge_cap_and_malformed_headers_are_counted() {
     const CAP: usize = 32;

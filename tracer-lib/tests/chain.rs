@@ -26,6 +26,10 @@ fn assert_near(what: &str, value: Duration, expected_ms: f64) {
 
 const ROUNDS: usize = 5;
 
+/// The tests here time waits of a few milliseconds, and one of them runs CPU hogs: one at a time, so that none
+/// measures another's load.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Sends `ROUNDS` requests from outside to `addr` after one warm-up (connection set-up), then clears the records.
 async fn drive(addr: std::net::SocketAddr, records: &[&Records]) -> Vec<http::Response<bytes::Bytes>> {
     let client = plain_client();
@@ -45,6 +49,7 @@ async fn drive(addr: std::net::SocketAddr, records: &[&Records]) -> Vec<http::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sleeping_handler_shows_local_wait() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (a, a_records) = traced("svc-a");
     let addr = serve_http(&a, Behavior::sleep(40)).await;
     drive(addr, &[&a_records]).await;
@@ -59,6 +64,7 @@ async fn a_sleeping_handler_shows_local_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_callee_time_comes_back_as_remote_total_with_small_net_wait() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (b, b_records) = traced("svc-b");
     let (c, c_records) = traced("svc-c");
     let c_addr = serve_grpc(&c, Behavior::sleep(30)).await;
@@ -80,6 +86,7 @@ async fn a_grpc_callee_time_comes_back_as_remote_total_with_small_net_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delaying_proxy_between_b_and_c_shows_as_net_wait() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (b, b_records) = traced("svc-b");
     let (c, _) = traced("svc-c");
     let c_addr = serve_grpc(&c, Behavior::sleep(5)).await;
@@ -98,6 +105,7 @@ async fn a_delaying_proxy_between_b_and_c_shows_as_net_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_calls_count_once_and_only_the_last_to_finish_is_critical() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (a, a_records) = traced("svc-a");
     let (c1, _) = traced("svc-c1");
     let (c2, _) = traced("svc-c2");
@@ -119,6 +127,7 @@ async fn parallel_calls_count_once_and_only_the_last_to_finish_is_critical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_off_the_critical_path_does_not_count_even_when_its_wait_is_larger() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     // C1 waits 45 ms and finishes first; C2 waits 20 ms itself, then D waits 35 ms, so C2 finishes last. The
     // largest wait on A's critical path is D's 35 ms, not C1's 45 ms.
     let (a, _) = traced("svc-a");
@@ -142,6 +151,7 @@ async fn a_call_off_the_critical_path_does_not_count_even_when_its_wait_is_large
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_bound_handler_shows_busy() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (a, a_records) = traced("svc-a");
     let addr = serve_http(&a, Behavior { spin: Duration::from_millis(30), ..Default::default() }).await;
     drive(addr, &[&a_records]).await;
@@ -207,6 +217,7 @@ fn cpu_wait_on_single_thread_runtime(hogs: bool) -> Vec<Duration> {
 
 #[test]
 fn a_saturated_runtime_shows_cpu_wait() {
+    let _serial = ONE_AT_A_TIME.blocking_lock();
     let idle = median(cpu_wait_on_single_thread_runtime(false));
     let saturated = median(cpu_wait_on_single_thread_runtime(true));
     // Expected with hogs: the rest of the running 10 ms slice, often plus the other hog's (≈ 5–15 ms).
@@ -252,15 +263,18 @@ fn assert_points_at(headers: &[String], at: &str, expected_ms: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_entry_header_points_at_a_slow_leaf() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     assert_points_at(&chain_headers(2, 40, None).await, ";k=l;at=svc-c;", 40.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_entry_header_points_at_a_slow_link() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     assert_points_at(&chain_headers(2, 2, Some(40)).await, ";k=n;at=svc-b>svc-c;", 40.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_entry_header_points_at_a_slow_middle_service() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     assert_points_at(&chain_headers(40, 2, None).await, ";k=l;at=svc-b;", 40.0);
 }

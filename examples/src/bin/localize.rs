@@ -3,7 +3,8 @@
 //! small for the load and with a CPU-bound handler, and slowed links), repeated, and prints precision@1, recall,
 //! windows-to-detect and bytes exchanged per edge per window.
 //!
-//! `cargo run --release -p rootscale-examples --bin localize -- [--repeat 2] [--window-ms 1000] [--rate 150]`
+//! `cargo run --release -p rootscale-examples --bin localize -- [--repeat 2] [--window-ms 1000] [--rate 150]
+//! [--sample 1/16]`
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use rootscale_examples::{
     local::scenario::FaultKind,
     localization::{MATRIX, Settings, faulty_link, matrix_topology, run_scenario},
 };
+use rootscale_tracer::SampleRate;
 
 #[derive(Parser)]
 struct Args {
@@ -27,6 +29,9 @@ struct Args {
     /// Windows to wait for a detection before counting a miss.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     max_windows: u32,
+    /// Every replica measures one request in N (`1/16`), as with `ROOTSCALE_SAMPLE`.
+    #[arg(long, default_value = "1")]
+    sample: SampleRate,
 }
 
 #[derive(Default)]
@@ -75,15 +80,21 @@ fn main() {
         std::process::exit(2);
     }
     let settings = match Settings::new() {
-        Ok(settings) => Settings { window: Duration::from_millis(args.window_ms), rate: Some(args.rate), ..settings },
+        Ok(settings) => Settings {
+            window: Duration::from_millis(args.window_ms),
+            rate: Some(args.rate),
+            sample: args.sample,
+            ..settings
+        },
         Err(error) => {
             eprintln!("{error}");
             std::process::exit(1);
         }
     };
     println!(
-        "localization matrix: {} repeats, {} ms windows, {} req/s, detection counted within {} windows",
-        args.repeat, args.window_ms, args.rate, args.max_windows
+        "localization matrix: {} repeats, {} ms windows, {} req/s, detection counted within {} windows, {} of \
+         requests measured",
+        args.repeat, args.window_ms, args.rate, args.max_windows, args.sample
     );
     let mut rows: Vec<(String, Tally)> = Vec::new();
     let mut bytes = Vec::new();

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use rootscale_tracer::{AgentView, decide::AggregationMode, identity::KeyRing};
+use rootscale_tracer::{AgentView, SampleRate, decide::AggregationMode, identity::KeyRing};
 use tokio::sync::watch;
 
 use crate::local::{
@@ -54,16 +54,24 @@ pub struct Cluster {
     pub mesh_keys: Arc<KeyRing>,
 }
 
+/// How every replica of a cluster runs, beyond its service's spec.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// The agents' window.
+    pub window: Duration,
+    pub mode: AggregationMode,
+    pub seed: u64,
+    pub cpu_model: CpuModel,
+    /// The mesh key every replica proves its membership with.
+    pub mesh_keys: Arc<KeyRing>,
+    /// Which requests the replicas measure (`ROOTSCALE_SAMPLE`).
+    pub sample: SampleRate,
+}
+
 impl Cluster {
     /// Starts each service's initial replicas.
-    pub fn start(
-        topology: Topology,
-        window: Duration,
-        mode: AggregationMode,
-        seed: u64,
-        cpu_model: CpuModel,
-        mesh_keys: Arc<KeyRing>,
-    ) -> Result<Arc<Self>, Error> {
+    pub fn start(topology: Topology, config: &ClusterConfig) -> Result<Arc<Self>, Error> {
+        let ClusterConfig { window, mode, seed, cpu_model, ref mesh_keys, sample } = *config;
         let registries: BTreeMap<String, (watch::Sender<Replicas>, watch::Receiver<Replicas>)> = topology
             .services
             .iter()
@@ -92,6 +100,7 @@ impl Cluster {
                 seed: seed.wrapping_mul(1_000_003).wrapping_add(index as u64 * 7919),
                 cpu_model,
                 mesh_keys: mesh_keys.clone(),
+                sample,
             };
             let registry = registries.get(&spec.name).ok_or(Error::Start("registry missing".into()))?.0.clone();
             services.insert(
@@ -99,6 +108,7 @@ impl Cluster {
                 Service { config, registry, replicas: Mutex::new(Vec::new()), next_id: AtomicU32::new(0) },
             );
         }
+        let mesh_keys = mesh_keys.clone();
         let cluster = Arc::new(Self { topology, services, draining: Mutex::new(Vec::new()), mesh_keys });
         for spec in &cluster.topology.services {
             cluster.scale(&spec.name, spec.replicas)?;

@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Exp, LogNormal};
 use rootscale_tracer::{
-    Agent, AgentView, RequestHandle, TraceClient,
+    Agent, AgentView, RequestHandle, SampleRate, TraceClient,
     decide::{AggregationMode, PoolScope},
     identity::KeyRing,
 };
@@ -137,6 +137,8 @@ pub struct ReplicaConfig {
     pub cpu_model: CpuModel,
     /// The run's mesh key: every replica proves its membership with it.
     pub mesh_keys: Arc<KeyRing>,
+    /// Which requests the replica measures.
+    pub sample: SampleRate,
 }
 
 /// A running replica.
@@ -353,7 +355,8 @@ pub(crate) fn agent_builder(config: &ReplicaConfig) -> rootscale_tracer::AgentBu
         .pool_scope(spec.pool)
         .cpu_cores(f64::from(spec.cores))
         .exchange_timeout(Duration::from_millis(500))
-        .mesh_keys(config.mesh_keys.clone());
+        .mesh_keys(config.mesh_keys.clone())
+        .sample(config.sample);
     if let Some((latency, percentile)) = config.slo {
         agent = agent.slo(latency, percentile);
     }

@@ -10,6 +10,7 @@ use std::{
 
 use rootscale_proto::v1::WaitKind;
 use rootscale_tracer::{
+    SampleRate,
     aggregate::histogram::Histogram,
     decide::{AggregationMode, Verdict},
     identity::{KeyRing, MeshKeys},
@@ -18,7 +19,7 @@ use serde::Serialize;
 
 use crate::local::{
     Error,
-    cluster::Cluster,
+    cluster::{Cluster, ClusterConfig},
     load::Load,
     policy::{Action, Controller, Policy},
     push::Pushes,
@@ -52,9 +53,23 @@ pub struct RunConfig {
     /// The run's mesh key, made anew for each run: replicas prove membership with it, and the policy asks their
     /// agents as the operator does.
     pub mesh_keys: Arc<KeyRing>,
+    /// Which requests the replicas measure (`--sample 1/16`).
+    pub sample: SampleRate,
 }
 
 impl RunConfig {
+    /// How the run's replicas are started.
+    pub fn cluster(&self) -> ClusterConfig {
+        ClusterConfig {
+            window: self.window,
+            mode: self.mode,
+            seed: self.seed,
+            cpu_model: self.cpu_model,
+            mesh_keys: self.mesh_keys.clone(),
+            sample: self.sample,
+        }
+    }
+
     /// A run of `topology` with its demo defaults, and a mesh key of its own.
     pub fn new(topology: Topology, policy: Policy) -> Result<Self, Error> {
         let demo = topology.demo.clone();
@@ -73,6 +88,7 @@ impl RunConfig {
             scale_down_stabilization: HPA_SCALE_DOWN_STABILIZATION,
             cpu_model: CpuModel::Virtual,
             mesh_keys: Arc::new(KeyRing::fixed(mesh_keys)),
+            sample: SampleRate::ALL,
         })
     }
 
@@ -346,14 +362,7 @@ pub fn run(config: &RunConfig, mut on_tick: impl FnMut(&Tick, &[Action], &[Detec
         .enable_all()
         .build()
         .map_err(|e| Error::Start(e.to_string()))?;
-    let cluster = Cluster::start(
-        config.topology.clone(),
-        config.window,
-        config.mode,
-        config.seed,
-        config.cpu_model,
-        config.mesh_keys.clone(),
-    )?;
+    let cluster = Cluster::start(config.topology.clone(), &config.cluster())?;
     let outcome = harness.block_on(drive(config, cluster.clone(), &mut on_tick));
     cluster.stop();
     outcome

@@ -12,6 +12,7 @@
 //! | `ROOTSCALE_SLO` / `ROOTSCALE_SLO_PERCENTILE` | an entry service's SLO, for use without the operator | none / `95` |
 //! | `ROOTSCALE_CONCURRENCY` | requests one replica serves at once (its pool), for Little's law | none |
 //! | `ROOTSCALE_POOL_SCOPE` | `own` (a worker for the service's own work) or `request` (for the whole request) | `own` |
+//! | `ROOTSCALE_SAMPLE` | measure one request in N (`1/16`); the same on every service of a mesh | `1` (every request) |
 //! | `ROOTSCALE_AGENT_TOKEN` | shared token required on the agent's gRPC calls | none |
 //! | `ROOTSCALE_AGENT_TLS_CERT` / `_KEY` / `_CA` | PEM files: serve and call over mutual TLS | none |
 //! | `ROOTSCALE_AGENT_TLS_SERVER_NAME` | the name other agents' certificates are checked against | the address |
@@ -33,7 +34,10 @@ use crate::{
     Error, Observer,
     decide::{AggregationMode, PolicyConfig, PoolScope, Slo},
     identity::{KeyRing, peer::DEFAULT_OPERATOR_IDENTITY},
-    measure::headers::valid_service_name,
+    measure::{
+        headers::valid_service_name,
+        sample::{BadSampleRate, SampleRate},
+    },
 };
 
 /// The default agent port.
@@ -72,6 +76,7 @@ pub struct AgentBuilder {
     pub(crate) cpu_cores: Option<f64>,
     pub(crate) mesh_keys: Option<Arc<KeyRing>>,
     pub(crate) operator_identity: String,
+    pub(crate) sample: SampleRate,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -114,6 +119,7 @@ impl AgentBuilder {
             cpu_cores: None,
             mesh_keys: None,
             operator_identity: DEFAULT_OPERATOR_IDENTITY.to_string(),
+            sample: SampleRate::ALL,
         }
     }
 
@@ -159,6 +165,10 @@ impl AgentBuilder {
         if let Some(scope) = env("ROOTSCALE_POOL_SCOPE") {
             builder.pool_scope =
                 scope.parse().map_err(|_| bad("ROOTSCALE_POOL_SCOPE", &scope, "expected own or request"))?;
+        }
+        if let Some(sample) = env("ROOTSCALE_SAMPLE") {
+            builder.sample =
+                sample.parse().map_err(|error: BadSampleRate| bad("ROOTSCALE_SAMPLE", &sample, &error.to_string()))?;
         }
         builder.token = env("ROOTSCALE_AGENT_TOKEN");
         match (env("ROOTSCALE_AGENT_TLS_CERT"), env("ROOTSCALE_AGENT_TLS_KEY"), env("ROOTSCALE_AGENT_TLS_CA")) {
@@ -244,6 +254,13 @@ impl AgentBuilder {
     /// [`crate::RequestHandle::record_pool_wait`].
     pub fn pool_scope(mut self, scope: PoolScope) -> Self {
         self.pool_scope = scope;
+        self
+    }
+
+    /// Measures one request in N rather than every one (see [`crate::measure::sample`]): use the same rate on every
+    /// service of the mesh.
+    pub fn sample(mut self, rate: SampleRate) -> Self {
+        self.sample = rate;
         self
     }
 

@@ -111,7 +111,8 @@ impl AgentBuilder {
         if !valid_agent_addr(&advertise) {
             return Err(Error::InvalidAgentAddress(advertise));
         }
-        let mut tracer = Tracer::builder(self.service.clone()).agent_addr(advertise.clone()).window(self.window);
+        let mut tracer =
+            Tracer::builder(self.service.clone()).agent_addr(advertise.clone()).window(self.window).sample(self.sample);
         if let Some(observer) = &self.observer {
             tracer = tracer.observer(observer.clone());
         }

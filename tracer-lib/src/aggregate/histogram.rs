@@ -99,6 +99,16 @@ impl Histogram {
         self.max_us = self.max_us.max(other.max_us);
     }
 
+    /// Counts every value `weight` times: a sample's distribution as the whole's. Percentiles, the mean and the
+    /// maximum stay as they were.
+    pub fn scale(&mut self, weight: u64) {
+        for count in &mut self.counts {
+            *count = count.saturating_mul(weight);
+        }
+        self.count = self.count.saturating_mul(weight);
+        self.sum_us = self.sum_us.saturating_mul(weight);
+    }
+
     pub fn count(&self) -> u64 {
         self.count
     }

@@ -23,6 +23,8 @@ use std::{
 };
 
 pub use stats::{CallSample, RequestSample, WindowStats};
+
+use crate::measure::sample::SampleRate;
 pub use window::WindowClock;
 
 /// Shards per aggregator; more than the worker threads of a typical service.
@@ -57,6 +59,8 @@ pub struct Losses {
 pub struct Aggregator {
     clock: WindowClock,
     edge_cap: usize,
+    /// The share of requests measured: a closed window's counts are scaled by it.
+    sample: SampleRate,
     shards: Box<[Padded<Mutex<Shard>>]>,
     /// Requests handed to the server layer, per shard, since the start: counted without a lock.
     arrivals: Box<[Padded<AtomicU64>]>,
@@ -81,10 +85,11 @@ fn shard_index() -> usize {
 }
 
 impl Aggregator {
-    pub fn new(clock: WindowClock, edge_cap: usize) -> Self {
+    pub fn new(clock: WindowClock, edge_cap: usize, sample: SampleRate) -> Self {
         Self {
             clock,
             edge_cap,
+            sample,
             shards: (0..SHARDS).map(|_| Padded(Mutex::new(Shard::default()))).collect(),
             arrivals: (0..SHARDS).map(|_| Padded(AtomicU64::new(0))).collect(),
             arrivals_at_close: Mutex::new(0),
@@ -170,6 +175,7 @@ impl Aggregator {
             }
         }
         merged.keep_busiest(self.edge_cap);
+        merged.scale_sample(self.sample);
         // Arrivals are counted between closes rather than by window: close enough, and lock-free to count.
         let arrivals: u64 = self.arrivals.iter().map(|count| count.0.load(Ordering::Relaxed)).sum();
         let mut at_close = self.arrivals_at_close.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -191,7 +197,7 @@ mod tests {
 
     fn from(caller: &str) -> RequestSample<'_> {
         RequestSample {
-            caller: Some((caller, Some("10.0.0.1:9797"))),
+            caller: Some((caller, Some("127.0.0.1:9797"))),
             total_us: 1000,
             busy_us: 10,
             cpu_wait_us: 0,
@@ -205,7 +211,7 @@ mod tests {
 
     #[test]
     fn closing_keeps_the_busiest_edges_not_the_first() {
-        let aggregator = Aggregator::new(WindowClock::new(Duration::from_secs(5)), 8);
+        let aggregator = Aggregator::new(WindowClock::new(Duration::from_secs(5)), 8, SampleRate::ALL);
         let window = aggregator.clock().window_id(Instant::now());
         // Eight spoofed names arrive first, one request each; then a real caller sends many.
         let spoofed: Vec<String> = (0..8).map(|i| format!("spoof-{i}")).collect();
@@ -227,7 +233,7 @@ mod tests {
 
     #[test]
     fn without_a_closer_shards_keep_only_the_newest_windows() {
-        let aggregator = Aggregator::new(WindowClock::new(Duration::from_secs(5)), 8);
+        let aggregator = Aggregator::new(WindowClock::new(Duration::from_secs(5)), 8, SampleRate::ALL);
         for window in 100..100 + MAX_OPEN_WINDOWS as u64 + 2 {
             aggregator.record_request(window, &from("web"));
         }

@@ -8,7 +8,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     aggregate::histogram::Histogram,
-    measure::{headers::WaitPointRef, record::WaitPoint},
+    measure::{headers::WaitPointRef, record::WaitPoint, sample::SampleRate},
 };
 
 /// Agent addresses kept per edge: one per replica of the neighbour, up to this many.
@@ -115,6 +115,8 @@ pub struct WindowStats {
     pub untied_calls: u64,
     /// Those calls' `client_total`, summed.
     pub untied_us: u64,
+    /// One request in this many was measured (1: every one); the counts above are already scaled by it.
+    pub sample_every: u32,
 }
 
 /// What the server layer hands to the aggregator for one request.
@@ -147,7 +149,56 @@ pub struct CallSample<'a> {
 
 impl WindowStats {
     pub fn new(window_id: u64) -> Self {
-        Self { window_id, ..Self::default() }
+        Self { window_id, sample_every: 1, ..Self::default() }
+    }
+
+    /// Counts each measured request and call as `rate.every()` (a closed window of a sample): every count and
+    /// sum is scaled, every distribution keeps its shape. `arrivals` is counted on every request and stays.
+    pub(crate) fn scale_sample(&mut self, rate: SampleRate) {
+        self.sample_every = rate.every();
+        if !rate.is_sampling() {
+            return;
+        }
+        let weight = u64::from(rate.every());
+        let scale = |count: &mut u64| *count = count.saturating_mul(weight);
+        for count in [
+            &mut self.requests,
+            &mut self.errors,
+            &mut self.cancelled,
+            &mut self.external_requests,
+            &mut self.inbound_overflow,
+            &mut self.outbound_overflow,
+            &mut self.untied_calls,
+            &mut self.untied_us,
+        ] {
+            scale(count);
+        }
+        for histogram in [
+            &mut self.total,
+            &mut self.busy,
+            &mut self.cpu_wait,
+            &mut self.local_wait,
+            &mut self.pool_wait,
+            &mut self.downstream,
+        ] {
+            histogram.scale(weight);
+        }
+        for edge in self.inbound.values_mut() {
+            scale(&mut edge.requests);
+            edge.total.scale(weight);
+        }
+        for edge in self.outbound.values_mut() {
+            for count in [&mut edge.calls, &mut edge.errors, &mut edge.untimed, &mut edge.critical] {
+                scale(count);
+            }
+            for histogram in [&mut edge.client_total, &mut edge.remote_total, &mut edge.net_wait, &mut edge.remote_wait]
+            {
+                histogram.scale(weight);
+            }
+            for (_, count, _) in &mut edge.remote_wait_at {
+                scale(count);
+            }
+        }
     }
 
     pub(crate) fn record_request(&mut self, sample: &RequestSample<'_>, edge_cap: usize) {

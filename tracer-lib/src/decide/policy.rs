@@ -245,6 +245,8 @@ pub struct Decision {
     pub reason: String,
     /// Set when this service's own wait was estimated for the window rather than measured per request.
     pub local_wait_estimate: Option<LocalWaitEstimate>,
+    /// One request in this many was measured (1: every one).
+    pub sample_every: u32,
 }
 
 impl Decision {
@@ -261,6 +263,7 @@ impl Decision {
             compared: Vec::new(),
             reason,
             local_wait_estimate: LocalWaitEstimate::of(input.stats),
+            sample_every: input.stats.sample_every.max(1),
         }
     }
 
@@ -278,6 +281,7 @@ impl Decision {
             compared: Vec::new(),
             reason: reason.to_string(),
             local_wait_estimate: None,
+            sample_every: 1,
         }
     }
 
@@ -309,6 +313,7 @@ impl Decision {
                     untied_us: estimate.untied_us,
                     untied_share: estimate.untied_share,
                 }),
+                sample_every: self.sample_every,
             }),
         }
     }
@@ -386,6 +391,11 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
             estimate.untied_calls,
             estimate.untied_share * 100.0
         ));
+    }
+    if decision.sample_every > 1 {
+        decision
+            .reason
+            .push_str(&format!(" (made on a sample: one request in {}, counts scaled by {0})", decision.sample_every));
     }
     decision
 }

@@ -10,7 +10,10 @@ use crate::{
         stats::{AGENTS_PER_EDGE, InboundStats, OutboundStats},
     },
     decide::{Decision, Delegated},
-    measure::headers::{MAX_DURATION_US, valid_agent_addr, valid_service_name},
+    measure::{
+        headers::{MAX_DURATION_US, valid_agent_addr, valid_service_name},
+        sample::MAX_SAMPLE_EVERY,
+    },
 };
 
 /// Largest encoded report accepted.
@@ -246,6 +249,12 @@ fn check_decision(decision: &proto::Decision) -> Result<(), ReportError> {
             if !compared.via_callee.is_empty() {
                 check_name(&compared.via_callee, "evidence.compared.via_callee")?;
             }
+        }
+        if evidence.sample_every > MAX_SAMPLE_EVERY {
+            return Err(invalid(format!(
+                "evidence.sample_every {} is above {MAX_SAMPLE_EVERY}",
+                evidence.sample_every
+            )));
         }
         if let Some(estimate) = &evidence.local_wait_estimate {
             check_count(estimate.untied_calls, "evidence.local_wait_estimate.untied_calls")?;

@@ -54,6 +54,8 @@ struct SignedHere {
     generation: u64,
     window_id: u64,
     caller: HeaderValue,
+    /// The caller header for requests left out of the sample: the same proof, marked `u=1`.
+    unsampled_caller: HeaderValue,
     timing: Bytes,
 }
 
@@ -111,7 +113,8 @@ impl Membership {
             owner: self.id,
             generation,
             window_id,
-            caller: CallerHeader::encode_with_proof(&self.service, self.agent.as_deref(), &caller),
+            caller: CallerHeader::encode_with_proof(&self.service, self.agent.as_deref(), &caller, false),
+            unsampled_caller: CallerHeader::encode_with_proof(&self.service, self.agent.as_deref(), &caller, true),
             timing: Bytes::from(proof_fields(&keys, HeaderRole::Timing, &self.claim(window_id))),
         }
     }
@@ -153,9 +156,12 @@ impl Membership {
         })
     }
 
-    /// This service's `rootscale-caller` for `window_id`.
-    pub fn caller_header(&self, window_id: u64) -> HeaderValue {
-        self.with_signed(window_id, |signed| signed.caller.clone())
+    /// This service's `rootscale-caller` for `window_id`, for a request measured or left out of the sample.
+    pub fn caller_header(&self, window_id: u64, sampled: bool) -> HeaderValue {
+        self.with_signed(
+            window_id,
+            |signed| if sampled { signed.caller.clone() } else { signed.unsampled_caller.clone() },
+        )
     }
 
     /// `write` of the `;i=…;p=…` that ends this service's `rootscale-timing` in `window_id`.

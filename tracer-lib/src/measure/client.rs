@@ -25,7 +25,7 @@ use tower_service::Service;
 use crate::{
     aggregate::CallSample,
     measure::{
-        context::{RequestContext, current},
+        context::{Current, RequestContext, current},
         headers::{CALLER_HEADER, MAX_SERVICE_NAME, TIMING_HEADER, Timing, WaitPointRef},
         record::{CallRecord, Wait, micros},
         server::grpc_server_error,
@@ -119,11 +119,14 @@ where
             (Callee::Learned(_), Some(authority)) => Fallback::Authority(authority.clone()),
             (Callee::Learned(learned), None) => Fallback::Learned(learned.clone()),
         };
-        let call = Call::start(self.layer.tracer.clone(), fallback, self.layer.untied);
+        let tracer = &self.layer.tracer;
+        let call = Call::start(tracer.clone(), fallback, self.layer.untied);
         if self.layer.send_caller {
-            request.headers_mut().insert(CALLER_HEADER, self.layer.tracer.caller_header(call.proof_window));
+            // A call left out of the sample still names its caller, marked so the callee leaves it out too.
+            let window = call.as_ref().map_or_else(|| tracer.proof_window(), |call| call.proof_window);
+            request.headers_mut().insert(CALLER_HEADER, tracer.caller_header(window, call.is_some()));
         }
-        CallFuture { inner: self.inner.call(request), call: Some(call) }
+        CallFuture { inner: self.inner.call(request), call }
     }
 }
 
@@ -168,14 +171,21 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    fn start(tracer: Tracer, fallback: Fallback, untied: bool) -> Self {
+    /// Starts measuring a call, unless it is left out of the sample: made for a request that is, or, outside any
+    /// request, by its own draw.
+    fn start(tracer: Tracer, fallback: Fallback, untied: bool) -> Option<Self> {
         let started = Instant::now();
-        let request = current();
+        let request = match current() {
+            Some(Current::Measured(request)) => Some(request),
+            Some(Current::Unsampled) => return None,
+            None if tracer.shared.sample.draw() => None,
+            None => return None,
+        };
         let untied = untied && request.is_none();
         if let Some(request) = &request {
             request.call_started(started);
         }
-        Self {
+        Some(Self {
             proof_window: tracer.proof_window(),
             tracer,
             request,
@@ -186,11 +196,11 @@ impl Call {
             error: false,
             malformed_timing: false,
             untied,
-        }
+        })
     }
 
-    /// A call to a wrapped, non-HTTP dependency.
-    pub(crate) fn start_named(tracer: Tracer, name: Arc<str>) -> Self {
+    /// A call to a wrapped, non-HTTP dependency (`None`: left out of the sample).
+    pub(crate) fn start_named(tracer: Tracer, name: Arc<str>) -> Option<Self> {
         Self::start(tracer, Fallback::Named(name), false)
     }
 

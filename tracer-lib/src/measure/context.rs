@@ -26,7 +26,22 @@ use futures_util::task::AtomicWaker;
 use crate::measure::record::Wait;
 
 tokio::task_local! {
-    static CURRENT: Arc<RequestContext>;
+    static CURRENT: Current;
+}
+
+/// The request the current task serves: one being measured, or one left out of the sample (whose calls are left
+/// out too, see [`crate::measure::sample`]).
+#[derive(Clone)]
+pub(crate) enum Current {
+    Measured(Arc<RequestContext>),
+    Unsampled,
+}
+
+impl Current {
+    /// Runs `f` with this as the current request.
+    pub(crate) fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
+        CURRENT.sync_scope(self, f)
+    }
 }
 
 /// State of one request, shared by its handler future, its response body and its outbound calls.
@@ -300,7 +315,7 @@ impl PollClock {
         self.context.task_waker.register(cx.waker());
         let overlapping = self.context.calls.any_in_flight();
         let mut inner_cx = Context::from_waker(&self.waker);
-        let result = CURRENT.sync_scope(self.context.clone(), || poll(&mut inner_cx));
+        let result = CURRENT.sync_scope(Current::Measured(self.context.clone()), || poll(&mut inner_cx));
         let ended = Instant::now();
         let busy = ended.saturating_duration_since(started);
         self.busy += busy;
@@ -319,9 +334,10 @@ impl PollClock {
     }
 }
 
-/// The current request, if this code runs inside one (directly or via [`RequestHandle::scope`]).
-pub(crate) fn current() -> Option<Arc<RequestContext>> {
-    CURRENT.try_with(Arc::clone).ok()
+/// The current request, if this code runs inside one (directly or via [`RequestHandle::scope`]); `None` outside
+/// any request.
+pub(crate) fn current() -> Option<Current> {
+    CURRENT.try_with(Current::clone).ok()
 }
 
 /// A handle on the request the current task is serving, for carrying it into spawned tasks.
@@ -334,7 +350,7 @@ pub(crate) fn current() -> Option<Arc<RequestContext>> {
 /// # }
 /// ```
 #[derive(Clone)]
-pub struct RequestHandle(Option<Arc<RequestContext>>);
+pub struct RequestHandle(Option<Current>);
 
 impl RequestHandle {
     /// The request being served by the current task (a no-op handle outside any request).
@@ -342,9 +358,17 @@ impl RequestHandle {
         Self(current())
     }
 
-    /// Whether there is a request behind this handle.
+    /// Whether there is a request behind this handle (measured or left out of the sample).
     pub fn is_active(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// The request's state, if it is measured.
+    fn measured(&self) -> Option<&Arc<RequestContext>> {
+        match &self.0 {
+            Some(Current::Measured(context)) => Some(context),
+            _ => None,
+        }
     }
 
     /// Records CPU work done for this request off its own task — on a blocking pool (`spawn_blocking`), a rayon
@@ -353,7 +377,7 @@ impl RequestHandle {
     /// agent's utilisation law misses the CPU it used. The work must not overlap the request's outbound calls.
     /// A no-op outside a request.
     pub fn record_offloaded_cpu(&self, running: Duration, queued: Duration) {
-        if let Some(context) = &self.0 {
+        if let Some(context) = self.measured() {
             let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
             context.offloaded_busy_ns.fetch_add(nanos(running), Ordering::AcqRel);
             context.offloaded_queued_ns.fetch_add(nanos(queued), Ordering::AcqRel);
@@ -366,7 +390,7 @@ impl RequestHandle {
     /// [`crate::AgentBuilder::pool_scope`]), a pool full of workers waiting on a slow callee is that callee's
     /// doing, and the decision attributes it so (docs/DESIGN.md §1.7). A no-op outside a request.
     pub fn record_pool_wait(&self, queued: Duration) {
-        if let Some(context) = &self.0 {
+        if let Some(context) = self.measured() {
             context.pool_wait_ns.fetch_add(u64::try_from(queued.as_nanos()).unwrap_or(u64::MAX), Ordering::AcqRel);
         }
     }
@@ -380,7 +404,7 @@ impl RequestHandle {
 pin_project_lite::pin_project! {
     /// A future that runs inside a request's context. Made by [`RequestHandle::scope`].
     pub struct InRequest<F> {
-        context: Option<Arc<RequestContext>>,
+        context: Option<Current>,
         #[pin]
         future: F,
     }

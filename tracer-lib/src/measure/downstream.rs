@@ -26,7 +26,7 @@ impl Dependency {
 
     /// Times `future` as a call to this dependency.
     pub fn wrap<F: Future>(&self, future: F) -> DependencyCall<F> {
-        DependencyCall { inner: future, call: None, done: false, dependency: self.clone(), is_error: |_| false }
+        DependencyCall { inner: future, call: None, started: false, dependency: self.clone(), is_error: |_| false }
     }
 
     /// Times `future` as a call to this dependency, counting an `Err` output as an error.
@@ -34,7 +34,7 @@ impl Dependency {
     where
         F: Future<Output = Result<T, E>>,
     {
-        DependencyCall { inner: future, call: None, done: false, dependency: self.clone(), is_error: Result::is_err }
+        DependencyCall { inner: future, call: None, started: false, dependency: self.clone(), is_error: Result::is_err }
     }
 }
 
@@ -44,7 +44,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         call: Option<Call>,
-        done: bool,
+        // The first poll started the call (or left it out of the sample): never start it twice.
+        started: bool,
         dependency: Dependency,
         is_error: fn(&F::Output) -> bool,
     }
@@ -63,11 +64,11 @@ impl<F: Future> Future for DependencyCall<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        if this.call.is_none() && !*this.done {
-            *this.call = Some(Call::start_named(this.dependency.tracer.clone(), this.dependency.name.clone()));
+        if !*this.started {
+            *this.started = true;
+            *this.call = Call::start_named(this.dependency.tracer.clone(), this.dependency.name.clone());
         }
         let output = ready!(this.inner.poll(cx));
-        *this.done = true;
         if let Some(call) = this.call.take() {
             call.finish(Instant::now(), (this.is_error)(&output));
         }

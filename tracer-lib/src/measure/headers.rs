@@ -298,6 +298,9 @@ impl Claimed {
 pub struct CallerHeader {
     raw: HeaderValue,
     claim: Claimed,
+    /// `u=1`: the caller left this request out of its sample, so the callee leaves it out too (see
+    /// [`crate::measure::sample`]).
+    unsampled: bool,
 }
 
 impl CallerHeader {
@@ -313,9 +316,23 @@ impl CallerHeader {
     ) -> Result<(Self, bool), HeaderError> {
         let mut fields = Fields::new(raw)?;
         let service = fields.name("s")?;
+        // The mark sits before the claim's end, so the end's bytes (and what a reader remembers of them) are the
+        // same whether the request was sampled or not.
+        let unsampled = fields.peek_is(b"u");
+        if unsampled {
+            let mark = fields.expect("u")?;
+            if fields.value(&mark) != b"1" {
+                return Err(HeaderError::BadField("u"));
+            }
+        }
         let end_at = fields.position;
         let (end, recognized) = fields.claim_end_recognizing(&service, recognize)?;
-        Ok((Self { raw: raw.clone(), claim: Claimed { service, end_at, end } }, recognized))
+        Ok((Self { raw: raw.clone(), claim: Claimed { service, end_at, end }, unsampled }, recognized))
+    }
+
+    /// Whether the caller left this request out of its sample.
+    pub fn unsampled(&self) -> bool {
+        self.unsampled
     }
 
     /// The window's tag (its id modulo `WINDOW_TAG_MODULUS`) and the proof text the header ends with, if any.
@@ -343,14 +360,18 @@ impl CallerHeader {
 
     /// The header a service sends on its outbound requests.
     pub fn encode(service: &str, agent: Option<&str>) -> HeaderValue {
-        Self::encode_with_proof(service, agent, "")
+        Self::encode_with_proof(service, agent, "", false)
     }
 
-    /// The header with `proof_fields` (`;i=…;p=…`, or empty) at its end.
-    pub fn encode_with_proof(service: &str, agent: Option<&str>, proof_fields: &str) -> HeaderValue {
-        let mut value = String::with_capacity(8 + service.len() + agent.map_or(0, str::len) + proof_fields.len());
+    /// The header with `proof_fields` (`;i=…;p=…`, or empty) at its end, marked `u=1` when the request it goes
+    /// out for was left out of the sample.
+    pub fn encode_with_proof(service: &str, agent: Option<&str>, proof_fields: &str, unsampled: bool) -> HeaderValue {
+        let mut value = String::with_capacity(12 + service.len() + agent.map_or(0, str::len) + proof_fields.len());
         value.push_str("s=");
         value.push_str(service);
+        if unsampled {
+            value.push_str(";u=1");
+        }
         if let Some(agent) = agent {
             value.push_str(";a=");
             value.push_str(agent);
@@ -567,13 +588,34 @@ mod tests {
 
     #[test]
     fn caller_round_trip() {
-        let header = CallerHeader::encode("checkout", Some("10.0.3.7:9797"));
+        let header = CallerHeader::encode("checkout", Some("127.0.3.7:9797"));
         let parsed = CallerHeader::parse(&header).unwrap();
         assert_eq!(parsed.service(), "checkout");
-        assert_eq!(parsed.agent(), Some("10.0.3.7:9797"));
+        assert_eq!(parsed.agent(), Some("127.0.3.7:9797"));
         let bare = CallerHeader::parse(&hv("s=web")).unwrap();
         assert_eq!((bare.service(), bare.agent()), ("web", None));
         assert!(CallerHeader::parse(&hv("s=web;a=[::1]:9797")).is_ok());
+    }
+
+    #[test]
+    fn an_unsampled_mark_sits_before_the_claims_end_and_is_only_u_equals_1() {
+        let proof = "Zm9yZ2VkcHJvb2Zz";
+        let sampled = CallerHeader::encode_with_proof("web", Some("127.0.0.7:9797"), &format!(";i=5;p={proof}"), false);
+        let unsampled =
+            CallerHeader::encode_with_proof("web", Some("127.0.0.7:9797"), &format!(";i=5;p={proof}"), true);
+        assert_eq!(unsampled, format!("s=web;u=1;a=127.0.0.7:9797;i=5;p={proof}").as_str());
+        let (sampled, unsampled) = (CallerHeader::parse(&sampled).unwrap(), CallerHeader::parse(&unsampled).unwrap());
+        assert!(!sampled.unsampled() && unsampled.unsampled());
+        // The same claim, the same end: the proof and a reader's memory of it do not depend on the mark.
+        assert_eq!(sampled.claimed(), unsampled.claimed());
+        assert_eq!(sampled.end(), unsampled.end());
+        assert_eq!(sampled.proof(), unsampled.proof());
+        assert!(CallerHeader::parse(&hv("s=web;u=1")).unwrap().unsampled());
+        for bad in
+            ["s=web;u=0", "s=web;u=", "s=web;u=11", "s=web;u=1;u=1", "s=web;a=h:1;u=1", "u=1;s=web", "s=web;u=1;"]
+        {
+            assert!(CallerHeader::parse(&hv(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

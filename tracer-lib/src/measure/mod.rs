@@ -7,10 +7,12 @@
 //! - [`context`]: the per-request state they share, found through a task-local.
 //! - [`headers`]: the strict wire format of `rootscale-caller` and `rootscale-timing`.
 //! - [`record`]: the values measured.
+//! - [`sample`]: which requests are measured, with `ROOTSCALE_SAMPLE`.
 
 pub mod client;
 pub mod context;
 pub mod downstream;
 pub mod headers;
 pub mod record;
+pub mod sample;
 pub mod server;

@@ -31,7 +31,7 @@ use tower_service::Service;
 use crate::{
     aggregate::RequestSample,
     measure::{
-        context::{PollClock, RequestContext},
+        context::{Current, PollClock, RequestContext},
         headers::{CALLER_HEADER, CallerHeader, TIMING_HEADER},
         record::{RequestRecord, Wait, micros},
     },
@@ -88,8 +88,17 @@ where
         // neighbour, and not answered with timings (docs/DESIGN.md §1.6).
         let caller =
             request.headers().get(CALLER_HEADER).and_then(|value| self.tracer.read_caller(value, proof_window));
+        // Measured if the caller measured it, left out if the caller did; drawn here if it comes from outside.
+        let measured = match &caller {
+            Some(caller) => !caller.unsampled(),
+            None => self.tracer.shared.sample.draw(),
+        };
+        if !measured {
+            return ServerFuture { inner: self.inner.call(request), request: None, unsampled: true };
+        }
         let head_only = request.method() == Method::HEAD;
         ServerFuture {
+            unsampled: false,
             inner: self.inner.call(request),
             request: Some(Measurement {
                 tracer: self.tracer.clone(),
@@ -228,6 +237,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         request: Option<Measurement>,
+        // Left out of the sample: polled as such, so its calls are left out too.
+        unsampled: bool,
     }
 
     impl<F> PinnedDrop for ServerFuture<F> {
@@ -271,11 +282,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let Some(request) = this.request.as_mut() else {
-            // Polled after completion: let the inner future decide what that means.
-            return match ready!(this.inner.poll(cx)) {
-                Ok(response) => Poll::Ready(Ok(response.map(ServerBody::passthrough))),
-                Err(error) => Poll::Ready(Err(error)),
+            // Left out of the sample, or polled after completion (then the inner future decides what that means).
+            let unsampled = *this.unsampled;
+            let result = if unsampled {
+                ready!(Current::Unsampled.sync_scope(|| this.inner.poll(cx)))
+            } else {
+                ready!(this.inner.poll(cx))
             };
+            return Poll::Ready(result.map(|response| response.map(|body| ServerBody::passthrough(body, unsampled))));
         };
         let (result, ended) = request.clock.poll(cx, Instant::now(), |cx| this.inner.as_mut().poll(cx));
         let Poll::Ready(result) = result else {
@@ -334,6 +348,8 @@ pin_project_lite::pin_project! {
         state: Option<BodyState>,
         // Set when the inner body reported its end through `is_end_stream`.
         end_reported: AtomicBool,
+        // The body of a request left out of the sample: polled as such.
+        unsampled: bool,
     }
 
     impl<B: Body> PinnedDrop for ServerBody<B> {
@@ -351,12 +367,12 @@ pin_project_lite::pin_project! {
 }
 
 impl<B: Body> ServerBody<B> {
-    fn passthrough(inner: B) -> Self {
-        Self { inner, state: None, end_reported: AtomicBool::new(false) }
+    fn passthrough(inner: B, unsampled: bool) -> Self {
+        Self { inner, state: None, end_reported: AtomicBool::new(false), unsampled }
     }
 
     fn new(inner: B, state: BodyState) -> Self {
-        Self { inner, state: Some(state), end_reported: AtomicBool::new(false) }
+        Self { inner, state: Some(state), end_reported: AtomicBool::new(false), unsampled: false }
     }
 }
 
@@ -367,6 +383,9 @@ impl<B: Body> Body for ServerBody<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let Some(state) = this.state.as_mut() else {
+            if *this.unsampled {
+                return Current::Unsampled.sync_scope(|| this.inner.poll_frame(cx));
+            }
             return this.inner.poll_frame(cx);
         };
         let started = Instant::now();

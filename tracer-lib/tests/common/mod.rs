@@ -247,6 +247,12 @@ pub async fn delaying_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr
     addr
 }
 
+/// Closes every window from `first` to the current one and returns them.
+pub fn close_all(tracer: &Tracer, first: u64) -> Vec<Arc<rootscale_tracer::ClosedWindow>> {
+    let last = tracer.window_clock().window_id(Instant::now());
+    (first..=last).filter_map(|id| tracer.close_window(id)).collect()
+}
+
 /// The median of `values`.
 pub fn median(mut values: Vec<Duration>) -> Duration {
     assert!(!values.is_empty(), "no values");
