@@ -176,6 +176,7 @@ impl TracerBuilder {
         if self.edge_cap == 0 || self.edge_cap > 4096 {
             return Err(Error::InvalidEdgeCap(self.edge_cap));
         }
+        crate::measure::clock::calibrate();
         let service: Arc<str> = self.service.into();
         let agent: Option<Arc<str>> = self.agent.map(Into::into);
         let (windows, _) = watch::channel(None);

@@ -13,22 +13,12 @@ use std::time::Duration;
 use common::*;
 use rootscale_tracer::{TIMING_HEADER, WaitPoint};
 
-const SLACK_BELOW_MS: f64 = 0.5;
-const SLACK_ABOVE_MS: f64 = 5.0;
-
+/// Medians, within [`SLACK_BELOW_MS`] / [`SLACK_ABOVE_MS`].
 fn assert_near(what: &str, value: Duration, expected_ms: f64) {
-    let value_ms = ms(value);
-    assert!(
-        value_ms >= expected_ms - SLACK_BELOW_MS && value_ms <= expected_ms + SLACK_ABOVE_MS,
-        "{what} = {value_ms:.2} ms, expected {expected_ms} ms (-{SLACK_BELOW_MS}/+{SLACK_ABOVE_MS})"
-    );
+    assert_near_with(what, value, expected_ms, SLACK_ABOVE_MS);
 }
 
 const ROUNDS: usize = 5;
-
-/// The tests here time waits of a few milliseconds, and one of them runs CPU hogs: one at a time, so that none
-/// measures another's load.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Sends `ROUNDS` requests from outside to `addr` after one warm-up (connection set-up), then clears the records.
 async fn drive(addr: std::net::SocketAddr, records: &[&Records]) -> Vec<http::Response<bytes::Bytes>> {

@@ -13,6 +13,9 @@
 //!
 //! `cargo run --release -p rootscale-examples --features otel-bench --bin throughput -- [--rounds 5] [--seconds 3]
 //! [--connections 32] [--external]`
+//!
+//! `--serve bare|rootscale|open-telemetry` only serves one variant on its one thread and prints `listening on ADDR`,
+//! for an outside load generator (`scripts/wrk-throughput` runs wrk against it).
 
 use std::{
     sync::{
@@ -32,7 +35,7 @@ use opentelemetry_sdk::{
     error::OTelSdkResult,
     trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter},
 };
-use rootscale_tracer::Tracer;
+use rootscale_tracer::{SampleRate, Tracer};
 use tracing_subscriber::layer::SubscriberExt as _;
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -77,7 +80,7 @@ fn hello_router() -> Router {
     Router::new().route("/", get(|| async { "hello, world" }))
 }
 
-fn start_server(variant: Variant) -> Server {
+fn start_server(variant: Variant, sample: SampleRate) -> Server {
     let (addr_sender, addr_receiver) = std::sync::mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     let instrumented = Arc::new(AtomicU64::new(0));
@@ -90,7 +93,7 @@ fn start_server(variant: Variant) -> Server {
         let router = match variant {
             Variant::Bare => hello_router(),
             Variant::Rootscale => {
-                let tracer = Tracer::builder("hello").build().expect("tracer");
+                let tracer = Tracer::builder("hello").sample(sample).build().expect("tracer");
                 let first_window = tracer.window_clock().window_id(Instant::now());
                 rootscale = Some((tracer.clone(), first_window));
                 hello_router().layer(tracer.server_layer())
@@ -206,11 +209,24 @@ struct Args {
     /// Run one variant only, for profiling it alone.
     #[arg(long, value_enum)]
     only: Option<Variant>,
+    /// Only serve this variant (on 127.0.0.1, a free port) until killed, for an outside load generator.
+    #[arg(long, value_enum)]
+    serve: Option<Variant>,
+    /// The share of requests rootscale measures (`1/16`), as `ROOTSCALE_SAMPLE` sets it for an agent.
+    #[arg(long, default_value = "1")]
+    sample: SampleRate,
 }
 
 fn main() {
     rootscale_examples::init_logging("warn");
     let args = Args::parse();
+    if let Some(variant) = args.serve {
+        let server = start_server(variant, args.sample);
+        println!("listening on {}", server.addr);
+        // Serves until the process is killed: nothing stops the server thread.
+        let _ = server.thread.join();
+        return;
+    }
     let (rounds, connections) = (args.rounds, args.connections as usize);
     let seconds = Duration::from_secs(args.seconds);
     let warm_up = Duration::from_millis(500);
@@ -224,7 +240,7 @@ fn main() {
             if args.only.is_some_and(|only| only != variant) {
                 continue;
             }
-            let server = start_server(variant);
+            let server = start_server(variant, args.sample);
             let rps = drive(server.addr, connections, warm_up, seconds, !args.external);
             server.stop.store(true, Ordering::Relaxed);
             server.thread.join().expect("server thread");

@@ -1,15 +1,25 @@
 //! Window ids: `unix_time_ms / window_ms`, so every service with the same window length agrees on where windows
-//! start without talking to the others. Read from a monotonic clock anchored once to the wall clock, so the request
-//! path pays for one `Instant::now()` it already needed.
+//! start without talking to the others. Read from monotonic clocks anchored once to the wall clock, so the request
+//! path pays for no clock read it did not already need: the standard one for the window closer and the agent, and
+//! the request path's own ([`crate::measure::clock`]) for the window a request or call ends in.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::measure::clock;
 
 /// Maps instants to window ids.
 #[derive(Clone, Debug)]
 pub struct WindowClock {
     window_ms: u64,
     anchor: Instant,
+    /// The request path's clock at `anchor` (read just after it).
+    counter_anchor: clock::Instant,
     anchor_unix_ms: u64,
+}
+
+/// Milliseconds in `since`, without the 128-bit arithmetic of `Duration::as_millis`: this runs on every request.
+fn millis(since: Duration) -> u64 {
+    since.as_secs().saturating_mul(1000).saturating_add(u64::from(since.subsec_millis()))
 }
 
 impl WindowClock {
@@ -19,7 +29,7 @@ impl WindowClock {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
-        Self { window_ms, anchor: Instant::now(), anchor_unix_ms }
+        Self { window_ms, anchor: Instant::now(), counter_anchor: clock::now(), anchor_unix_ms }
     }
 
     pub fn window_ms(&self) -> u64 {
@@ -27,17 +37,19 @@ impl WindowClock {
     }
 
     pub fn unix_ms(&self, at: Instant) -> u64 {
-        // Whole seconds and the millisecond part, without the 128-bit arithmetic of `Duration::as_millis`: this
-        // runs on every request.
-        let since = at.saturating_duration_since(self.anchor);
-        let since_ms = since.as_secs().saturating_mul(1000).saturating_add(u64::from(since.subsec_millis()));
-        self.anchor_unix_ms.saturating_add(since_ms)
+        self.anchor_unix_ms.saturating_add(millis(at.saturating_duration_since(self.anchor)))
     }
 
     /// The window `at` falls in.
     #[inline]
     pub fn window_id(&self, at: Instant) -> u64 {
         self.unix_ms(at) / self.window_ms
+    }
+
+    /// The window `at`, read from the request path's clock, falls in.
+    #[inline]
+    pub fn window_at(&self, at: clock::Instant) -> u64 {
+        self.anchor_unix_ms.saturating_add(millis(at.saturating_duration_since(self.counter_anchor))) / self.window_ms
     }
 
     /// The instant window `window_id` ends (the next one starts); `None` if that is beyond what `Instant` holds.
@@ -62,5 +74,11 @@ mod tests {
         assert_eq!(clock.unix_ms(end) % 5000, 0);
         // Absurd ids saturate instead of overflowing.
         let _ = clock.window_end(u64::MAX);
+        // The request path's clock puts an instant in the same window (but within a millisecond of its edge).
+        let (std_now, counter_now) = (Instant::now(), crate::measure::clock::now());
+        let into_window_ms = clock.unix_ms(std_now) % 5000;
+        if (1..4999).contains(&into_window_ms) {
+            assert_eq!(clock.window_at(counter_now), clock.window_id(std_now));
+        }
     }
 }

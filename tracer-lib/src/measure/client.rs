@@ -14,7 +14,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, ready},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http::{HeaderMap, Request, Response, uri::Authority};
@@ -25,6 +25,7 @@ use tower_service::Service;
 use crate::{
     aggregate::CallSample,
     measure::{
+        clock::{self, Instant},
         context::{Current, RequestContext, current},
         headers::{CALLER_HEADER, MAX_SERVICE_NAME, TIMING_HEADER, Timing, WaitPointRef},
         record::{CallRecord, Wait, micros},
@@ -174,7 +175,7 @@ impl Call {
     /// Starts measuring a call, unless it is left out of the sample: made for a request that is, or, outside any
     /// request, by its own draw.
     fn start(tracer: Tracer, fallback: Fallback, untied: bool) -> Option<Self> {
-        let started = Instant::now();
+        let started = clock::now();
         let request = match current() {
             Some(Current::Measured(request)) => Some(request),
             Some(Current::Unsampled) => return None,
@@ -281,7 +282,7 @@ impl Call {
             None => false,
         };
         shared.aggregator.record_call(
-            shared.aggregator.clock().window_id(at),
+            shared.aggregator.clock().window_at(at),
             &CallSample {
                 callee,
                 callee_agent: self.timing.as_ref().and_then(Timing::agent),
@@ -321,7 +322,7 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // Cancelled before the response head arrived.
             if let Some(call) = this.project().call.take() {
-                call.finish(Instant::now(), true);
+                call.finish(clock::now(), true);
             }
         }
     }
@@ -343,13 +344,13 @@ where
             Ok(response) => {
                 // The head's arrival: the end of the link's time, and the instant the proof is checked at.
                 if call.read_timing(response.headers()) {
-                    call.timing_head_at = Some(Instant::now());
+                    call.timing_head_at = Some(clock::now());
                 }
                 call.error |= response.status().is_server_error();
                 Poll::Ready(Ok(response.map(|body| CallBody::new(body, call))))
             }
             Err(error) => {
-                call.finish(Instant::now(), true);
+                call.finish(clock::now(), true);
                 Poll::Ready(Err(error))
             }
         }
@@ -371,7 +372,7 @@ pin_project_lite::pin_project! {
             // Dropped before its end (or never read, which is the caller's choice): the call is over. Not the
             // callee's error.
             if let Some(call) = this.call.take() {
-                call.finish(Instant::now(), false);
+                call.finish(clock::now(), false);
             }
         }
     }
@@ -397,7 +398,7 @@ impl<B: Body> Body for CallBody<B> {
         let Some(mut call) = this.call.take() else {
             return Poll::Ready(frame);
         };
-        let now = Instant::now();
+        let now = clock::now();
         match &frame {
             None => call.finish(now, false),
             Some(Err(_)) => call.finish(now, true),

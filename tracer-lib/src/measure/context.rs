@@ -18,12 +18,15 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Wake, Waker},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures_util::task::AtomicWaker;
 
-use crate::measure::record::Wait;
+use crate::measure::{
+    clock::{self, Instant},
+    record::Wait,
+};
 
 tokio::task_local! {
     static CURRENT: Current;
@@ -70,8 +73,9 @@ pub(crate) struct RequestContext {
 /// began, and the summed length of the closed ones — the union of the calls' in-flight intervals.
 #[derive(Default)]
 struct CallGroups {
-    /// Calls in flight (the high 16 bits) and the open group's start in nanoseconds after the request's (the low
-    /// 47 bits), with [`CLOSING`] set while the last call of a group adds the group to `downstream_ns`.
+    /// Calls in flight (the high 16 bits) and, in nanoseconds after the request's start (the low 47 bits), the
+    /// open group's start — or, with none in flight, the last group's end — with [`CLOSING`] set while the last
+    /// call of a group adds the group to `downstream_ns`.
     open: AtomicU64,
     downstream_ns: AtomicU64,
 }
@@ -94,8 +98,10 @@ impl CallGroups {
     fn started(&self, at: u64) {
         let _ = self.open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
             let in_flight = Self::in_flight(word);
-            // The first call of a group (or one that starts while the previous group is being closed) opens a group.
-            let start = if in_flight == 0 { at.min(START_MASK) } else { word & START_MASK };
+            // The first call of a group (or one that starts while the previous group is being closed) opens a group,
+            // no earlier than the last one ended: on another thread, a call's clock may have been read before the
+            // previous group's last call read its own, and the two groups must not both count that time.
+            let start = if in_flight == 0 { at.min(START_MASK).max(word & START_MASK) } else { word & START_MASK };
             Some(((in_flight + 1).min(MAX_IN_FLIGHT) << IN_FLIGHT_SHIFT) | start)
         });
     }
@@ -103,11 +109,13 @@ impl CallGroups {
     /// A call ends `at` nanoseconds after the request started; whether it closed its group.
     fn finished(&self, at: u64) -> bool {
         let mut word = self.open.load(Ordering::Acquire);
+        // The group's end, never before its start.
+        let end = |word: u64| at.min(START_MASK).max(word & START_MASK);
         loop {
             let in_flight = Self::in_flight(word);
             let next = match in_flight {
                 0 => return false,
-                1 => CLOSING | (word & START_MASK),
+                1 => CLOSING | end(word),
                 _ => word - (1 << IN_FLIGHT_SHIFT),
             };
             match self.open.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
@@ -116,10 +124,11 @@ impl CallGroups {
                 Err(now) => word = now,
             }
         }
-        let start = word & START_MASK;
-        self.downstream_ns.fetch_add(at.saturating_sub(start), Ordering::AcqRel);
-        // A call that started meanwhile has replaced the closing mark with its own group: leave that.
-        let _ = self.open.compare_exchange(CLOSING | start, 0, Ordering::AcqRel, Ordering::Acquire);
+        let (start, end) = (word & START_MASK, end(word));
+        self.downstream_ns.fetch_add(end - start, Ordering::AcqRel);
+        // Keep the end for the next group to start from. A call that started meanwhile has replaced the closing
+        // mark with its own group: leave that.
+        let _ = self.open.compare_exchange(CLOSING | end, end, Ordering::AcqRel, Ordering::Acquire);
         true
     }
 
@@ -271,7 +280,7 @@ impl Wake for RequestContext {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let now = self.nanos_since_start(Instant::now());
+        let now = self.nanos_since_start(clock::now());
         // Keep the first wake since the last poll: the task has been runnable since then.
         let _ = self.woken_at.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
         self.task_waker.wake();
@@ -316,7 +325,7 @@ impl PollClock {
         let overlapping = self.context.calls.any_in_flight();
         let mut inner_cx = Context::from_waker(&self.waker);
         let result = CURRENT.sync_scope(Current::Measured(self.context.clone()), || poll(&mut inner_cx));
-        let ended = Instant::now();
+        let ended = clock::now();
         let busy = ended.saturating_duration_since(started);
         self.busy += busy;
         if overlapping {
@@ -458,6 +467,15 @@ mod tests {
         assert_eq!(groups.until(1_000), Duration::from_nanos(50 + 100));
         assert!(!groups.finished(1_000), "a finish without a start closes nothing");
         assert_eq!(groups.until(1_000), Duration::from_nanos(150));
+        // A call whose clock was read (on another thread) before the last group's end, 280 → 400: only 300 → 400
+        // is new.
+        groups.started(280);
+        assert!(groups.finished(400));
+        assert_eq!(groups.until(1_000), Duration::from_nanos(150 + 100));
+        // And one that read both its clocks before that end counts nothing.
+        groups.started(350);
+        assert!(groups.finished(390));
+        assert_eq!(groups.until(1_000), Duration::from_nanos(250));
     }
 
     #[test]

@@ -7,10 +7,12 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
-    time::Instant,
 };
 
-use crate::{measure::client::Call, tracer::Tracer};
+use crate::{
+    measure::{client::Call, clock},
+    tracer::Tracer,
+};
 
 /// A named non-HTTP dependency. Made by [`Tracer::dependency`].
 #[derive(Clone, Debug)]
@@ -53,7 +55,7 @@ pin_project_lite::pin_project! {
     impl<F: Future> PinnedDrop for DependencyCall<F> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(call) = this.project().call.take() {
-                call.finish(Instant::now(), true);
+                call.finish(clock::now(), true);
             }
         }
     }
@@ -70,7 +72,7 @@ impl<F: Future> Future for DependencyCall<F> {
         }
         let output = ready!(this.inner.poll(cx));
         if let Some(call) = this.call.take() {
-            call.finish(Instant::now(), (this.is_error)(&output));
+            call.finish(clock::now(), (this.is_error)(&output));
         }
         Poll::Ready(output)
     }

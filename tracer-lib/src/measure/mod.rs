@@ -1,6 +1,7 @@
 //! Measure: what one request and each of its outbound calls spent where (docs/DESIGN.md §1.1), and the in-band headers
 //! that carry a callee's timing back to its caller (docs/DESIGN.md §1.2).
 //!
+//! - [`clock`]: the clock every measurement reads.
 //! - [`server`]: the layer on a service's inbound side.
 //! - [`client`]: the layer on its outbound HTTP/gRPC clients.
 //! - [`downstream`]: the same for any other future (a database call).
@@ -10,6 +11,7 @@
 //! - [`sample`]: which requests are measured, with `ROOTSCALE_SAMPLE`.
 
 pub mod client;
+pub mod clock;
 pub mod context;
 pub mod downstream;
 pub mod headers;

@@ -20,7 +20,7 @@ use std::{
     pin::Pin,
     sync::atomic::{AtomicBool, Ordering},
     task::{Context, Poll, ready},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header::CONTENT_TYPE};
@@ -31,6 +31,7 @@ use tower_service::Service;
 use crate::{
     aggregate::RequestSample,
     measure::{
+        clock::{self, Instant},
         context::{Current, PollClock, RequestContext},
         headers::{CALLER_HEADER, CallerHeader, TIMING_HEADER},
         record::{RequestRecord, Wait, micros},
@@ -81,7 +82,7 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let start = Instant::now();
+        let start = clock::now();
         self.tracer.shared.aggregator.note_arrival();
         let proof_window = self.tracer.proof_window();
         // A caller that cannot prove membership is outside traffic: measured, but not named, not learned as a
@@ -100,14 +101,14 @@ where
         ServerFuture {
             unsampled: false,
             inner: self.inner.call(request),
-            request: Some(Measurement {
+            request: Some(Box::new(Measurement {
                 tracer: self.tracer.clone(),
                 caller,
                 clock: PollClock::new(RequestContext::new(start)),
                 head_only,
                 transfer: Duration::ZERO,
                 proof_window,
-            }),
+            })),
         }
     }
 }
@@ -198,7 +199,7 @@ impl Measurement {
         let shared = &self.tracer.shared;
         let caller = self.caller.as_ref().map(|c| (c.service(), c.agent()));
         shared.aggregator.record_request(
-            shared.aggregator.clock().window_id(at),
+            shared.aggregator.clock().window_at(at),
             &RequestSample {
                 caller,
                 total_us: snapshot.total_us,
@@ -236,7 +237,9 @@ pin_project_lite::pin_project! {
     pub struct ServerFuture<F> {
         #[pin]
         inner: F,
-        request: Option<Measurement>,
+        // Boxed: the future (and the response body after it) moves through the server's stack several times, and
+        // a request left out of the sample carries none of it.
+        request: Option<Box<Measurement>>,
         // Left out of the sample: polled as such, so its calls are left out too.
         unsampled: bool,
     }
@@ -245,7 +248,7 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // Dropped before the response was ready: the client went away or a timeout fired.
             if let Some(request) = this.project().request.take() {
-                request.finish(Instant::now(), Outcome { error: false, cancelled: true });
+                request.finish(clock::now(), Outcome { error: false, cancelled: true });
             }
         }
     }
@@ -291,7 +294,7 @@ where
             };
             return Poll::Ready(result.map(|response| response.map(|body| ServerBody::passthrough(body, unsampled))));
         };
-        let (result, ended) = request.clock.poll(cx, Instant::now(), |cx| this.inner.as_mut().poll(cx));
+        let (result, ended) = request.clock.poll(cx, clock::now(), |cx| this.inner.as_mut().poll(cx));
         let Poll::Ready(result) = result else {
             return Poll::Pending;
         };
@@ -330,7 +333,7 @@ where
 }
 
 struct BodyState {
-    request: Measurement,
+    request: Box<Measurement>,
     /// Write the timing into the trailers (gRPC).
     trailers_timing: bool,
     error: bool,
@@ -359,7 +362,7 @@ pin_project_lite::pin_project! {
                 // hyper and axum drop bodies unread when they know there is nothing to send.
                 let complete =
                     state.bodiless || this.end_reported.load(Ordering::Relaxed) || this.inner.is_end_stream();
-                let now = Instant::now();
+                let now = clock::now();
                 state.request.finish(now, Outcome { error: state.error, cancelled: !complete });
             }
         }
@@ -388,7 +391,7 @@ impl<B: Body> Body for ServerBody<B> {
             }
             return this.inner.poll_frame(cx);
         };
-        let started = Instant::now();
+        let started = clock::now();
         if let Some(handed_out) = state.last_frame_at.take() {
             state.request.transfer += started.saturating_duration_since(handed_out);
         }

@@ -247,6 +247,25 @@ pub async fn delaying_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr
     addr
 }
 
+/// Tests that time waits of a few milliseconds take this first, so that within their binary they run one at a time
+/// and none measures another's load (CPU spins, hogs).
+pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Milliseconds a measured value may read below what a handler slept (timers never fire early; the clock's rounding
+/// to microseconds) and above it (timer granularity, a debug build's own time). Below the smallest wait the tests
+/// time (10 ms), so a wait counted twice or in the wrong place fails.
+pub const SLACK_BELOW_MS: f64 = 0.5;
+pub const SLACK_ABOVE_MS: f64 = 5.0;
+
+/// Asserts `value` is within [`SLACK_BELOW_MS`] below and `above_ms` above `expected_ms`.
+pub fn assert_near_with(what: &str, value: Duration, expected_ms: f64, above_ms: f64) {
+    let value_ms = ms(value);
+    assert!(
+        value_ms >= expected_ms - SLACK_BELOW_MS && value_ms <= expected_ms + above_ms,
+        "{what} = {value_ms:.2} ms, expected {expected_ms} ms (-{SLACK_BELOW_MS}/+{above_ms})"
+    );
+}
+
 /// Closes every window from `first` to the current one and returns them.
 pub fn close_all(tracer: &Tracer, first: u64) -> Vec<Arc<rootscale_tracer::ClosedWindow>> {
     let last = tracer.window_clock().window_id(Instant::now());
