@@ -16,7 +16,7 @@ use std::{
 
 use axum::{Router, body::Body, routing::get};
 use bytes::Bytes;
-use common::{Records, agent, listen};
+use common::{ONE_AT_A_TIME, Records, agent, listen};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{
@@ -72,6 +72,7 @@ async fn proxied() -> (Proxy, Arc<Records>, rootscale_tracer::Agent) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_response_passes_through_as_it_is_made_and_its_total_ends_with_it() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (proxy, records, _agent) = proxied().await;
     let started = Instant::now();
     let response = client().get(format!("http://{}/stream", proxy.inbound_addr()).parse().unwrap()).await.unwrap();
@@ -94,6 +95,7 @@ async fn a_streaming_response_passes_through_as_it_is_made_and_its_total_ends_wi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_request_is_cancelled_frees_its_place_and_the_next_goes_through() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (proxy, records, _agent) = proxied().await;
     let slow = format!("http://{}/slow", proxy.inbound_addr());
     let abandoned = tokio::time::timeout(Duration::from_millis(50), client().get(slow.parse().unwrap())).await;
@@ -109,6 +111,7 @@ async fn an_abandoned_request_is_cancelled_frees_its_place_and_the_next_goes_thr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_rootscale_headers_are_ignored_and_never_reach_the_application() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (proxy, _records, _agent) = proxied().await;
     let request = Request::get(format!("http://{}/fast", proxy.inbound_addr()))
         .header("rootscale-caller", "not a caller;;;=====")
@@ -123,6 +126,7 @@ async fn malformed_rootscale_headers_are_ignored_and_never_reach_the_application
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_application_or_callee_that_cannot_be_reached_is_a_counted_502() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let keys = Arc::new(KeyRing::fixed(MeshKeys::generate().unwrap()));
     let agent = agent("svc-b", &keys, false, None).await;
     // Nothing listens where the application should be, nor where the route to svc-c points.
@@ -139,6 +143,7 @@ async fn an_application_or_callee_that_cannot_be_reached_is_a_counted_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_would_loop_into_the_proxy_is_refused() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (proxy, _records, _agent) = proxied().await;
     let status = proxy_get(proxy.outbound_addr(), &format!("http://{}/fast", proxy.inbound_addr())).await;
     assert_eq!(status, StatusCode::LOOP_DETECTED);
@@ -181,6 +186,7 @@ async fn greeting_echo() -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_protocol_other_than_http_passes_through_untouched_and_is_counted_on_the_agent_s_metrics() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let keys = Arc::new(KeyRing::fixed(MeshKeys::generate().unwrap()));
     let counters = Arc::new(rootscale_proxy::ProxyCounters::default());
@@ -239,6 +245,7 @@ async fn a_protocol_other_than_http_passes_through_untouched_and_is_counted_on_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_cannot_start_leaves_the_traffic_flowing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     // The agent's port is taken, so the sidecar's agent cannot bind; the proxy must still forward.
     let (taken, agent_addr) = listen().await;
     let (app_listener, app) = listen().await;
@@ -273,6 +280,7 @@ async fn an_agent_that_cannot_start_leaves_the_traffic_flowing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_connection_opened_ahead_of_its_request_is_still_served_as_http() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (proxy, records, _agent) = proxied().await;
     // A connection pool's spare connection: open, silent past the proxy's wait for first bytes, then used.

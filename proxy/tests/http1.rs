@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Records, agent, assert_near, listen, median};
+use common::{ONE_AT_A_TIME, Records, agent, assert_near, listen, median};
 
 use axum::{Router, extract::Request as AxumRequest, routing::get};
 use bytes::Bytes;
@@ -159,6 +159,7 @@ fn verdict(view: &AgentView) -> (Verdict, Vec<String>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxied_service_is_measured_as_a_linked_one_and_the_delegation_passes_through_it() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let chain = chain(true).await;
     let (sent, ok) = load(chain.a_addr, 40, 4).await;
     assert_eq!(ok, sent, "every request succeeds through the proxy");
@@ -189,6 +190,7 @@ async fn a_proxied_service_is_measured_as_a_linked_one_and_the_delegation_passes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_trace_context_calls_are_forwarded_and_counted_not_attributed() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let chain = chain(false).await;
     let (sent, ok) = load(chain.a_addr, 40, 2).await;
     assert_eq!(ok, sent, "traffic is never broken");

@@ -22,7 +22,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::rust_service;
+use common::{ONE_AT_A_TIME, rust_service};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -38,8 +38,6 @@ use rootscale_tracer::{
 const WORK: Duration = Duration::from_millis(10);
 const RATE: u64 = 120;
 const SLO: Duration = Duration::from_millis(200);
-/// The tests share two cores, and each starts several services: one at a time.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The Python service, stopped when dropped.
 struct Python(Child);

@@ -32,6 +32,10 @@ pub fn median(mut values: Vec<Duration>) -> Duration {
     values.get(values.len() / 2).copied().unwrap_or_default()
 }
 
+/// Tests that time a request or compare latencies take this first, so that within their binary they run one at a
+/// time and none measures another's load.
+pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub fn assert_near(what: &str, measured: Duration, expected: Duration) {
     assert!(
         measured + Duration::from_millis(1) >= expected && measured <= expected + Duration::from_millis(10),
