@@ -175,13 +175,14 @@ impl Call {
     /// Starts measuring a call, unless it is left out of the sample: made for a request that is, or, outside any
     /// request, by its own draw.
     fn start(tracer: Tracer, fallback: Fallback, untied: bool) -> Option<Self> {
-        let started = clock::now();
         let request = match current() {
             Some(Current::Measured(request)) => Some(request),
             Some(Current::Unsampled) => return None,
             None if tracer.shared.sample.draw() => None,
             None => return None,
         };
+        // Read once it is known to be measured: a left-out call reads no clock.
+        let started = clock::now();
         let untied = untied && request.is_none();
         if let Some(request) = &request {
             request.call_started(started);
