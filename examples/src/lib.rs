@@ -7,6 +7,7 @@
 
 pub mod local;
 pub mod localization;
+pub mod simulate;
 
 /// Logs to standard error, filtered by `RUST_LOG` (`default` when it is unset), so what the agents and the tracer
 /// log — a token sent in clear text, refused reports, dropped connections — reaches whoever runs the binary.

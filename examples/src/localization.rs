@@ -86,6 +86,8 @@ pub struct Seen {
     /// For a network verdict: the link, as (from, to).
     pub link: Option<(String, String)>,
     pub reason: String,
+    /// The waits the rule compared, largest first, as `point via callee: value`.
+    pub compared: Vec<String>,
 }
 
 /// A topology running under load, with nothing scaling it.
@@ -172,6 +174,19 @@ impl Running {
                     verdict: decision.verdict(),
                     delegated_to: decision.delegated_to.clone(),
                     link,
+                    compared: decision.evidence.as_ref().map_or_else(Vec::new, |evidence| {
+                        evidence
+                            .compared
+                            .iter()
+                            .map(|c| {
+                                let point = c.point.as_ref().map_or_else(String::new, |p| match p.kind() {
+                                    WaitKind::Net => format!("{}>{}", p.from_service, p.service),
+                                    _ => format!("{} ({:?})", p.service, p.kind()),
+                                });
+                                format!("{point} via {:?}: {:.1}ms", c.via_callee, c.value_us as f64 / 1000.0)
+                            })
+                            .collect()
+                    }),
                     reason: decision.evidence.map(|e| e.reason).unwrap_or_default(),
                 };
                 Some((spec.name.clone(), seen))
@@ -236,19 +251,21 @@ pub fn faulty_link(topology: &Topology, fault: &Fault) -> Result<(String, String
 /// Whether a window's verdicts localise `fault`: the right service says root-cause (or, for a link, the caller
 /// says network on that link), every service above it delegated toward it, and nobody else says root-cause.
 pub fn localized(topology: &Topology, verdicts: &BTreeMap<String, Seen>, fault: &Fault) -> Result<(), String> {
+    // Every problem of the window, not the first only: a miss reads as the whole picture.
+    let mut problems = Vec::new();
     let culprit = match fault.kind {
         FaultKind::Link(_) => {
             let (from, to) = faulty_link(topology, fault).map_err(|e| e.to_string())?;
             let seen = verdicts.get(&from).ok_or("caller missing")?;
             if seen.verdict != WireVerdict::Network || seen.link.as_ref() != Some(&(from.clone(), to.clone())) {
-                return Err(format!("{from} says {:?} ({}), not network on {from}>{to}", seen.verdict, seen.reason));
+                problems.push(format!("{from} says {:?} ({}), not network on {from}>{to}", seen.verdict, seen.reason));
             }
             from
         }
         FaultKind::Capacity(_) | FaultKind::Cpu(_) => {
             let seen = verdicts.get(&fault.service).ok_or("service missing")?;
             if seen.verdict != WireVerdict::RootCause {
-                return Err(format!("{} says {:?} ({})", fault.service, seen.verdict, seen.reason));
+                problems.push(format!("{} says {:?} ({})", fault.service, seen.verdict, seen.reason));
             }
             fault.service.clone()
         }
@@ -257,7 +274,7 @@ pub fn localized(topology: &Topology, verdicts: &BTreeMap<String, Seen>, fault: 
     // Every verdict must be about the same window.
     let windows: BTreeSet<u64> = verdicts.values().map(|seen| seen.window_id).collect();
     if windows.len() != 1 {
-        return Err(format!("verdicts from different windows: {windows:?}"));
+        problems.push(format!("verdicts from different windows: {windows:?}"));
     }
     for ancestor in &ancestors {
         let seen = verdicts.get(ancestor).ok_or("ancestor missing")?;
@@ -266,21 +283,29 @@ pub fn localized(topology: &Topology, verdicts: &BTreeMap<String, Seen>, fault: 
         // Delegated toward the culprit, and only toward it.
         let only_toward = !seen.delegated_to.is_empty() && seen.delegated_to.iter().all(|d| toward.contains(d));
         if seen.verdict != WireVerdict::Delegated || !only_toward {
-            return Err(format!(
-                "{ancestor} says {:?} to {:?} ({}), not delegated toward {culprit}",
-                seen.verdict, seen.delegated_to, seen.reason
+            // What its callers compared: why they did, or did not, delegate to it.
+            let callers: Vec<String> = verdicts
+                .iter()
+                .filter(|(caller, _)| topology.callees(caller).contains(ancestor))
+                .map(|(caller, seen)| format!("{caller} compared [{}]", seen.compared.join(", ")))
+                .collect();
+            problems.push(format!(
+                "{ancestor} says {:?} to {:?} ({}), not delegated toward {culprit}; {}",
+                seen.verdict,
+                seen.delegated_to,
+                seen.reason,
+                callers.join("; ")
             ));
         }
     }
     for (service, seen) in verdicts {
         if seen.verdict == WireVerdict::RootCause && matches!(fault.kind, FaultKind::Link(_)) {
-            return Err(format!("{service} says root-cause for a slow link ({})", seen.reason));
-        }
-        if seen.verdict == WireVerdict::RootCause && *service != culprit {
-            return Err(format!("{service} also says root-cause ({})", seen.reason));
+            problems.push(format!("{service} says root-cause for a slow link ({})", seen.reason));
+        } else if seen.verdict == WireVerdict::RootCause && *service != culprit {
+            problems.push(format!("{service} also says root-cause ({})", seen.reason));
         }
     }
-    Ok(())
+    if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
 }
 
 /// The outcome of one scenario.
@@ -290,8 +315,8 @@ pub struct ScenarioResult {
     pub detected_in: Option<u32>,
     /// Services that said root-cause in the window checked last (or the detecting one).
     pub root_causes: Vec<String>,
-    /// Why the last window checked did not localise the fault.
-    pub failure: Option<String>,
+    /// Why each window checked before the detecting one (every window, on a miss) did not localise the fault.
+    pub misses: Vec<String>,
     /// Report bytes sent per report, across all agents.
     pub bytes_per_report: f64,
     /// Every service's view in the last window checked.
@@ -332,7 +357,7 @@ fn check_windows(running: &Running, fault: &Fault, max_windows: u32) -> Scenario
     let mut result = ScenarioResult {
         detected_in: None,
         root_causes: Vec::new(),
-        failure: None,
+        misses: Vec::new(),
         bytes_per_report: 0.0,
         last_verdicts: BTreeMap::new(),
     };
@@ -349,10 +374,9 @@ fn check_windows(running: &Running, fault: &Fault, max_windows: u32) -> Scenario
         match outcome {
             Ok(()) => {
                 result.detected_in = Some(k);
-                result.failure = None;
                 break;
             }
-            Err(why) => result.failure = Some(why),
+            Err(why) => result.misses.push(format!("window {k}: {why}")),
         }
     }
     result

@@ -15,14 +15,20 @@
 //! A fourth variant, `rootscale-1in16`, samples one request in 16 (`ROOTSCALE_SAMPLE=1/16`) as a service inside a
 //! sampled mesh sees it: its callers send the measured form of their caller header on one request in 16 and the
 //! marked `u=1` form on the rest; calls outside a request (the `client` group) are drawn.
+//! Last, the heap allocations each variant makes per call, counted by a wrapper around the system allocator
+//! (counting only in that pass, so the timed rounds pay one relaxed load per allocation, in every variant alike).
 //! Run: `cargo bench -p rootscale-tracer --bench layer_overhead`.
 
 use std::{
+    alloc::{GlobalAlloc, Layout, System},
     convert::Infallible,
     future::Future,
     hint::black_box,
     pin::pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     task::{Context, Poll, Waker},
     time::Duration,
 };
@@ -37,6 +43,48 @@ use rootscale_tracer::{
     identity::{KeyRing, MeshKeys},
 };
 use tower::{Layer, Service, service_fn};
+
+/// The system allocator, counting allocations while [`COUNTING`] is set.
+struct CountingAllocator;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every method forwards its arguments unchanged to `System`, which upholds `GlobalAlloc`'s contract; the
+// only addition is a relaxed atomic load and add, which neither allocates nor touches the memory handed out.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's guarantees for `layout` are passed on as they are.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc`/`realloc` above with this `layout`, as the caller guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as in `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's guarantees for `ptr`, `layout` and `new_size` are passed on as they are.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// Polls a future that is ready at once.
 fn ready_now<F: Future>(future: F) -> F::Output {
@@ -205,10 +253,12 @@ fn bench() -> Bench {
     let callee = tracer("svc-c", "127.0.0.9:9797", Some(&keys)).server_layer().layer(service_fn(hello));
     let signed_timing = header_written_by(callee, TIMING_HEADER, Some(signed_caller.clone()));
     let unsigned = HeaderValue::from_static("s=svc-a;a=127.0.0.7:9797");
-    // A sampled caller's headers: measured on one request in 16, marked left out on the others.
+    // A sampled caller's headers: measured on one request in 16 (drawn, so weighed 16), marked left out on the
+    // others.
     let unsampled = HeaderValue::from_static("s=svc-a;u=1;a=127.0.0.7:9797");
+    let drawn = HeaderValue::from_static("s=svc-a;w=16;a=127.0.0.7:9797");
     let sampled_callers: Vec<HeaderValue> =
-        (0..SAMPLE_EVERY).map(|i| if i == 0 { unsigned.clone() } else { unsampled.clone() }).collect();
+        (0..SAMPLE_EVERY).map(|i| if i == 0 { drawn.clone() } else { unsampled.clone() }).collect();
     let unsigned_timing = HeaderValue::from_static("v=1;s=svc-c;t=41873;w=40211;k=l;at=svc-c;a=127.0.0.9:9797");
     fn timed(
         timing: HeaderValue,
@@ -367,6 +417,27 @@ fn side_by_side() {
              {server:+.0})",
             in_request - server
         );
+    }
+    // Allocations per call, in the steady state: after the rounds above, over enough calls that a per-window or
+    // amortised allocation rounds away.
+    const COUNTED_CALLS: u32 = 10_000;
+    println!("heap allocations per call (reallocations included), over {COUNTED_CALLS} calls:");
+    println!("| layer | {} |", VARIANTS.join(" | "));
+    println!("|---|{}", "---:|".repeat(VARIANTS.len()));
+    for (group, variants) in ["server", "client", "in-request"].iter().zip(bench.variants.chunks_mut(width)) {
+        let counts: Vec<String> = variants
+            .iter_mut()
+            .map(|variant| {
+                ALLOCATIONS.store(0, Ordering::Relaxed);
+                COUNTING.store(true, Ordering::Relaxed);
+                for _ in 0..COUNTED_CALLS {
+                    (variant.run)();
+                }
+                COUNTING.store(false, Ordering::Relaxed);
+                format!("{:.2}", ALLOCATIONS.load(Ordering::Relaxed) as f64 / f64::from(COUNTED_CALLS))
+            })
+            .collect();
+        println!("| {group} | {} |", counts.join(" | "));
     }
     bench.finish();
 }

@@ -46,7 +46,7 @@ pub use measure::{
     downstream::{Dependency, DependencyCall},
     headers::{CALLER_HEADER, TIMING_HEADER},
     record::{CallRecord, RequestRecord, Wait, WaitPoint},
-    sample::SampleRate,
+    sample::{SAMPLE_RESERVOIR, SampleRate},
     server::{ServerLayer, TraceServer},
 };
 pub use tracer::{ClosedWindow, Counters, DEFAULT_EDGE_CAP, DEFAULT_WINDOW, Observer, Tracer, TracerBuilder};

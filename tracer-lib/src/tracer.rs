@@ -25,7 +25,7 @@ use crate::{
         downstream::Dependency,
         headers::{CallerHeader, HeaderError, Timing, TimingEncoder, valid_agent_addr, valid_service_name},
         record::{CallRecord, RequestRecord, WaitPoint},
-        sample::SampleRate,
+        sample::{Reservoir, SAMPLE_RESERVOIR, SampleRate},
         server::ServerLayer,
     },
 };
@@ -72,6 +72,10 @@ pub(crate) struct Shared {
     caller_header: HeaderValue,
     /// The same, for requests left out of the sample.
     unsampled_caller_header: HeaderValue,
+    /// The same, for requests drawn here at 1/N (`w=N`).
+    weighted_caller_header: HeaderValue,
+    /// The window's requests from outside measured before the rate applies.
+    pub(crate) reservoir: Reservoir,
     /// Which requests are measured.
     pub(crate) sample: SampleRate,
     /// Tells the headers this tracer believed from other tracers' on the same thread.
@@ -148,9 +152,9 @@ impl TracerBuilder {
         self
     }
 
-    /// Measure one request in N (default: every one). Use one rate across the mesh: a service measures the
-    /// requests its instrumented callers measured, so its counts scaled by its own N are unbiased only if theirs
-    /// was the same (see [`crate::measure::sample`]).
+    /// Measure a reservoir of requests each window and one in N of the rest (default: every one). A service
+    /// measures the requests its instrumented callers measured, with the weight they were chosen with, so its
+    /// counts stay unbiased whatever rate its callers use (see [`crate::measure::sample`]).
     pub fn sample(mut self, rate: SampleRate) -> Self {
         self.sample = rate;
         self
@@ -183,11 +187,24 @@ impl TracerBuilder {
         let clock = WindowClock::new(self.window);
         Ok(Tracer {
             shared: Arc::new(Shared {
-                membership: self
-                    .keys
-                    .map(|keys| Membership::new(keys, service.clone(), agent.clone(), clock.window_id(Instant::now()))),
+                membership: self.keys.map(|keys| {
+                    Membership::new(
+                        keys,
+                        service.clone(),
+                        agent.clone(),
+                        clock.window_id(Instant::now()),
+                        self.sample.every(),
+                    )
+                }),
                 caller_header: CallerHeader::encode(&service, agent.as_deref()),
-                unsampled_caller_header: CallerHeader::encode_with_proof(&service, agent.as_deref(), "", true),
+                unsampled_caller_header: CallerHeader::encode_with_proof(&service, agent.as_deref(), "", None),
+                weighted_caller_header: CallerHeader::encode_with_proof(
+                    &service,
+                    agent.as_deref(),
+                    "",
+                    Some(self.sample.every()),
+                ),
+                reservoir: Reservoir::default(),
                 sample: self.sample,
                 reader_id: believed::new_reader_id(),
                 timing_encoder: TimingEncoder::new(&service, agent.as_deref()),
@@ -339,14 +356,30 @@ impl Tracer {
         self.shared.membership.as_ref().map_or(0, Membership::current_window)
     }
 
-    /// The `rootscale-caller` header for a call in `window` (see [`Tracer::proof_window`]) made for a request that
-    /// is measured (`sampled`) or left out of the sample.
-    pub(crate) fn caller_header(&self, window: u64, sampled: bool) -> HeaderValue {
-        match (&self.shared.membership, sampled) {
-            (Some(membership), _) => membership.caller_header(window, sampled),
-            (None, true) => self.shared.caller_header.clone(),
-            (None, false) => self.shared.unsampled_caller_header.clone(),
+    /// The `rootscale-caller` header for a call in `window` (see [`Tracer::proof_window`]) made for a request
+    /// measured with `weight`, or left out of the sample (`None`).
+    pub(crate) fn caller_header(&self, window: u64, weight: Option<u32>) -> HeaderValue {
+        let shared = &self.shared;
+        match (&shared.membership, weight) {
+            (Some(membership), _) => membership.caller_header(window, weight),
+            (None, None) => shared.unsampled_caller_header.clone(),
+            (None, Some(1)) => shared.caller_header.clone(),
+            (None, Some(weight)) if weight == shared.sample.every() => shared.weighted_caller_header.clone(),
+            (None, Some(weight)) => {
+                CallerHeader::encode_with_proof(&shared.service, shared.agent.as_deref(), "", Some(weight))
+            }
         }
+    }
+
+    /// Chooses whether a request or call from outside any measured request, at `at`, is measured, and its weight.
+    #[inline]
+    pub(crate) fn choose(&self, at: crate::measure::clock::Instant) -> Option<u32> {
+        let shared = &self.shared;
+        if !shared.sample.is_sampling() {
+            return Some(1);
+        }
+        let slice = shared.aggregator.clock().slice_at(at, u64::from(SAMPLE_RESERVOIR));
+        shared.sample.choose(&shared.reservoir, slice)
     }
 
     /// `write` of the `;i=…;p=…` that ends a timing header in `window` (empty without a mesh key).

@@ -1,7 +1,8 @@
 //! Sampling (docs/DESIGN.md §1.9) on real axum servers on loopback: svc-a (an entry) calls svc-b for every
-//! request, both measuring one request in 16. svc-a draws each outside request; svc-b measures exactly the calls
-//! svc-a measured, leaves out the ones it marked, and draws nothing of its own; each window counts a measured
-//! request as 16.
+//! request, both at one request in 16. svc-a measures the first outside request of each sixteenth of a window (its
+//! reservoir, weight 1) and draws one in 16 of the rest (weight 16); svc-b measures exactly the calls svc-a measured, with
+//! their weights, leaves out the ones it marked, and chooses nothing of its own; each window counts a measured
+//! request as its weight.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 use common::*;
 use futures_util::{StreamExt, stream};
 use rootscale_tracer::{
-    SampleRate, Tracer,
+    SAMPLE_RESERVOIR, SampleRate, Tracer,
     identity::{KeyRing, MeshKeys},
 };
 
@@ -30,9 +31,10 @@ fn sampled(service: &str, keys: Option<&Arc<KeyRing>>) -> (Tracer, Arc<Records>)
     (builder.build().unwrap(), records)
 }
 
-/// Sums of the closed windows: (requests, arrivals, external requests, requests from svc-a, calls to svc-b).
-fn totals(tracer: &Tracer, first: u64) -> (u64, u64, u64, u64, u64) {
-    close_all(tracer, first).iter().fold((0, 0, 0, 0, 0), |sum, window| {
+/// Sums of the closed windows: (requests, arrivals, external requests, requests from svc-a, calls to svc-b,
+/// windows).
+fn totals(tracer: &Tracer, first: u64) -> (u64, u64, u64, u64, u64, u64) {
+    close_all(tracer, first).iter().fold((0, 0, 0, 0, 0, 0), |sum, window| {
         let stats = &window.stats;
         assert_eq!(stats.sample_every, EVERY, "a closed window says it was a sample");
         (
@@ -41,7 +43,17 @@ fn totals(tracer: &Tracer, first: u64) -> (u64, u64, u64, u64, u64) {
             sum.2 + stats.external_requests,
             sum.3 + stats.inbound.get("svc-a").map_or(0, |edge| edge.requests),
             sum.4 + stats.outbound.get("svc-b").map_or(0, |edge| edge.calls),
+            sum.5 + 1,
         )
+    })
+}
+
+/// Measured records by weight: (from the reservoir, drawn), and the weighted sum; any other weight fails.
+fn by_weight(weights: impl Iterator<Item = u32>) -> (u64, u64, u64) {
+    weights.fold((0, 0, 0), |(reserved, drawn, sum), weight| match weight {
+        1 => (reserved + 1, drawn, sum + 1),
+        EVERY => (reserved, drawn + 1, sum + u64::from(EVERY)),
+        other => panic!("a weight of {other}"),
     })
 }
 
@@ -63,27 +75,38 @@ async fn one_in_sixteen(keys: Option<Arc<KeyRing>>) {
     // Bodies end (and requests are recorded) just after the client has read them.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let a_measured = a_records.requests().len() as u64;
-    let a_calls = a_records.calls().len() as u64;
-    let b_measured = b_records.requests().len() as u64;
-    // Binomial(4,000, 1/16): mean 250, standard deviation 15.3; ±6 standard deviations never fail by chance.
-    assert!((158..=342).contains(&a_measured), "svc-a measured {a_measured} of {REQUESTS}");
-    assert_eq!(a_calls, a_measured, "svc-a records the calls of the requests it measures, and only those");
-    // Exactly the calls svc-a measured, all named svc-a: had svc-b drawn the marked ones, it would have ~1.9×.
-    assert_eq!(b_measured, a_calls, "svc-b measures what svc-a measured");
+    let (a_reserved, a_drawn, a_weighted) = by_weight(a_records.requests().iter().map(|r| r.weight));
+    let (a_calls_reserved, a_calls_drawn, a_calls_weighted) = by_weight(a_records.calls().iter().map(|c| c.weight));
+    let (b_reserved, b_drawn, b_weighted) = by_weight(b_records.requests().iter().map(|r| r.weight));
+    let (requests, arrivals, external, _, calls, windows) = totals(&a, first);
+    let reservoir = u64::from(SAMPLE_RESERVOIR);
+    // The first of each sixteenth of a window the run touched, never more.
+    assert!(
+        (1..=reservoir * windows).contains(&a_reserved),
+        "svc-a measured {a_reserved} from its reservoir over {windows} windows"
+    );
+    // Binomial(4,000 − reserved, 1/16): mean under 250, standard deviation 15.3; ±6 standard deviations never
+    // fail by chance.
+    assert!((150..=342).contains(&a_drawn), "svc-a drew {a_drawn} of {REQUESTS}");
+    assert_eq!(
+        (a_calls_reserved, a_calls_drawn),
+        (a_reserved, a_drawn),
+        "svc-a records the calls of the requests it measures, with their weights, and only those"
+    );
+    // Exactly the calls svc-a measured, with the same weights, all named svc-a: had svc-b chosen the marked ones
+    // itself, it would have ~1.9× as many, and its own reservoir's.
+    assert_eq!((b_reserved, b_drawn), (a_reserved, a_drawn), "svc-b measures what svc-a measured, weighed alike");
     assert!(b_records.requests().iter().all(|r| r.caller.as_deref() == Some("svc-a")));
 
-    let weight = u64::from(EVERY);
-    let (requests, arrivals, external, _, calls) = totals(&a, first);
     assert_eq!(arrivals, REQUESTS, "every arrival is counted, sampled or not");
-    assert_eq!(requests, a_measured * weight, "svc-a's window counts each measured request as {EVERY}");
+    assert_eq!(requests, a_weighted, "svc-a's windows count each measured request as its weight");
     assert_eq!(external, requests);
-    assert_eq!(calls, a_calls * weight);
-    let (requests, arrivals, external, from_a, _) = totals(&b, first);
+    assert_eq!(calls, a_calls_weighted);
+    let (requests, arrivals, external, from_a, _, _) = totals(&b, first);
     assert_eq!(arrivals, REQUESTS);
-    assert_eq!(requests, b_measured * weight);
-    assert_eq!((external, from_a), (0, requests), "svc-b's requests all came from svc-a, none drawn from outside");
-    // The scaled count estimates the whole: 4,000 ± 6 standard deviations of 16 × Binomial(4,000, 1/16).
+    assert_eq!(requests, b_weighted);
+    assert_eq!((external, from_a), (0, requests), "svc-b's requests all came from svc-a, none chosen from outside");
+    // The weighted count estimates the whole: 4,000 ± 6 standard deviations of 16 × Binomial(4,000, 1/16).
     assert!((2_528..=5_472).contains(&requests), "estimated {requests} requests of {REQUESTS}");
     assert_eq!(a.counters().malformed_caller.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(b.counters().malformed_caller.load(std::sync::atomic::Ordering::Relaxed), 0);

@@ -4,7 +4,7 @@
 //! windows-to-detect and bytes exchanged per edge per window.
 //!
 //! `cargo run --release -p rootscale-examples --bin localize -- [--repeat 2] [--window-ms 1000] [--rate 150]
-//! [--sample 1/16]`
+//! [--sample 1/16] [--topology diamond] [--kind capacity]`
 
 use std::time::Duration;
 
@@ -32,6 +32,12 @@ struct Args {
     /// Every replica measures one request in N (`1/16`), as with `ROOTSCALE_SAMPLE`.
     #[arg(long, default_value = "1")]
     sample: SampleRate,
+    /// Only this matrix topology; all of them when not given.
+    #[arg(long, value_parser = ["chain-4", "diamond", "fan-out"])]
+    topology: Option<String>,
+    /// Only faults of this kind; all of them when not given.
+    #[arg(long, value_parser = ["capacity", "cpu", "link"])]
+    kind: Option<String>,
 }
 
 #[derive(Default)]
@@ -98,7 +104,7 @@ fn main() {
     );
     let mut rows: Vec<(String, Tally)> = Vec::new();
     let mut bytes = Vec::new();
-    for (name, _) in MATRIX {
+    for (name, _) in MATRIX.iter().filter(|(name, _)| args.topology.as_ref().is_none_or(|wanted| wanted == name)) {
         let topology = match matrix_topology(name) {
             Ok(topology) => topology,
             Err(error) => {
@@ -106,7 +112,9 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        for kind in ["capacity", "cpu", "link"] {
+        for kind in
+            ["capacity", "cpu", "link"].into_iter().filter(|k| args.kind.as_deref().is_none_or(|wanted| wanted == *k))
+        {
             let mut tally = Tally::default();
             for fault in topology.demo.faults.iter().filter(|f| f.kind_name() == kind) {
                 for _ in 0..args.repeat {
@@ -122,8 +130,11 @@ fn main() {
                     if let Some(windows) = result.detected_in {
                         tally.detected += 1;
                         tally.windows.push(windows);
+                        if windows > 1 {
+                            eprintln!("{name} {fault}: late: {}", result.misses.join("; "));
+                        }
                     } else {
-                        eprintln!("{name} {fault}: missed: {}", result.failure.unwrap_or_default());
+                        eprintln!("{name} {fault}: missed: {}", result.misses.join("; "));
                     }
                     // What the system pointed at: root causes, or for a link the caller's network verdict.
                     let (culprit, named): (String, Vec<&String>) = match fault.kind {

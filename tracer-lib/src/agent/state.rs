@@ -1,10 +1,9 @@
-//! The agent's state, and the wiring of one window's steps: on each closed window, learn the neighbours from this
-//! service's own edges, take the reports held for it ([`crate::exchange::inbox`]), decide
-//! ([`crate::decide::inputs`]) and send ([`crate::exchange::outbox`]); on each received report, take it and, for a
-//! delegation, decide again and pass it on; on each `Advisor` question, answer (and, for the operator, remember).
+//! The agent's state: one replica's [`Decider`] behind a mutex, wired to the tracer's windows, the gRPC handlers, the
+//! sender, the metrics and `Advisor.Watch`. The decision loop itself (learn, take the held reports, decide, build the
+//! reports; decide again on a delegation) is the decider's; this module only counts and announces what it did.
 //!
-//! One mutex guards the state; it is taken by the window task, the gRPC handlers and the operator's calls, never
-//! by the request path, and never held across an `.await`.
+//! The mutex is taken by the window task, the gRPC handlers and the operator's calls, never by the request path,
+//! and never held across an `.await`.
 
 use std::{
     sync::{Arc, Mutex, MutexGuard},
@@ -19,19 +18,11 @@ use crate::{
     agent::{metrics::AgentMetrics, settings::AgentBuilder},
     aggregate::WindowStats,
     decide::{
-        Capacity, Decision, PolicyConfig, Recommendation, Verdict,
-        inputs::{
-            DecisionSettings, SettingsUpdate, UtilizationHistory, WindowInputs, decide_window, subtree_utilization,
-        },
-        recommend::{Utilization, utilization},
+        Capacity, Decision, Verdict,
+        decider::{Decider, DeciderConfig},
+        inputs::{DecisionSettings, SettingsUpdate},
     },
-    exchange::{
-        inbox::{Inbox, Received},
-        neighbors::{EXPIRE_AFTER, Neighbors},
-        outbox::{self, Outbox},
-        report::ValidReport,
-        sender::Sender,
-    },
+    exchange::{inbox::Received, outbox::Outbox, report::ValidReport, sender::Sender},
 };
 
 /// What the agent knows, as the `Advisor.Snapshot` call returns it.
@@ -40,15 +31,12 @@ pub type AgentSnapshot = proto::SnapshotResponse;
 pub(crate) struct AgentState {
     pub tracer: Tracer,
     pub service: String,
-    pub advertise: String,
     pub window_ms: u64,
-    pub policy: PolicyConfig,
-    pub capacity: Capacity,
     pub sender: Sender,
     pub metrics: AgentMetrics,
     /// The latest decision that calls for more replicas, for `Advisor.Watch`: set as soon as it is made.
     needs_replicas: watch::Sender<Option<NeedsReplicas>>,
-    inner: Mutex<Inner>,
+    decider: Mutex<Decider>,
 }
 
 /// A decision that calls for more replicas, as `Advisor.Watch` announces it.
@@ -57,19 +45,6 @@ pub(crate) struct NeedsReplicas {
     pub window_id: u64,
     pub verdict: Verdict,
     pub desired_replicas: u32,
-}
-
-struct Inner {
-    /// Configured at start, changed only by the authenticated operator.
-    settings: DecisionSettings,
-    window: Option<Arc<ClosedWindow>>,
-    /// The latest window's load, worked out once when it closed (its decisions and reports use it).
-    load: Utilization,
-    decision: Decision,
-    recommendation: Option<Recommendation>,
-    inbox: Inbox,
-    neighbors: Neighbors,
-    history: UtilizationHistory,
 }
 
 /// Whose question an `Advisor` call is.
@@ -83,76 +58,59 @@ pub(crate) enum Asker {
 
 impl AgentState {
     pub fn new(tracer: Tracer, config: &AgentBuilder, advertise: String, capacity: Capacity, sender: Sender) -> Self {
+        let window_ms = tracer.window_clock().window_ms();
+        let decider = Decider::new(
+            DeciderConfig {
+                service: config.service.clone(),
+                advertise,
+                window_ms,
+                policy: config.policy.clone(),
+                capacity,
+                max_neighbors: config.max_neighbors,
+            },
+            DecisionSettings::configured(config.slo, &config.policy),
+        );
         Self {
-            window_ms: tracer.window_clock().window_ms(),
+            window_ms,
             service: config.service.clone(),
             tracer,
-            advertise,
-            policy: config.policy.clone(),
-            capacity,
             sender,
             metrics: AgentMetrics::default(),
             needs_replicas: watch::Sender::new(None),
-            inner: Mutex::new(Inner {
-                settings: DecisionSettings::configured(config.slo, &config.policy),
-                window: None,
-                load: Utilization::default(),
-                decision: Decision::no_data("no window has closed yet"),
-                recommendation: None,
-                inbox: Inbox::default(),
-                neighbors: Neighbors::new(config.max_neighbors),
-                history: UtilizationHistory::default(),
-            }),
+            decider: Mutex::new(decider),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Decider> {
+        self.decider.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn decision(&self) -> Decision {
-        self.lock().decision.clone()
+        self.lock().decision().clone()
     }
 
-    /// Runs the rule on `window` with `settings` and everything known now.
-    fn decide(&self, inner: &Inner, window: &WindowStats, settings: DecisionSettings) -> (Decision, Recommendation) {
-        decide_window(&WindowInputs {
-            service: &self.service,
-            stats: window,
-            window_ms: self.window_ms,
-            capacity: self.capacity,
-            load: inner.load,
-            policy: &self.policy,
-            settings,
-            history: &inner.history,
-            neighbors: &inner.neighbors,
-            delegations: inner.inbox.delegations(window.window_id),
-        })
-    }
-
-    /// Decides the latest window again with the settings in force, and keeps the result; one that calls for more
-    /// replicas is announced to the watchers at once (once per window and verdict).
-    fn redecide(&self, inner: &mut Inner) {
-        let Some(window) = inner.window.clone() else { return };
-        let (decision, recommendation) = self.decide(inner, &window.stats, inner.settings);
-        if matches!(decision.verdict, Verdict::RootCause | Verdict::Saturated)
-            && recommendation.desired_replicas > inner.settings.current_replicas
+    /// Announces the decider's latest decision to the watchers if it calls for more replicas (once per window and
+    /// verdict).
+    fn announce(&self, decider: &Decider) {
+        let (Some(window), Some(recommendation)) = (decider.window(), decider.recommendation()) else { return };
+        let verdict = decider.decision().verdict;
+        if !matches!(verdict, Verdict::RootCause | Verdict::Saturated)
+            || recommendation.desired_replicas <= decider.settings().current_replicas
         {
-            let news = NeedsReplicas {
-                window_id: window.stats.window_id,
-                verdict: decision.verdict,
-                desired_replicas: recommendation.desired_replicas,
-            };
-            self.needs_replicas.send_if_modified(|last| {
-                let known = last.is_some_and(|last| (last.window_id, last.verdict) == (news.window_id, news.verdict));
-                if !known {
-                    *last = Some(news);
-                }
-                !known
-            });
+            return;
         }
-        inner.decision = decision;
-        inner.recommendation = Some(recommendation);
+        let news = NeedsReplicas {
+            window_id: window.stats.window_id,
+            verdict,
+            desired_replicas: recommendation.desired_replicas,
+        };
+        self.needs_replicas.send_if_modified(|last| {
+            let known = last.is_some_and(|last| (last.window_id, last.verdict) == (news.window_id, news.verdict));
+            if !known {
+                *last = Some(news);
+            }
+            !known
+        });
     }
 
     /// The decisions that call for more replicas, from now on; the latest one first if it is still news (about a
@@ -167,62 +125,24 @@ impl AgentState {
         receiver
     }
 
-    /// The reports for the latest window (with `only_to`, just to those callees).
-    fn outbox(&self, inner: &Inner, only_to: Option<&[Arc<str>]>) -> Outbox {
-        let Some(window) = &inner.window else { return Vec::new() };
-        let stats = &window.stats;
-        let pressure = subtree_utilization(&inner.neighbors, stats.window_id);
-        let callees_utilization = stats
-            .outbound
-            .keys()
-            .filter_map(|callee| pressure.get(&**callee))
-            .fold(0.0_f64, |largest, load| largest.max(*load));
-        let from = outbox::Sender {
-            service: &self.service,
-            agent: &self.advertise,
-            window_ms: self.window_ms,
-            load: inner.load,
-            callees_utilization,
-        };
-        outbox::reports(&from, stats, &inner.decision, inner.inbox.delegations(stats.window_id).first(), only_to)
-    }
-
-    /// A window closed: learn the neighbours, take the reports held for it, decide, and return the reports to send.
+    /// A window closed: the decider decides it; count, announce, and return the reports to send.
     fn on_window(&self, window: Arc<ClosedWindow>) -> Outbox {
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        let stats = &window.stats;
-        for (caller, edge) in &stats.inbound {
-            for agent in &edge.caller_agents {
-                inner.neighbors.learn(caller, agent, stats.window_id);
-            }
-        }
-        for (callee, edge) in &stats.outbound {
-            for agent in &edge.callee_agents {
-                inner.neighbors.learn(callee, agent, stats.window_id);
-            }
-        }
-        inner.neighbors.expire(stats.window_id.saturating_sub(EXPIRE_AFTER));
-        for outcome in inner.inbox.window_closed(&self.service, &mut inner.neighbors, stats.window_id) {
+        let mut decider = self.lock();
+        let (outbox, received) = decider.on_window(window);
+        for outcome in received {
             self.count_received(outcome);
         }
-        if let Some(previous) = &inner.window {
-            // What the window before ended with, delegations and the operator's questions included.
-            inner.history.ended_with(previous.stats.window_id, inner.decision.verdict);
-        }
-        inner.load = utilization(stats, self.window_ms, self.capacity);
-        inner.history.push(stats.window_id, inner.load.max());
-        inner.window = Some(window.clone());
-        self.redecide(inner);
-        self.metrics.decided(inner.decision.verdict);
+        self.announce(&decider);
+        let decision = decider.decision();
+        self.metrics.decided(decision.verdict);
         tracing::debug!(
             service = %self.service,
-            window = stats.window_id,
-            verdict = inner.decision.verdict.as_str(),
-            reason = %inner.decision.reason,
+            window = decider.window().map_or(0, |w| w.stats.window_id),
+            verdict = decision.verdict.as_str(),
+            reason = %decision.reason,
             "window decided"
         );
-        self.outbox(inner, None)
+        outbox
     }
 
     fn count_received(&self, outcome: Received) {
@@ -244,13 +164,13 @@ impl AgentState {
         let bytes: usize = outbox.iter().map(|outgoing| prost::Message::encoded_len(&outgoing.report)).sum();
         self.metrics.report_bytes(bytes as u64);
         let outcomes = self.sender.send_all(outbox).await;
-        let mut inner = self.lock();
+        let mut decider = self.lock();
         for (outgoing, outcome) in outcomes {
             self.metrics.sent(outcome.is_ok());
             if let Err(error) = &outcome {
                 tracing::debug!(neighbor = %outgoing.service, agent = %outgoing.agent, %error, "report not delivered");
             }
-            inner.neighbors.sent(&outgoing.service, &outgoing.agent, outcome.is_ok());
+            decider.sent(&outgoing.service, &outgoing.agent, outcome.is_ok());
         }
     }
 
@@ -258,60 +178,44 @@ impl AgentState {
     /// delegation on.
     pub fn on_report(&self, report: ValidReport) -> (bool, Outbox) {
         let now = self.tracer.window_clock().window_id(Instant::now());
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        let decided = inner.window.as_ref().map(|w| w.stats.window_id);
-        let outcome = inner.inbox.receive(&self.service, &mut inner.neighbors, report, now, decided);
-        self.count_received(outcome);
-        match outcome {
-            // A held report is not used yet: the acknowledgement says so.
-            Received::Refused(_) | Received::Held => (false, Vec::new()),
-            Received::Taken => (true, Vec::new()),
-            Received::Redecide => {
-                // Already decided this window without the delegation: decide again, and pass it on to any callee
-                // it now points at (whatever the verdict: in sum mode a root cause may also delegate).
-                let before = inner.decision.clone();
-                self.redecide(inner);
-                if inner.decision.verdict != before.verdict {
-                    self.metrics.decided(inner.decision.verdict);
-                }
-                let new_callees: Vec<Arc<str>> = inner
-                    .decision
-                    .delegated_to
-                    .iter()
-                    .filter(|callee| !before.delegated_to.contains(callee))
-                    .cloned()
-                    .collect();
-                let outbox = if new_callees.is_empty() { Vec::new() } else { self.outbox(inner, Some(&new_callees)) };
-                (true, outbox)
+        let mut decider = self.lock();
+        let outcome = decider.on_report(report, now);
+        self.count_received(outcome.received);
+        if outcome.redecided {
+            self.announce(&decider);
+            if outcome.verdict_changed {
+                self.metrics.decided(decider.decision().verdict);
             }
         }
+        (outcome.taken, outcome.outbox)
     }
 
     /// An `Advisor` question: decide the latest window with the settings it asks for and answer. Only the
     /// operator's settings are kept for later windows; an empty field keeps the setting in force.
     pub fn advise(&self, update: &SettingsUpdate, asker: Asker) -> proto::RecommendResponse {
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        let settings = inner.settings.with(update);
-        let answer = match inner.window.clone() {
+        let mut decider = self.lock();
+        let settings = decider.settings().with(update);
+        let answer = match decider.window().cloned() {
             Some(window) if asker == Asker::Operator => {
-                inner.settings = settings;
-                self.redecide(inner);
-                inner.recommendation.clone().map(|recommendation| (inner.decision.clone(), recommendation, window))
+                decider.set_settings(update);
+                self.announce(&decider);
+                decider
+                    .recommendation()
+                    .cloned()
+                    .map(|recommendation| (decider.decision().clone(), recommendation, window))
             }
             Some(window) => {
-                let (decision, recommendation) = self.decide(inner, &window.stats, settings);
+                let (decision, recommendation) = decider.decide(&window.stats, settings);
                 Some((decision, recommendation, window))
             }
             None => {
                 if asker == Asker::Operator {
-                    inner.settings = settings;
+                    decider.set_settings(update);
                 }
                 None
             }
         };
-        let percentile = settings.slo.map_or(inner.decision.percentile, |slo| slo.percentile);
+        let percentile = settings.slo.map_or(decider.decision().percentile, |slo| slo.percentile);
         match answer {
             Some((decision, recommendation, window)) => proto::RecommendResponse {
                 service: self.service.clone(),
@@ -325,7 +229,7 @@ impl AgentState {
             None => proto::RecommendResponse {
                 service: self.service.clone(),
                 window_id: 0,
-                decision: Some(inner.decision.to_proto()),
+                decision: Some(decider.decision().to_proto()),
                 recommendation: Some(proto::Recommendation {
                     desired_replicas: settings.current_replicas,
                     reason: "no window has closed yet".to_string(),
@@ -338,12 +242,12 @@ impl AgentState {
     }
 
     pub fn snapshot(&self) -> AgentSnapshot {
-        let inner = self.lock();
+        let decider = self.lock();
         proto::SnapshotResponse {
-            last_window: inner.window.as_ref().map(|w| w.to_proto()),
-            decision: Some(inner.decision.to_proto()),
-            neighbors: inner
-                .neighbors
+            last_window: decider.window().map(|w| w.to_proto()),
+            decision: Some(decider.decision().to_proto()),
+            neighbors: decider
+                .neighbors()
                 .iter()
                 .flat_map(|(service, neighbor)| {
                     neighbor.agents.iter().map(move |(agent, state)| proto::NeighborStatus {
@@ -359,9 +263,10 @@ impl AgentState {
     }
 
     pub fn neighbor_counts(&self) -> (usize, usize, u64) {
-        let inner = self.lock();
-        let stale = inner.neighbors.iter().filter(|(_, n)| n.stale()).count();
-        (inner.neighbors.len(), stale, inner.neighbors.refused)
+        let decider = self.lock();
+        let neighbors = decider.neighbors();
+        let stale = neighbors.iter().filter(|(_, n)| n.stale()).count();
+        (neighbors.len(), stale, neighbors.refused)
     }
 }
 

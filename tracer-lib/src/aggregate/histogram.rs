@@ -75,13 +75,20 @@ impl Histogram {
     /// Records one value.
     #[inline]
     pub fn record(&mut self, value_us: u64) {
+        self.record_weighted(value_us, 1);
+    }
+
+    /// Records one value of a sample that stands for `weight` values (a request measured with probability
+    /// 1/`weight`): counted `weight` times, its maximum once.
+    #[inline]
+    pub fn record_weighted(&mut self, value_us: u64, weight: u64) {
         let index = bucket_index(value_us);
         if index >= self.counts.len() {
             self.counts.resize(index + 1, 0);
         }
-        self.counts[index] = self.counts[index].saturating_add(1);
-        self.count = self.count.saturating_add(1);
-        self.sum_us = self.sum_us.saturating_add(value_us);
+        self.counts[index] = self.counts[index].saturating_add(weight);
+        self.count = self.count.saturating_add(weight);
+        self.sum_us = self.sum_us.saturating_add(value_us.saturating_mul(weight));
         self.max_us = self.max_us.max(value_us);
     }
 
@@ -97,16 +104,6 @@ impl Histogram {
         self.count = self.count.saturating_add(other.count);
         self.sum_us = self.sum_us.saturating_add(other.sum_us);
         self.max_us = self.max_us.max(other.max_us);
-    }
-
-    /// Counts every value `weight` times: a sample's distribution as the whole's. Percentiles, the mean and the
-    /// maximum stay as they were.
-    pub fn scale(&mut self, weight: u64) {
-        for count in &mut self.counts {
-            *count = count.saturating_mul(weight);
-        }
-        self.count = self.count.saturating_mul(weight);
-        self.sum_us = self.sum_us.saturating_mul(weight);
     }
 
     pub fn count(&self) -> u64 {

@@ -59,7 +59,7 @@ pub struct Losses {
 pub struct Aggregator {
     clock: WindowClock,
     edge_cap: usize,
-    /// The share of requests measured: a closed window's counts are scaled by it.
+    /// The sampling rate, said in each closed window (its counts are weighted as they are recorded).
     sample: SampleRate,
     shards: Box<[Padded<Mutex<Shard>>]>,
     /// Requests handed to the server layer, per shard, since the start: counted without a lock.
@@ -175,7 +175,7 @@ impl Aggregator {
             }
         }
         merged.keep_busiest(self.edge_cap);
-        merged.scale_sample(self.sample);
+        merged.sample_every = self.sample.every();
         // Arrivals are counted between closes rather than by window: close enough, and lock-free to count.
         let arrivals: u64 = self.arrivals.iter().map(|count| count.0.load(Ordering::Relaxed)).sum();
         let mut at_close = self.arrivals_at_close.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -206,7 +206,38 @@ mod tests {
             pool_wait_us: 0,
             error: false,
             cancelled: false,
+            weight: 1,
         }
+    }
+
+    #[test]
+    fn each_record_counts_as_its_weight_and_the_window_says_the_rate() {
+        let rate = SampleRate::one_in(16).unwrap();
+        let aggregator = Aggregator::new(WindowClock::new(Duration::from_secs(5)), 8, rate);
+        let window = aggregator.clock().window_id(Instant::now());
+        // One request from the reservoir (weight 1), one drawn (weight 16) that failed and made a call.
+        aggregator.record_request(window, &from("web"));
+        aggregator.record_request(window, &RequestSample { total_us: 3000, error: true, weight: 16, ..from("web") });
+        let call = CallSample {
+            callee: "db",
+            callee_agent: None,
+            client_total_us: 500,
+            remote_total_us: Some(400),
+            net_wait_us: Some(100),
+            remote_wait: (crate::measure::headers::WaitPointRef::Local("db"), 400),
+            critical: true,
+            error: false,
+            untied: false,
+            weight: 16,
+        };
+        aggregator.record_call(window, &call);
+        let stats = aggregator.close(window);
+        assert_eq!(stats.sample_every, 16);
+        assert_eq!((stats.requests, stats.errors, stats.inbound["web"].requests), (17, 16, 17));
+        assert_eq!((stats.total.count(), stats.total.sum_us(), stats.total.max_us()), (17, 1000 + 16 * 3000, 3000));
+        let db = &stats.outbound["db"];
+        assert_eq!((db.calls, db.critical, db.untimed, db.remote_total.sum_us()), (16, 16, 0, 16 * 400));
+        assert_eq!(db.remote_wait_at.first().map(|(_, count, max)| (*count, *max)), Some((16, 400)));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     aggregate::histogram::Histogram,
-    measure::{headers::WaitPointRef, record::WaitPoint, sample::SampleRate},
+    measure::{headers::WaitPointRef, record::WaitPoint},
 };
 
 /// Agent addresses kept per edge: one per replica of the neighbour, up to this many.
@@ -63,7 +63,7 @@ pub struct OutboundStats {
 impl OutboundStats {
     fn note_wait_point(&mut self, point: WaitPointRef<'_>, count: u64, max_us: u64) {
         if let Some(entry) = self.remote_wait_at.iter_mut().find(|(known, _, _)| known.as_ref() == point) {
-            entry.1 += count;
+            entry.1 = entry.1.saturating_add(count);
             entry.2 = entry.2.max(max_us);
         } else if self.remote_wait_at.len() < WAIT_POINTS_PER_EDGE {
             self.remote_wait_at.push((point.to_owned(), count, max_us));
@@ -115,7 +115,9 @@ pub struct WindowStats {
     pub untied_calls: u64,
     /// Those calls' `client_total`, summed.
     pub untied_us: u64,
-    /// One request in this many was measured (1: every one); the counts above are already scaled by it.
+    /// The sampling rate's N: one request from outside in this many was measured, past the window's reservoir
+    /// (1: every one). The counts above are already estimates of all requests (each measured one counted by its
+    /// weight).
     pub sample_every: u32,
 }
 
@@ -130,6 +132,8 @@ pub struct RequestSample<'a> {
     pub pool_wait_us: u64,
     pub error: bool,
     pub cancelled: bool,
+    /// How many requests this one stands for: 1/the probability it was measured with (1 unless sampling).
+    pub weight: u64,
 }
 
 /// What the client layer hands to the aggregator for one call.
@@ -145,6 +149,8 @@ pub struct CallSample<'a> {
     pub error: bool,
     /// Made for a request the caller could not name (see [`WindowStats::untied_calls`]).
     pub untied: bool,
+    /// How many calls this one stands for (see [`RequestSample::weight`]).
+    pub weight: u64,
 }
 
 impl WindowStats {
@@ -152,106 +158,65 @@ impl WindowStats {
         Self { window_id, sample_every: 1, ..Self::default() }
     }
 
-    /// Counts each measured request and call as `rate.every()` (a closed window of a sample): every count and
-    /// sum is scaled, every distribution keeps its shape. `arrivals` is counted on every request and stays.
-    pub(crate) fn scale_sample(&mut self, rate: SampleRate) {
-        self.sample_every = rate.every();
-        if !rate.is_sampling() {
-            return;
-        }
-        let weight = u64::from(rate.every());
-        let scale = |count: &mut u64| *count = count.saturating_mul(weight);
-        for count in [
-            &mut self.requests,
-            &mut self.errors,
-            &mut self.cancelled,
-            &mut self.external_requests,
-            &mut self.inbound_overflow,
-            &mut self.outbound_overflow,
-            &mut self.untied_calls,
-            &mut self.untied_us,
-        ] {
-            scale(count);
-        }
-        for histogram in [
-            &mut self.total,
-            &mut self.busy,
-            &mut self.cpu_wait,
-            &mut self.local_wait,
-            &mut self.pool_wait,
-            &mut self.downstream,
-        ] {
-            histogram.scale(weight);
-        }
-        for edge in self.inbound.values_mut() {
-            scale(&mut edge.requests);
-            edge.total.scale(weight);
-        }
-        for edge in self.outbound.values_mut() {
-            for count in [&mut edge.calls, &mut edge.errors, &mut edge.untimed, &mut edge.critical] {
-                scale(count);
-            }
-            for histogram in [&mut edge.client_total, &mut edge.remote_total, &mut edge.net_wait, &mut edge.remote_wait]
-            {
-                histogram.scale(weight);
-            }
-            for (_, count, _) in &mut edge.remote_wait_at {
-                scale(count);
-            }
-        }
-    }
-
-    pub(crate) fn record_request(&mut self, sample: &RequestSample<'_>, edge_cap: usize) {
-        self.requests += 1;
-        self.errors += u64::from(sample.error);
-        self.cancelled += u64::from(sample.cancelled);
-        self.total.record(sample.total_us);
-        self.busy.record(sample.busy_us);
-        self.cpu_wait.record(sample.cpu_wait_us);
-        self.local_wait.record(sample.local_wait_us);
-        self.pool_wait.record(sample.pool_wait_us);
-        self.downstream.record(sample.downstream_us);
+    /// Records one request (the server layer's, or a simulator's), counted as its weight; a caller beyond
+    /// `edge_cap` edges is counted in `inbound_overflow` only.
+    pub fn record_request(&mut self, sample: &RequestSample<'_>, edge_cap: usize) {
+        let weight = sample.weight;
+        let count = |flag: bool| if flag { weight } else { 0 };
+        self.requests = self.requests.saturating_add(weight);
+        self.errors = self.errors.saturating_add(count(sample.error));
+        self.cancelled = self.cancelled.saturating_add(count(sample.cancelled));
+        self.total.record_weighted(sample.total_us, weight);
+        self.busy.record_weighted(sample.busy_us, weight);
+        self.cpu_wait.record_weighted(sample.cpu_wait_us, weight);
+        self.local_wait.record_weighted(sample.local_wait_us, weight);
+        self.pool_wait.record_weighted(sample.pool_wait_us, weight);
+        self.downstream.record_weighted(sample.downstream_us, weight);
         let Some((caller, caller_agent)) = sample.caller else {
-            self.external_requests += 1;
+            self.external_requests = self.external_requests.saturating_add(weight);
             return;
         };
         let Some(edge) = capped_entry(&mut self.inbound, caller, edge_cap, || caller.into()) else {
-            self.inbound_overflow += 1;
+            self.inbound_overflow = self.inbound_overflow.saturating_add(weight);
             return;
         };
         if let Some(agent) = caller_agent {
             note_agent(&mut edge.caller_agents, agent);
         }
-        edge.requests += 1;
-        edge.total.record(sample.total_us);
+        edge.requests = edge.requests.saturating_add(weight);
+        edge.total.record_weighted(sample.total_us, weight);
     }
 
-    pub(crate) fn record_call(&mut self, sample: &CallSample<'_>, edge_cap: usize) {
+    /// Records one outbound call, counted as its weight; a callee beyond `edge_cap` edges is counted in
+    /// `outbound_overflow` only.
+    pub fn record_call(&mut self, sample: &CallSample<'_>, edge_cap: usize) {
+        let weight = sample.weight;
+        let count = |flag: bool| if flag { weight } else { 0 };
         if sample.untied {
-            self.untied_calls += 1;
-            self.untied_us = self.untied_us.saturating_add(sample.client_total_us);
+            self.untied_calls = self.untied_calls.saturating_add(weight);
+            self.untied_us = self.untied_us.saturating_add(sample.client_total_us.saturating_mul(weight));
         }
         let Some(edge) = capped_entry(&mut self.outbound, sample.callee, edge_cap, || sample.callee.into()) else {
-            self.outbound_overflow += 1;
+            self.outbound_overflow = self.outbound_overflow.saturating_add(weight);
             return;
         };
         if let Some(agent) = sample.callee_agent {
             note_agent(&mut edge.callee_agents, agent);
         }
-        edge.calls += 1;
-        edge.errors += u64::from(sample.error);
-        edge.critical += u64::from(sample.critical);
-        edge.client_total.record(sample.client_total_us);
+        edge.calls = edge.calls.saturating_add(weight);
+        edge.errors = edge.errors.saturating_add(count(sample.error));
+        edge.critical = edge.critical.saturating_add(count(sample.critical));
+        edge.client_total.record_weighted(sample.client_total_us, weight);
         match (sample.remote_total_us, sample.net_wait_us) {
             (Some(remote_total), Some(net_wait)) => {
-                edge.remote_total.record(remote_total);
-                edge.net_wait.record(net_wait);
+                edge.remote_total.record_weighted(remote_total, weight);
+                edge.net_wait.record_weighted(net_wait, weight);
             }
-            _ => edge.untimed += 1,
+            _ => edge.untimed = edge.untimed.saturating_add(weight),
         }
         let (point, wait_us) = sample.remote_wait;
-        edge.remote_wait.record(wait_us);
-        edge.note_wait_point(point, 1, wait_us);
+        edge.remote_wait.record_weighted(wait_us, weight);
+        edge.note_wait_point(point, weight, wait_us);
     }
 
     /// Adds `other` (the same window from another shard), every edge included; [`WindowStats::keep_busiest`]

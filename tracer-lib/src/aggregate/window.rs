@@ -52,6 +52,14 @@ impl WindowClock {
         self.anchor_unix_ms.saturating_add(millis(at.saturating_duration_since(self.counter_anchor))) / self.window_ms
     }
 
+    /// Which of the `slices_per_window` equal slices of its window `at` falls in, numbered on from the epoch like
+    /// window ids (slice `k` lies in window `k / slices_per_window`).
+    #[inline]
+    pub fn slice_at(&self, at: clock::Instant, slices_per_window: u64) -> u64 {
+        let unix_ms = self.anchor_unix_ms.saturating_add(millis(at.saturating_duration_since(self.counter_anchor)));
+        unix_ms.saturating_mul(slices_per_window) / self.window_ms
+    }
+
     /// The instant window `window_id` ends (the next one starts); `None` if that is beyond what `Instant` holds.
     pub fn window_end(&self, window_id: u64) -> Option<Instant> {
         let end_unix_ms = window_id.saturating_add(1).saturating_mul(self.window_ms);

@@ -10,9 +10,12 @@
 //!
 //! - [`inputs`]: what the two are run with for one window — the settings in force, the utilisation history, the
 //!   neighbours and the delegations received.
+//! - [`decider`]: one replica's decision loop around them — closed windows and received reports in, reports out —
+//!   with no clock, socket or lock, so the agent and the simulator run the same code.
 //!
 //! `policy` and `recommend` are pure functions of their inputs, so they are tested without servers.
 
+pub mod decider;
 pub mod inputs;
 pub mod policy;
 pub mod pool;

@@ -35,15 +35,26 @@ pub struct Sender<'a> {
     pub callees_utilization: f64,
 }
 
+/// Who a decided window's reports go to.
+#[derive(Clone, Copy, Debug)]
+pub enum Recipients<'a> {
+    /// Every agent of every neighbour on an edge with traffic: the reports of a window just decided.
+    All,
+    /// Only these callees: a delegation that arrived after the window was decided, passed on to the callees it
+    /// newly points at.
+    Callees(&'a [Arc<str>]),
+    /// Only the callers: news from a callee (pressure in its subtree) that changes what this service reports up.
+    Callers,
+}
+
 /// The reports for a decided window. `received` is the first delegation this service got for the window (its
-/// path is extended, not restarted); `only_to` limits the reports to those callees (a delegation that arrived
-/// after the window was decided is passed on to the callees it newly points at, and nobody else).
+/// path is extended, not restarted).
 pub fn reports(
     from: &Sender<'_>,
     stats: &WindowStats,
     decision: &Decision,
     received: Option<&Delegated>,
-    only_to: Option<&[Arc<str>]>,
+    to: Recipients<'_>,
 ) -> Outbox {
     let wire_decision = decision.to_proto();
     let summary = report::summary(stats, from.load.cpu, from.load.max().max(from.callees_utilization));
@@ -64,7 +75,12 @@ pub fn reports(
     let may_delegate = path.len() <= report::MAX_DELEGATION_PATH;
     let mut outbox = Vec::new();
     for (callee, edge) in &stats.outbound {
-        if only_to.is_some_and(|only| !only.contains(callee)) {
+        let wanted = match to {
+            Recipients::All => true,
+            Recipients::Callees(only) => only.contains(callee),
+            Recipients::Callers => false,
+        };
+        if !wanted {
             continue;
         }
         let delegated = may_delegate && decision.delegated_to.contains(callee);
@@ -80,7 +96,7 @@ pub fn reports(
             });
         }
     }
-    if only_to.is_none() {
+    if matches!(to, Recipients::All | Recipients::Callers) {
         for (caller, edge) in &stats.inbound {
             for agent in &edge.caller_agents {
                 outbox.push(Outgoing {

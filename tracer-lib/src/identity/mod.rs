@@ -45,6 +45,8 @@ pub(crate) struct Membership {
     id: u64,
     /// Bumped when the keys change: headers signed with older keys are signed anew.
     generation: AtomicU64,
+    /// The sampling rate's N: its weighted caller header is signed with the others.
+    sample_every: u32,
 }
 
 /// The headers one thread signed for one tracer and window: each thread signs its own once per window (two HMACs),
@@ -56,6 +58,10 @@ struct SignedHere {
     caller: HeaderValue,
     /// The caller header for requests left out of the sample: the same proof, marked `u=1`.
     unsampled_caller: HeaderValue,
+    /// The caller header for requests this service drew at its own rate 1/N (`w=N`), when it samples.
+    weighted_caller: Option<HeaderValue>,
+    /// The proof fields of the caller header: for a weight another service drew at another rate.
+    caller_proof: Box<str>,
     timing: Bytes,
 }
 
@@ -78,8 +84,17 @@ thread_local! {
 static NEXT_MEMBERSHIP_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Membership {
-    pub fn new(keys: Arc<KeyRing>, service: Arc<str>, agent: Option<Arc<str>>, current_window: u64) -> Self {
+    /// `sample_every` is this service's sampling rate's N (1: every request): the weight it marks its own draws
+    /// with.
+    pub fn new(
+        keys: Arc<KeyRing>,
+        service: Arc<str>,
+        agent: Option<Arc<str>>,
+        current_window: u64,
+        sample_every: u32,
+    ) -> Self {
         Self {
+            sample_every,
             current_window: AtomicU64::new(current_window),
             keys,
             service,
@@ -113,10 +128,16 @@ impl Membership {
             owner: self.id,
             generation,
             window_id,
-            caller: CallerHeader::encode_with_proof(&self.service, self.agent.as_deref(), &caller, false),
-            unsampled_caller: CallerHeader::encode_with_proof(&self.service, self.agent.as_deref(), &caller, true),
+            caller: self.caller_with(&caller, Some(1)),
+            unsampled_caller: self.caller_with(&caller, None),
+            weighted_caller: (self.sample_every > 1).then(|| self.caller_with(&caller, Some(self.sample_every))),
+            caller_proof: caller.into(),
             timing: Bytes::from(proof_fields(&keys, HeaderRole::Timing, &self.claim(window_id))),
         }
+    }
+
+    fn caller_with(&self, proof_fields: &str, weight: Option<u32>) -> HeaderValue {
+        CallerHeader::encode_with_proof(&self.service, self.agent.as_deref(), proof_fields, weight)
     }
 
     /// `read` of this thread's signed headers for `window_id`, signed now if they are not yet.
@@ -156,12 +177,17 @@ impl Membership {
         })
     }
 
-    /// This service's `rootscale-caller` for `window_id`, for a request measured or left out of the sample.
-    pub fn caller_header(&self, window_id: u64, sampled: bool) -> HeaderValue {
-        self.with_signed(
-            window_id,
-            |signed| if sampled { signed.caller.clone() } else { signed.unsampled_caller.clone() },
-        )
+    /// This service's `rootscale-caller` for `window_id`, for a request measured with `weight` or left out of the
+    /// sample (`None`). Signed once per window and thread, but for a weight another service drew at another rate.
+    pub fn caller_header(&self, window_id: u64, weight: Option<u32>) -> HeaderValue {
+        self.with_signed(window_id, |signed| match weight {
+            None => signed.unsampled_caller.clone(),
+            Some(1) => signed.caller.clone(),
+            Some(weight) if weight == self.sample_every => {
+                signed.weighted_caller.clone().unwrap_or_else(|| self.caller_with(&signed.caller_proof, Some(weight)))
+            }
+            Some(weight) => self.caller_with(&signed.caller_proof, Some(weight)),
+        })
     }
 
     /// `write` of the `;i=…;p=…` that ends this service's `rootscale-timing` in `window_id`.

@@ -125,7 +125,9 @@ where
         if self.layer.send_caller {
             // A call left out of the sample still names its caller, marked so the callee leaves it out too.
             let window = call.as_ref().map_or_else(|| tracer.proof_window(), |call| call.proof_window);
-            request.headers_mut().insert(CALLER_HEADER, tracer.caller_header(window, call.is_some()));
+            request
+                .headers_mut()
+                .insert(CALLER_HEADER, tracer.caller_header(window, call.as_ref().map(|call| call.weight)));
         }
         CallFuture { inner: self.inner.call(request), call }
     }
@@ -169,20 +171,27 @@ pub(crate) struct Call {
     malformed_timing: bool,
     /// Made for a request that could not be named: counted in the window's untied calls.
     untied: bool,
+    /// How many calls this one stands for: its request's weight, or its own draw's outside any request.
+    weight: u32,
 }
 
 impl Call {
     /// Starts measuring a call, unless it is left out of the sample: made for a request that is, or, outside any
     /// request, by its own draw.
     fn start(tracer: Tracer, fallback: Fallback, untied: bool) -> Option<Self> {
-        let request = match current() {
-            Some(Current::Measured(request)) => Some(request),
+        // Read once it is known to be measured: a left-out call reads no clock (but one outside any request, whose
+        // choice needs the window it starts in).
+        let (request, weight, started) = match current() {
+            Some(Current::Measured(request)) => {
+                let weight = request.weight;
+                (Some(request), weight, clock::now())
+            }
             Some(Current::Unsampled) => return None,
-            None if tracer.shared.sample.draw() => None,
-            None => return None,
+            None => {
+                let now = clock::now();
+                (None, tracer.choose(now)?, now)
+            }
         };
-        // Read once it is known to be measured: a left-out call reads no clock.
-        let started = clock::now();
         let untied = untied && request.is_none();
         if let Some(request) = &request {
             request.call_started(started);
@@ -198,6 +207,7 @@ impl Call {
             error: false,
             malformed_timing: false,
             untied,
+            weight,
         })
     }
 
@@ -294,6 +304,7 @@ impl Call {
                 critical,
                 error,
                 untied: self.untied,
+                weight: u64::from(self.weight),
             },
         );
         if let Some(observer) = &shared.observer {
@@ -306,6 +317,7 @@ impl Call {
                 critical,
                 error,
                 malformed_timing: self.malformed_timing,
+                weight: self.weight,
             });
         }
     }

@@ -51,6 +51,8 @@ impl Current {
 pub(crate) struct RequestContext {
     /// When the server layer was handed the request; `total` starts here.
     pub(crate) start: Instant,
+    /// How many requests this one stands for (1 unless sampling): its calls are recorded, and passed on, with it.
+    pub(crate) weight: u32,
     /// Nanoseconds after `start` (plus one, so zero means "not woken") of the first wake since the last poll.
     woken_at: AtomicU64,
     /// The waker of the task that polls the handler; our own waker forwards to it.
@@ -218,9 +220,10 @@ impl CriticalWait {
 impl RequestContext {
     /// A request handed over at `start`. It is runnable from that instant, so the time until its first poll (for
     /// example a task spawned per HTTP/2 stream waiting for a thread) counts as cpu_wait.
-    pub(crate) fn new(start: Instant) -> Arc<Self> {
+    pub(crate) fn new(start: Instant, weight: u32) -> Arc<Self> {
         Arc::new(Self {
             start,
+            weight,
             woken_at: AtomicU64::new(1),
             task_waker: AtomicWaker::new(),
             made_calls: AtomicBool::new(false),

@@ -14,13 +14,16 @@
 //! `i` (the window's tag) and `p` (the membership proof, 16 base64url characters; see [`crate::identity::proof`])
 //! end both headers; a header is only believed when its proof verifies.
 
-use std::ops::Range;
+use std::{cell::RefCell, ops::Range};
 
 use http::{HeaderName, HeaderValue};
 
 use crate::{
     identity::proof::{PROOF_TEXT, WINDOW_TAG_MODULUS},
-    measure::record::{Wait, WaitPoint},
+    measure::{
+        record::{Wait, WaitPoint},
+        sample::MAX_SAMPLE_EVERY,
+    },
 };
 
 /// Request header naming the calling service and its agent.
@@ -298,9 +301,9 @@ impl Claimed {
 pub struct CallerHeader {
     raw: HeaderValue,
     claim: Claimed,
-    /// `u=1`: the caller left this request out of its sample, so the callee leaves it out too (see
-    /// [`crate::measure::sample`]).
-    unsampled: bool,
+    /// `None` for `u=1`: the caller left this request out of its sample, so the callee leaves it out too; else the
+    /// number of requests this one stands for (`w=N`, 1 without it; see [`crate::measure::sample`]).
+    weight: Option<u32>,
 }
 
 impl CallerHeader {
@@ -318,21 +321,38 @@ impl CallerHeader {
         let service = fields.name("s")?;
         // The mark sits before the claim's end, so the end's bytes (and what a reader remembers of them) are the
         // same whether the request was sampled or not.
-        let unsampled = fields.peek_is(b"u");
-        if unsampled {
+        let weight = if fields.peek_is(b"u") {
             let mark = fields.expect("u")?;
             if fields.value(&mark) != b"1" {
                 return Err(HeaderError::BadField("u"));
             }
-        }
+            None
+        } else if fields.peek_is(b"w") {
+            // 2 to the largest rate, no leading zero: a weight of 1 is said by leaving the field out.
+            let field = fields.expect("w")?;
+            let digits = fields.value(&field);
+            let weight = (digits.len() <= 4 && digits.first().is_some_and(|d| (b'1'..=b'9').contains(d)))
+                .then(|| std::str::from_utf8(digits).ok()?.parse::<u32>().ok())
+                .flatten()
+                .filter(|weight| (2..=MAX_SAMPLE_EVERY).contains(weight))
+                .ok_or(HeaderError::BadField("w"))?;
+            Some(weight)
+        } else {
+            Some(1)
+        };
         let end_at = fields.position;
         let (end, recognized) = fields.claim_end_recognizing(&service, recognize)?;
-        Ok((Self { raw: raw.clone(), claim: Claimed { service, end_at, end }, unsampled }, recognized))
+        Ok((Self { raw: raw.clone(), claim: Claimed { service, end_at, end }, weight }, recognized))
     }
 
     /// Whether the caller left this request out of its sample.
     pub fn unsampled(&self) -> bool {
-        self.unsampled
+        self.weight.is_none()
+    }
+
+    /// How many requests this one stands for, if the caller measured it (`None`: left out of the sample).
+    pub fn weight(&self) -> Option<u32> {
+        self.weight
     }
 
     /// The window's tag (its id modulo `WINDOW_TAG_MODULUS`) and the proof text the header ends with, if any.
@@ -360,17 +380,27 @@ impl CallerHeader {
 
     /// The header a service sends on its outbound requests.
     pub fn encode(service: &str, agent: Option<&str>) -> HeaderValue {
-        Self::encode_with_proof(service, agent, "", false)
+        Self::encode_with_proof(service, agent, "", Some(1))
     }
 
-    /// The header with `proof_fields` (`;i=…;p=…`, or empty) at its end, marked `u=1` when the request it goes
-    /// out for was left out of the sample.
-    pub fn encode_with_proof(service: &str, agent: Option<&str>, proof_fields: &str, unsampled: bool) -> HeaderValue {
-        let mut value = String::with_capacity(12 + service.len() + agent.map_or(0, str::len) + proof_fields.len());
+    /// The header with `proof_fields` (`;i=…;p=…`, or empty) at its end, for a request measured with `weight`
+    /// (`w=N` unless 1), or marked `u=1` when it was left out of the sample (`None`).
+    pub fn encode_with_proof(
+        service: &str,
+        agent: Option<&str>,
+        proof_fields: &str,
+        weight: Option<u32>,
+    ) -> HeaderValue {
+        let mut value = String::with_capacity(18 + service.len() + agent.map_or(0, str::len) + proof_fields.len());
         value.push_str("s=");
         value.push_str(service);
-        if unsampled {
-            value.push_str(";u=1");
+        match weight {
+            None => value.push_str(";u=1"),
+            Some(1) => {}
+            Some(weight) => {
+                value.push_str(";w=");
+                value.push_str(&weight.to_string());
+            }
         }
         if let Some(agent) = agent {
             value.push_str(";a=");
@@ -552,11 +582,28 @@ impl TimingEncoder {
             WaitPointRef::Net { from, to } => valid_service_name(from) && valid_service_name(to),
         });
         let mut buffer = itoa::Buffer::new();
-        let mut value = bytes::BytesMut::with_capacity(
-            self.prefix.len() + self.own_local.len() + self.suffix.len() + proof_fields.len() + 64,
-        );
+        let longest = self.prefix.len()
+            + self.own_local.len()
+            + self.suffix.len()
+            + proof_fields.len()
+            + 2 * MAX_SERVICE_NAME
+            + 64;
+        with_header_buffer(longest, |value| {
+            self.write(value, buffer.format(total_us).as_bytes(), wait_us, point, proof_fields);
+        })
+    }
+
+    fn write(
+        &self,
+        value: &mut bytes::BytesMut,
+        total: &[u8],
+        wait_us: u64,
+        point: Option<WaitPointRef<'_>>,
+        proof_fields: &[u8],
+    ) {
+        let mut buffer = itoa::Buffer::new();
         value.extend_from_slice(&self.prefix);
-        value.extend_from_slice(buffer.format(total_us).as_bytes());
+        value.extend_from_slice(total);
         value.extend_from_slice(b";w=");
         value.extend_from_slice(buffer.format(wait_us).as_bytes());
         match point {
@@ -574,8 +621,37 @@ impl TimingEncoder {
         }
         value.extend_from_slice(&self.suffix);
         value.extend_from_slice(proof_fields);
-        HeaderValue::from_maybe_shared(value.freeze()).ok()
     }
+}
+
+/// Bytes of the block each thread cuts its timing headers from: about 40 headers.
+const HEADER_BLOCK_BYTES: usize = 4096;
+
+thread_local! {
+    /// This thread's block: headers are cut off its front and share it (reference-counted), so that writing one
+    /// allocates nothing; once every header cut from it has been dropped, the block is reused from its start.
+    static HEADER_BLOCK: RefCell<bytes::BytesMut> = RefCell::new(bytes::BytesMut::new());
+}
+
+/// A header value of at most `longest` bytes, written by `write` into this thread's block. A new block is allocated
+/// only when the current one is full and a header cut from it is still alive (or, on re-entry, a buffer of its own).
+fn with_header_buffer(longest: usize, write: impl FnOnce(&mut bytes::BytesMut)) -> Option<HeaderValue> {
+    let value = HEADER_BLOCK.with(|block| match block.try_borrow_mut() {
+        Ok(mut block) => {
+            if block.capacity() < longest {
+                // Reclaims the block when nothing cut from it is alive; else allocates a fresh one.
+                block.reserve(HEADER_BLOCK_BYTES.max(longest));
+            }
+            write(&mut block);
+            block.split().freeze()
+        }
+        Err(_) => {
+            let mut own = bytes::BytesMut::with_capacity(longest);
+            write(&mut own);
+            own.freeze()
+        }
+    });
+    HeaderValue::from_maybe_shared(value).ok()
 }
 
 #[cfg(test)]
@@ -598,22 +674,44 @@ mod tests {
     }
 
     #[test]
-    fn an_unsampled_mark_sits_before_the_claims_end_and_is_only_u_equals_1() {
+    fn sampling_marks_sit_before_the_claims_end_and_are_only_u_equals_1_or_a_weight() {
         let proof = "Zm9yZ2VkcHJvb2Zz";
-        let sampled = CallerHeader::encode_with_proof("web", Some("127.0.0.7:9797"), &format!(";i=5;p={proof}"), false);
-        let unsampled =
-            CallerHeader::encode_with_proof("web", Some("127.0.0.7:9797"), &format!(";i=5;p={proof}"), true);
+        let proof_fields = format!(";i=5;p={proof}");
+        let encode = |weight| CallerHeader::encode_with_proof("web", Some("127.0.0.7:9797"), &proof_fields, weight);
+        let (sampled, unsampled, weighted) = (encode(Some(1)), encode(None), encode(Some(16)));
+        assert_eq!(sampled, format!("s=web;a=127.0.0.7:9797;i=5;p={proof}").as_str());
         assert_eq!(unsampled, format!("s=web;u=1;a=127.0.0.7:9797;i=5;p={proof}").as_str());
-        let (sampled, unsampled) = (CallerHeader::parse(&sampled).unwrap(), CallerHeader::parse(&unsampled).unwrap());
-        assert!(!sampled.unsampled() && unsampled.unsampled());
+        assert_eq!(weighted, format!("s=web;w=16;a=127.0.0.7:9797;i=5;p={proof}").as_str());
+        let parsed = [sampled, unsampled, weighted].map(|value| CallerHeader::parse(&value).unwrap());
+        assert_eq!(parsed.each_ref().map(CallerHeader::weight), [Some(1), None, Some(16)]);
+        assert!(!parsed[0].unsampled() && parsed[1].unsampled() && !parsed[2].unsampled());
         // The same claim, the same end: the proof and a reader's memory of it do not depend on the mark.
-        assert_eq!(sampled.claimed(), unsampled.claimed());
-        assert_eq!(sampled.end(), unsampled.end());
-        assert_eq!(sampled.proof(), unsampled.proof());
+        for marked in &parsed[1..] {
+            assert_eq!(parsed[0].claimed(), marked.claimed());
+            assert_eq!(parsed[0].end(), marked.end());
+            assert_eq!(parsed[0].proof(), marked.proof());
+        }
         assert!(CallerHeader::parse(&hv("s=web;u=1")).unwrap().unsampled());
-        for bad in
-            ["s=web;u=0", "s=web;u=", "s=web;u=11", "s=web;u=1;u=1", "s=web;a=h:1;u=1", "u=1;s=web", "s=web;u=1;"]
-        {
+        assert_eq!(CallerHeader::parse(&hv("s=web;w=1024")).unwrap().weight(), Some(1024));
+        for bad in [
+            "s=web;u=0",
+            "s=web;u=",
+            "s=web;u=11",
+            "s=web;u=1;u=1",
+            "s=web;a=h:1;u=1",
+            "u=1;s=web",
+            "s=web;u=1;",
+            "s=web;w=1",
+            "s=web;w=0",
+            "s=web;w=016",
+            "s=web;w=1025",
+            "s=web;w=99999",
+            "s=web;w=",
+            "s=web;w=+16",
+            "s=web;w=16;u=1",
+            "s=web;u=1;w=16",
+            "s=web;a=h:1;w=16",
+        ] {
             assert!(CallerHeader::parse(&hv(bad)).is_err(), "{bad:?}");
         }
     }

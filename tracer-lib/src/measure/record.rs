@@ -71,6 +71,8 @@ pub struct RequestRecord {
     pub error: bool,
     /// Abandoned before the response ended: the client went away or a timeout fired.
     pub cancelled: bool,
+    /// How many requests this one stands for in its window (1 unless sampling: see [`crate::SampleRate`]).
+    pub weight: u32,
 }
 
 /// One outbound call made by this service, measured by the client layer or [`crate::downstream`].
@@ -92,6 +94,8 @@ pub struct CallRecord {
     pub error: bool,
     /// The response carried a `rootscale-timing` that could not be parsed.
     pub malformed_timing: bool,
+    /// How many calls this one stands for in its window (its request's weight).
+    pub weight: u32,
 }
 
 /// Whole microseconds, saturating (avoids the u128 arithmetic of `Duration::as_micros` on the request path).

@@ -89,14 +89,15 @@ where
         // neighbour, and not answered with timings (docs/DESIGN.md §1.6).
         let caller =
             request.headers().get(CALLER_HEADER).and_then(|value| self.tracer.read_caller(value, proof_window));
-        // Measured if the caller measured it, left out if the caller did; drawn here if it comes from outside.
-        let measured = match &caller {
-            Some(caller) => !caller.unsampled(),
-            None => self.tracer.shared.sample.draw(),
+        // Measured with the caller's weight if the caller measured it, left out if the caller did; chosen here if
+        // it comes from outside.
+        let weight = match &caller {
+            Some(caller) => caller.weight(),
+            None => self.tracer.choose(start),
         };
-        if !measured {
+        let Some(weight) = weight else {
             return ServerFuture { inner: self.inner.call(request), request: None, unsampled: true };
-        }
+        };
         let head_only = request.method() == Method::HEAD;
         ServerFuture {
             unsampled: false,
@@ -104,7 +105,7 @@ where
             request: Some(Box::new(Measurement {
                 tracer: self.tracer.clone(),
                 caller,
-                clock: PollClock::new(RequestContext::new(start)),
+                clock: PollClock::new(RequestContext::new(start, weight)),
                 head_only,
                 transfer: Duration::ZERO,
                 proof_window,
@@ -210,6 +211,7 @@ impl Measurement {
                 pool_wait_us: snapshot.pool_wait_us,
                 error: outcome.error,
                 cancelled: outcome.cancelled,
+                weight: u64::from(self.clock.context().weight),
             },
         );
         if let Some(observer) = &shared.observer {
@@ -227,6 +229,7 @@ impl Measurement {
                 },
                 error: outcome.error,
                 cancelled: outcome.cancelled,
+                weight: self.clock.context().weight,
             });
         }
     }
