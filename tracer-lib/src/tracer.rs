@@ -82,7 +82,7 @@ pub(crate) struct Shared {
     reader_id: u64,
     pub(crate) timing_encoder: TimingEncoder,
     /// With a mesh key: the proofs this service makes and checks.
-    membership: Option<Membership>,
+    pub(crate) membership: Option<Membership>,
     pub(crate) local_point: WaitPoint,
     pub(crate) aggregator: Aggregator,
     pub(crate) counters: Counters,

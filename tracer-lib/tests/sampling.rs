@@ -122,3 +122,32 @@ async fn with_a_mesh_key_the_marked_header_carries_the_same_proof() {
     let keys = Arc::new(KeyRing::fixed(MeshKeys::generate().unwrap()));
     one_in_sixteen(Some(keys)).await;
 }
+
+/// Without a mesh key nothing proves a caller's weight: a request marked `w=1024` counts as at most the receiving
+/// service's own rate (here 1: it measures every request), so an outsider cannot inflate a window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_key_a_received_weight_is_capped_at_the_services_own_rate() {
+    let records = Arc::new(Records::default());
+    let tracer = Tracer::builder("svc-b")
+        .agent_addr("127.0.0.1:9011")
+        .window(Duration::from_secs(1))
+        .observer(records.clone())
+        .build()
+        .unwrap();
+    let addr = serve_http(&tracer, Behavior::default()).await;
+    let first = tracer.window_clock().window_id(std::time::Instant::now());
+    let client = plain_client();
+    for _ in 0..20 {
+        let request = http::Request::get(format!("http://{addr}/"))
+            .header("rootscale-caller", "s=svc-a;w=1024;a=127.0.0.1:9010")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let response = client.request(request).await.expect("request");
+        http_body_util::BodyExt::collect(response.into_body()).await.expect("body");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let weights: Vec<u32> = records.requests().iter().map(|r| r.weight).collect();
+    assert_eq!(weights, vec![1; 20], "every request measured, each as one");
+    let requests: u64 = close_all(&tracer, first).iter().map(|window| window.stats.requests).sum();
+    assert_eq!(requests, 20);
+}

@@ -4,12 +4,13 @@
 //!
 //! Per service and window: the arrival rate (its callers' rates times their call probabilities), a queue for a
 //! worker per replica (Sakasegawa's M/M/c approximation below saturation; above it a backlog that grows by the
-//! excess and is served first-come first-served, so a request's wait is the backlog over the service rate) and the
-//! same for the cores. Then sampled requests, deepest services first, as the timing headers would carry them:
+//! excess and is served first-come first-served, so a request's wait is the backlog over the service rate, up to
+//! the callers' 5 s timeout) and the same for the cores. Then sampled requests, deepest services first, as the timing headers would carry them:
 //! each request's own wait, a sampled response of each callee it calls (plus the link's time), the critical
 //! path of its parallel calls, and its largest wait — the callee's, the link's, or its own. Samples are recorded
-//! with weights that add up to the window's completions per replica; every caller gets at least one, so a
-//! service learns every caller as a neighbour.
+//! with weights that add up to the window's completions per replica, each at least 1 and every caller given at
+//! least one sample (so that a service learns every caller as a neighbour): when completions collapse below the
+//! samples, the window over-counts them (a known limit of the model).
 
 use rand::{Rng, rngs::StdRng};
 use rand_distr::{Distribution, Exp1};

@@ -465,7 +465,10 @@ fn fault_schedule(graph: &Graph, mandatory: &[bool], windows: u64, rng: &mut Std
                             .map(move |c| (caller, c.callee))
                     })
                     .collect();
-                let Some(&(caller, callee)) = links.get(rng.random_range(0..links.len().max(1))) else { break };
+                let Some(&(caller, callee)) = links.get(rng.random_range(0..links.len().max(1))) else {
+                    from += FAULT_WINDOWS + RECOVERY_WINDOWS;
+                    continue;
+                };
                 faults.links.push((caller, callee, 300.0));
                 (vec![caller], Some((caller, callee)))
             }
@@ -496,6 +499,8 @@ fn fault_schedule(graph: &Graph, mandatory: &[bool], windows: u64, rng: &mut Std
 /// The factor that leaves `target` a quarter of the workers its load needs.
 fn capacity_cut(graph: &Graph, target: usize) -> f64 {
     let service = &graph.services[target];
+    // Own work only: for a thread-per-request service, whose workers are also held through its calls, the cut is
+    // deeper than a quarter (a known simplification).
     let busy = graph.rates[target] / f64::from(service.replicas) * service.service_ms / 1000.0;
     (busy / 4.0 / f64::from(service.workers)).clamp(1e-3, 1.0)
 }

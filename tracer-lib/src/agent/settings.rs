@@ -12,7 +12,7 @@
 //! | `ROOTSCALE_SLO` / `ROOTSCALE_SLO_PERCENTILE` | an entry service's SLO, for use without the operator | none / `95` |
 //! | `ROOTSCALE_CONCURRENCY` | requests one replica serves at once (its pool), for Little's law | none |
 //! | `ROOTSCALE_POOL_SCOPE` | `own` (a worker for the service's own work) or `request` (for the whole request) | `own` |
-//! | `ROOTSCALE_SAMPLE` | measure 16 requests a window, then one in N (`1/16`) | `1` (every request) |
+//! | `ROOTSCALE_SAMPLE` | measure up to 16 requests a window (the first of each sixteenth), then one in N (`1/16`) | `1` (every request) |
 //! | `ROOTSCALE_AGENT_TOKEN` | shared token required on the agent's gRPC calls | none |
 //! | `ROOTSCALE_AGENT_TLS_CERT` / `_KEY` / `_CA` | PEM files: serve and call over mutual TLS | none |
 //! | `ROOTSCALE_AGENT_TLS_SERVER_NAME` | the name other agents' certificates are checked against | the address |

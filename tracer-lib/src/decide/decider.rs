@@ -172,7 +172,11 @@ impl Decider {
     /// A valid report arrived from an authenticated peer, in window `now` (by the receiver's clock).
     pub fn on_report(&mut self, report: ValidReport, now: u64) -> ReportOutcome {
         let decided = self.window.as_ref().map(|w| w.stats.window_id);
-        let about_decided = decided == Some(report.window_id);
+        // A callee's report about the window just decided: news of its subtree's pressure.
+        let from_callee_about_decided = self.window.as_ref().is_some_and(|window| {
+            window.stats.window_id == report.window_id
+                && window.stats.outbound.contains_key(report.from_service.as_str())
+        });
         let received = self.inbox.receive(&self.config.service, &mut self.neighbors, report, now, decided);
         let unchanged =
             |taken| ReportOutcome { received, taken, redecided: false, verdict_changed: false, outbox: Vec::new() };
@@ -184,10 +188,10 @@ impl Decider {
             Received::Redecide => self.redecide_and_pass_on(received),
             // A callee's pressure for the window just decided, arriving after the decision: in a thread-per-request
             // service that named itself, the queue for its workers may be that callee's doing (decide/pool.rs).
-            Received::Taken if about_decided && self.pool_wait_may_be_a_callees() => {
+            Received::Taken if from_callee_about_decided && self.pool_wait_may_be_a_callees() => {
                 self.redecide_and_pass_on(received)
             }
-            Received::Taken if about_decided => {
+            Received::Taken if from_callee_about_decided => {
                 let outbox = self.pressure_news();
                 ReportOutcome { outbox, ..unchanged(true) }
             }

@@ -401,7 +401,7 @@ pub fn decide(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
     }
     if decision.sample_every > 1 {
         decision.reason.push_str(&format!(
-            " (made on a sample: {SAMPLE_RESERVOIR} requests a window, then one in {}; counts weighted)",
+            " (made on a sample: up to {SAMPLE_RESERVOIR} requests a window, then one in {}; counts weighted)",
             decision.sample_every
         ));
     }

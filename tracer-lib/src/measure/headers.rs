@@ -636,21 +636,25 @@ thread_local! {
 /// A header value of at most `longest` bytes, written by `write` into this thread's block. A new block is allocated
 /// only when the current one is full and a header cut from it is still alive (or, on re-entry, a buffer of its own).
 fn with_header_buffer(longest: usize, write: impl FnOnce(&mut bytes::BytesMut)) -> Option<HeaderValue> {
-    let value = HEADER_BLOCK.with(|block| match block.try_borrow_mut() {
-        Ok(mut block) => {
+    let mut write = Some(write);
+    let from_block = HEADER_BLOCK
+        .try_with(|block| {
+            let mut block = block.try_borrow_mut().ok()?;
             if block.capacity() < longest {
                 // Reclaims the block when nothing cut from it is alive; else allocates a fresh one.
                 block.reserve(HEADER_BLOCK_BYTES.max(longest));
             }
-            write(&mut block);
-            block.split().freeze()
-        }
-        Err(_) => {
-            let mut own = bytes::BytesMut::with_capacity(longest);
-            write(&mut own);
-            own.freeze()
-        }
-    });
+            (write.take()?)(&mut block);
+            Some(block.split().freeze())
+        })
+        .ok()
+        .flatten();
+    // Re-entered, or the thread is being torn down: a buffer of its own.
+    let value = from_block.or_else(|| {
+        let mut own = bytes::BytesMut::with_capacity(longest);
+        (write.take()?)(&mut own);
+        Some(own.freeze())
+    })?;
     HeaderValue::from_maybe_shared(value).ok()
 }
 

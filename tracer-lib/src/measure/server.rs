@@ -92,6 +92,10 @@ where
         // Measured with the caller's weight if the caller measured it, left out if the caller did; chosen here if
         // it comes from outside.
         let weight = match &caller {
+            // Without a mesh key nothing proved the weight: at most this service's own rate's.
+            Some(caller) if self.tracer.shared.membership.is_none() => {
+                caller.weight().map(|weight| weight.min(self.tracer.shared.sample.every()))
+            }
             Some(caller) => caller.weight(),
             None => self.tracer.choose(start),
         };
