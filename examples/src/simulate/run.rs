@@ -129,9 +129,10 @@ enum Event {
     Deliver { to: usize, report: Box<proto::NeighborReport> },
 }
 
-/// Events by time (microseconds), then by sequence, so equal times keep their order.
+/// Events by time (microseconds), then by their slot (the order they were pushed in), so equal times keep their
+/// order.
 struct Queue {
-    heap: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    heap: BinaryHeap<Reverse<(u64, usize)>>,
     events: Vec<Option<Event>>,
 }
 
@@ -139,11 +140,11 @@ impl Queue {
     fn push(&mut self, at_us: u64, event: Event) {
         let slot = self.events.len();
         self.events.push(Some(event));
-        self.heap.push(Reverse((at_us, slot as u64, slot)));
+        self.heap.push(Reverse((at_us, slot)));
     }
 
     fn pop(&mut self) -> Option<(u64, Event)> {
-        let Reverse((at, _, slot)) = self.heap.pop()?;
+        let Reverse((at, slot)) = self.heap.pop()?;
         self.events[slot].take().map(|event| (at, event))
     }
 }

@@ -581,7 +581,6 @@ impl TimingEncoder {
             WaitPointRef::Local(service) => valid_service_name(service),
             WaitPointRef::Net { from, to } => valid_service_name(from) && valid_service_name(to),
         });
-        let mut buffer = itoa::Buffer::new();
         let longest = self.prefix.len()
             + self.own_local.len()
             + self.suffix.len()
@@ -589,21 +588,21 @@ impl TimingEncoder {
             + 2 * MAX_SERVICE_NAME
             + 64;
         with_header_buffer(longest, |value| {
-            self.write(value, buffer.format(total_us).as_bytes(), wait_us, point, proof_fields);
+            self.write(value, total_us, wait_us, point, proof_fields);
         })
     }
 
     fn write(
         &self,
         value: &mut bytes::BytesMut,
-        total: &[u8],
+        total_us: u64,
         wait_us: u64,
         point: Option<WaitPointRef<'_>>,
         proof_fields: &[u8],
     ) {
         let mut buffer = itoa::Buffer::new();
         value.extend_from_slice(&self.prefix);
-        value.extend_from_slice(total);
+        value.extend_from_slice(buffer.format(total_us).as_bytes());
         value.extend_from_slice(b";w=");
         value.extend_from_slice(buffer.format(wait_us).as_bytes());
         match point {
