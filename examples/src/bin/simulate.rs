@@ -63,6 +63,14 @@ fn main() {
                         / (config.window_ms as f64 / 1000.0);
                     traffic.push((size, outcome.spans_per_second, bytes_per_second));
                 }
+                for fault in outcome.faults.iter().filter(|f| !f.violated) {
+                    eprintln!(
+                        "  {:?} at {:?}: broke no SLO (the entries' p95 peaked at {:.0} % of their SLOs)",
+                        fault.kind,
+                        fault.truth,
+                        fault.peak_slo_ratio * 100.0
+                    );
+                }
                 for fault in outcome.faults.iter().filter(|f| f.violated && (f.detected_in.is_none() || f.wrong > 0)) {
                     eprintln!(
                         "  {:?} at {:?}: detected in {:?}, {} right and {} wrong verdicts",

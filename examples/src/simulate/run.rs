@@ -89,15 +89,19 @@ pub struct FaultOutcome {
     pub kind: FaultKind,
     /// The services at fault (for a link: the caller, whose verdict is `network`).
     pub truth: Vec<String>,
-    /// Windows from the fault's start to the first window in which every culprit was named (1: the first).
+    /// Windows from the fault's start to the first window in which every culprit that broke an entry's SLO was
+    /// named (1: the first).
     pub detected_in: Option<u64>,
     /// Root-cause (or, for a link, network) verdicts during the fault, right and wrong.
     pub right: u64,
     pub wrong: u64,
     /// The first wrong verdicts: service, window and reason.
     pub wrong_examples: Vec<String>,
-    /// Whether some entry's latency passed its SLO during the fault (otherwise nothing is asked of anyone).
+    /// Whether the latency of some entry above a culprit passed its SLO during the fault (otherwise nothing is
+    /// asked of anyone).
     pub violated: bool,
+    /// The largest p95 over its SLO of an entry above a culprit during the fault (above 1: violated).
+    pub peak_slo_ratio: f64,
 }
 
 /// What a run measured.
@@ -181,7 +185,7 @@ pub fn run(config: &SimConfig) -> SimOutcome {
                 window_ms: config.window_ms,
                 policy: policy.clone(),
                 capacity,
-                max_neighbors: 256,
+                max_neighbors: rootscale_tracer::agent::DEFAULT_MAX_NEIGHBORS,
             };
             let settings =
                 DecisionSettings { current_replicas: service.replicas, ..DecisionSettings::configured(None, &policy) };
@@ -199,7 +203,8 @@ pub fn run(config: &SimConfig) -> SimOutcome {
     let mut reports = vec![(0_u64, 0_u64); size];
     let mut cpu = vec![Duration::ZERO; size];
     let mut verdicts: Vec<Vec<Seen>> = Vec::new();
-    let mut violated: Vec<bool> = Vec::new();
+    // Per window, per service: an entry's p95 over its SLO (0 for the others).
+    let mut slo_ratio: Vec<Vec<f64>> = Vec::new();
     for window_id in 1..=config.windows {
         let faults =
             schedule.iter().find(|f| f.covers(window_id)).map_or_else(|| Faults::none(size), |f| f.faults.clone());
@@ -213,10 +218,12 @@ pub fn run(config: &SimConfig) -> SimOutcome {
                 deciders[entry].set_settings(&SettingsUpdate { slo: Some(slo), ..SettingsUpdate::default() });
             }
         }
-        violated.push(entries.iter().any(|&entry| {
+        let mut ratios = vec![0.0; size];
+        for &entry in &entries {
             let p95 = output.stats[entry].total.percentile_us(95.0).unwrap_or(0);
-            slo_us[entry].is_some_and(|slo| p95 > slo)
-        }));
+            ratios[entry] = slo_us[entry].map_or(0.0, |slo| p95 as f64 / slo.max(1) as f64);
+        }
+        slo_ratio.push(ratios);
         let mut windows: Vec<Option<WindowStats>> = output.stats.into_iter().map(Some).collect();
         let mut queue = Queue { heap: BinaryHeap::new(), events: Vec::new() };
         // A window closes just after its end, at each agent's own skew.
@@ -297,7 +304,7 @@ pub fn run(config: &SimConfig) -> SimOutcome {
         );
     }
     for fault in &schedule {
-        outcome.faults.push(fault.outcome(&graph, &verdicts, &violated));
+        outcome.faults.push(fault.outcome(&graph, &verdicts, &slo_ratio));
     }
     let external: f64 = graph.services.iter().map(|s| s.external_rate).sum();
     let served: f64 = graph.rates.iter().sum();
@@ -373,10 +380,24 @@ impl Scheduled {
         (self.from..self.until).contains(&window_id)
     }
 
-    fn outcome(&self, graph: &Graph, verdicts: &[Vec<Seen>], violated: &[bool]) -> FaultOutcome {
+    fn outcome(&self, graph: &Graph, verdicts: &[Vec<Seen>], slo_ratio: &[Vec<f64>]) -> FaultOutcome {
         let names: Vec<String> = self.truth.iter().map(|&i| graph.services[i].name.clone()).collect();
         let link = self.link.map(|(from, to)| (graph.services[from].name.clone(), graph.services[to].name.clone()));
         let truth: BTreeSet<usize> = self.truth.iter().copied().collect();
+        let windows = || (self.from..self.until).filter_map(|w| slo_ratio.get(w as usize - 1));
+        // The culprits whose faults broke the SLO of an entry above them (or their own): only those are asked to
+        // be named; another is at most saturated, and scaled for that.
+        let mut peak_slo_ratio: f64 = 0.0;
+        let mut hurt: Vec<usize> = Vec::new();
+        for &culprit in &self.truth {
+            let mut above = graph.ancestors(culprit);
+            above.push(culprit);
+            let peak = windows().flat_map(|ratios| above.iter().map(|&service| ratios[service])).fold(0.0, f64::max);
+            peak_slo_ratio = peak_slo_ratio.max(peak);
+            if peak > 1.0 {
+                hurt.push(culprit);
+            }
+        }
         let (mut right, mut wrong, mut detected_in) = (0, 0, None);
         let mut wrong_examples = Vec::new();
         for window_id in self.from..self.until {
@@ -408,12 +429,20 @@ impl Scheduled {
                     None => {}
                 }
             }
-            if detected_in.is_none() && truth.iter().all(|t| named.contains(t)) {
+            if detected_in.is_none() && !hurt.is_empty() && hurt.iter().all(|t| named.contains(t)) {
                 detected_in = Some(window_id - self.from + 1);
             }
         }
-        let violated = (self.from..self.until).any(|w| violated.get(w as usize - 1).copied().unwrap_or(false));
-        FaultOutcome { kind: self.kind, truth: names, detected_in, right, wrong, wrong_examples, violated }
+        FaultOutcome {
+            kind: self.kind,
+            truth: names,
+            detected_in,
+            right,
+            wrong,
+            wrong_examples,
+            violated: !hurt.is_empty(),
+            peak_slo_ratio,
+        }
     }
 }
 

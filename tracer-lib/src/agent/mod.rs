@@ -33,7 +33,7 @@ mod state;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-pub use settings::{AgentBuilder, DEFAULT_AGENT_PORT, TlsFiles};
+pub use settings::{AgentBuilder, DEFAULT_AGENT_PORT, DEFAULT_MAX_NEIGHBORS, TlsFiles};
 pub use state::AgentSnapshot;
 use tokio::sync::{oneshot, watch};
 

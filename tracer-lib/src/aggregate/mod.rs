@@ -22,7 +22,7 @@ use std::{
     },
 };
 
-pub use stats::{CallSample, RequestSample, WindowStats};
+pub use stats::{CallSample, MAX_CALLERS_BEYOND_CAP, RequestSample, WindowStats};
 
 use crate::measure::sample::SampleRate;
 pub use window::WindowClock;
@@ -257,9 +257,38 @@ mod tests {
         assert_eq!(closed.inbound.len(), 8);
         assert_eq!(closed.inbound.get("checkout").map(|edge| edge.requests), Some(50));
         assert_eq!(closed.inbound_overflow, 1, "one spoofed name is dropped to make room");
+        // The dropped caller is still told: its agent is kept, without measurements.
+        let beyond: Vec<&str> = closed.callers_beyond_cap.keys().map(|caller| &**caller).collect();
+        assert_eq!(beyond.len(), 1, "{beyond:?}");
+        assert!(spoofed.iter().any(|name| name == beyond[0]) && !closed.inbound.contains_key(beyond[0]));
+        assert_eq!(closed.callers_beyond_cap[beyond[0]], vec![Box::<str>::from("127.0.0.1:9797")]);
         // Late records for a closed window are counted, not kept.
         aggregator.record_request(window, &from("checkout"));
         assert_eq!(aggregator.losses().late.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn callers_beyond_the_cap_keep_their_agents_up_to_a_bound() {
+        let aggregator = Aggregator::new(WindowClock::new(Duration::from_secs(5)), 2, SampleRate::ALL);
+        let window = aggregator.clock().window_id(Instant::now());
+        let callers: Vec<String> = (0..MAX_CALLERS_BEYOND_CAP + 100).map(|i| format!("caller-{i}")).collect();
+        for _ in 0..5 {
+            aggregator.record_request(window, &from("busy-a"));
+            aggregator.record_request(window, &from("busy-b"));
+        }
+        for caller in &callers {
+            aggregator.record_request(window, &from(caller));
+        }
+        let closed = aggregator.close(window);
+        assert_eq!(
+            closed.inbound.keys().map(|c| &**c).collect::<std::collections::BTreeSet<_>>(),
+            ["busy-a", "busy-b"].into()
+        );
+        // Every request counted; names beyond the cap kept up to the bound, none twice, none with a measured edge.
+        assert_eq!(closed.requests, callers.len() as u64 + 10);
+        assert_eq!(closed.inbound_overflow, callers.len() as u64);
+        assert_eq!(closed.callers_beyond_cap.len(), MAX_CALLERS_BEYOND_CAP);
+        assert!(closed.callers_beyond_cap.keys().all(|caller| caller.starts_with("caller-")));
     }
 
     #[test]

@@ -13,6 +13,10 @@ use crate::{
 
 /// Agent addresses kept per edge: one per replica of the neighbour, up to this many.
 pub const AGENTS_PER_EDGE: usize = 8;
+/// Callers beyond the edge cap whose agents a window still keeps (names and addresses only, no measurements), so
+/// that its reports reach every caller: a caller whose workers wait on this service must hear its pressure
+/// (docs/DESIGN.md §1.7), however many callers a shared service has.
+pub const MAX_CALLERS_BEYOND_CAP: usize = 1024;
 /// Wait points kept per outbound edge; rarer ones are dropped from the list (their waits still count in
 /// `remote_wait`).
 pub const WAIT_POINTS_PER_EDGE: usize = 4;
@@ -110,6 +114,9 @@ pub struct WindowStats {
     pub outbound: HashMap<Arc<str>, OutboundStats>,
     pub inbound_overflow: u64,
     pub outbound_overflow: u64,
+    /// Callers whose edges were not kept (beyond the cap): their agents only, at most [`MAX_CALLERS_BEYOND_CAP`],
+    /// first come first kept. Their requests count in `inbound_overflow`.
+    pub callers_beyond_cap: HashMap<Box<str>, Vec<Box<str>>>,
     /// Calls made for a request that could not be named (a sidecar's application that does not pass the trace
     /// context on): their time is in the requests' `local_wait`, not in `downstream`.
     pub untied_calls: u64,
@@ -159,7 +166,7 @@ impl WindowStats {
     }
 
     /// Records one request (the server layer's, or a simulator's), counted as its weight; a caller beyond
-    /// `edge_cap` edges is counted in `inbound_overflow` only.
+    /// `edge_cap` edges is counted in `inbound_overflow`, and its agent kept in `callers_beyond_cap`.
     pub fn record_request(&mut self, sample: &RequestSample<'_>, edge_cap: usize) {
         let weight = sample.weight;
         let count = |flag: bool| if flag { weight } else { 0 };
@@ -178,6 +185,9 @@ impl WindowStats {
         };
         let Some(edge) = capped_entry(&mut self.inbound, caller, edge_cap, || caller.into()) else {
             self.inbound_overflow = self.inbound_overflow.saturating_add(weight);
+            if let Some(agent) = caller_agent {
+                self.note_caller_beyond_cap(caller, agent);
+            }
             return;
         };
         if let Some(agent) = caller_agent {
@@ -239,6 +249,11 @@ impl WindowStats {
         for (caller, theirs) in &other.inbound {
             self.inbound.entry(caller.clone()).or_default().merge(theirs);
         }
+        for (caller, agents) in &other.callers_beyond_cap {
+            for agent in agents {
+                self.note_caller_beyond_cap(caller, agent);
+            }
+        }
         for (callee, theirs) in &other.outbound {
             self.outbound.entry(callee.clone()).or_default().merge(theirs);
         }
@@ -256,9 +271,30 @@ impl WindowStats {
 
     /// Keeps the `cap` busiest edges each way and counts the rest as overflow, so names that arrive first (a
     /// flood of spoofed callers early in a window) cannot crowd out real neighbours.
+    /// The callers trimmed keep their agents among the callers beyond the cap.
     pub(crate) fn keep_busiest(&mut self, cap: usize) {
-        self.inbound_overflow += trim(&mut self.inbound, cap, |edge| edge.requests);
-        self.outbound_overflow += trim(&mut self.outbound, cap, |edge| edge.calls);
+        for (caller, edge) in trim(&mut self.inbound, cap, |edge| edge.requests) {
+            self.inbound_overflow += edge.requests;
+            for agent in &edge.caller_agents {
+                self.note_caller_beyond_cap(&caller, agent);
+            }
+        }
+        self.outbound_overflow +=
+            trim(&mut self.outbound, cap, |edge| edge.calls).iter().map(|(_, edge)| edge.calls).sum::<u64>();
+        // A caller whose edge is kept after all (busier in another shard) is told through it.
+        if !self.callers_beyond_cap.is_empty() {
+            let inbound = &self.inbound;
+            self.callers_beyond_cap.retain(|caller, _| !inbound.contains_key(caller));
+        }
+    }
+
+    /// Keeps `agent` of `caller`, a caller beyond the edge cap, while there is room.
+    fn note_caller_beyond_cap(&mut self, caller: &str, agent: &str) {
+        if let Some(agents) = self.callers_beyond_cap.get_mut(caller) {
+            note_agent(agents, agent);
+        } else if self.callers_beyond_cap.len() < MAX_CALLERS_BEYOND_CAP {
+            self.callers_beyond_cap.insert(caller.into(), vec![agent.into()]);
+        }
     }
 
     /// The wire form, edges sorted by name so reports are deterministic.
@@ -301,18 +337,18 @@ impl WindowStats {
     }
 }
 
-/// Removes all but the `cap` entries with the largest `count` (ties by name); returns the removed counts' sum.
+/// Removes all but the `cap` entries with the largest `count` (ties by name); returns the removed entries.
 fn trim<K: Ord + Clone + std::hash::Hash + Eq, V>(
     map: &mut HashMap<K, V>,
     cap: usize,
     count: impl Fn(&V) -> u64,
-) -> u64 {
+) -> Vec<(K, V)> {
     if map.len() <= cap {
-        return 0;
+        return Vec::new();
     }
     let mut ranked: Vec<(u64, K)> = map.iter().map(|(key, value)| (count(value), key.clone())).collect();
     ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    ranked[cap..].iter().filter_map(|(_, key)| map.remove(key)).map(|value| count(&value)).sum()
+    ranked.drain(cap..).filter_map(|(_, key)| map.remove_entry(&key)).collect()
 }
 
 /// The entry for `key`, created if the map holds fewer than `cap` entries; `None` when it is full.

@@ -143,6 +143,7 @@ pub fn decide_window(inputs: &WindowInputs<'_>) -> (Decision, Recommendation) {
         neighbor_cpu: &neighbor_cpu,
         neighbor_subtree: &neighbor_subtree,
         pool_scope: capacity.pool_scope,
+        pool_size: capacity.concurrency,
         cpu_utilization: load.cpu,
         utilization: history.sustained(stats.window_id, load.max()),
         idle_throughout: history.idle_throughout(IDLE_WINDOWS, policy.idle_fraction * target),

@@ -135,6 +135,8 @@ pub struct PolicyInput<'a> {
     pub neighbor_subtree: &'a HashMap<String, f64>,
     /// How long a request holds a worker of this service's pool.
     pub pool_scope: PoolScope,
+    /// Workers per replica in that pool, when declared.
+    pub pool_size: Option<f64>,
     /// This replica's CPU utilisation over the window.
     pub cpu_utilization: f64,
     /// This replica's sustained utilisation (the larger of CPU and pool; the agent passes the lower of this
@@ -442,7 +444,13 @@ fn decide_measured(input: &PolicyInput<'_>, config: &PolicyConfig) -> Decision {
         );
     }
     let slo_trigger = input.slo.filter(|slo| observed as f64 >= config.trigger_fraction * slo.latency_us as f64);
-    let shares = PoolShares::of(stats, input.pool_scope, input.neighbor_subtree, config.saturation);
+    let shares = PoolShares::of(
+        stats,
+        (input.pool_scope, input.pool_size),
+        input.window_ms,
+        input.neighbor_subtree,
+        config.saturation,
+    );
     if slo_trigger.is_none() && input.delegations.is_empty() {
         let target = config.target_utilization;
         let held = shares.as_ref().filter(|shares| input.utilization > target && shares.held_by_callees() >= 0.5);
@@ -669,6 +677,7 @@ mod tests {
             neighbor_cpu,
             neighbor_subtree: &NO_PRESSURE,
             pool_scope: PoolScope::Own,
+            pool_size: None,
             cpu_utilization: 0.3,
             utilization: 0.3,
             idle_throughout: false,
@@ -687,6 +696,7 @@ mod tests {
             neighbor_cpu: &HashMap::new(),
             neighbor_subtree: &NO_PRESSURE,
             pool_scope: PoolScope::Own,
+            pool_size: None,
             cpu_utilization: 0.3,
             utilization: 0.3,
             idle_throughout: false,

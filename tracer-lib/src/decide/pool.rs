@@ -6,15 +6,24 @@
 //! the service's `local_wait`) is shared out in proportion to that worker time, so that a caller starved by a slow
 //! callee delegates to it instead of naming itself.
 //!
+//! When the pool's size is known and the workers' time outside those subtrees and links would not have filled it
+//! (below the saturation level of the workers it really has), the queue is wholly theirs: without them nothing
+//! would have queued, however much of the workers' time the service's own work and its calm callees take.
+//!
 //! Worker time in a callee's subtree counts as the callee's only when that subtree is under pressure — the
-//! callee's reports say some service in it is at or above the saturation level. A callee that is merely slow by
-//! design holds workers as part of the service's normal cost: a pool too small for it is the service's own
-//! problem, and more replicas of the service are the fix. Time on a link is waiting by definition and always
-//! counts as the link's.
+//! callee's reports say some service in it is at or above the saturation level — or when it was spent waiting on a
+//! link deeper in it (the calls' largest wait a link). A callee that is merely slow by design holds workers as part
+//! of the service's normal cost: a pool too small for it is the service's own problem, and more replicas of the
+//! service are the fix. Time on a link is waiting by definition and always counts as the link's, whether it is the
+//! link to the callee or one deeper in its subtree.
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::{aggregate::WindowStats, decide::recommend::PoolScope};
+use crate::{
+    aggregate::{WindowStats, stats::OutboundStats},
+    decide::recommend::PoolScope,
+    measure::record::WaitPoint,
+};
 
 /// How one window's pool wait divides.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,10 +35,34 @@ pub struct PoolShares {
     pub callees: HashMap<Arc<str>, (f64, f64)>,
 }
 
+/// The time calls to a callee waited on links in its subtree: the largest waits of the calls that named a link
+/// as their largest, estimated as the links' share of the named points times the edge's summed largest waits.
+fn deeper_links_us(edge: &OutboundStats) -> f64 {
+    let (mut at_links, mut named) = (0_u64, 0_u64);
+    for (point, count, _) in &edge.remote_wait_at {
+        named = named.saturating_add(*count);
+        if matches!(point, WaitPoint::Net { .. }) {
+            at_links = at_links.saturating_add(*count);
+        }
+    }
+    if at_links == 0 {
+        return 0.0;
+    }
+    edge.remote_wait.sum_us() as f64 * at_links as f64 / named as f64
+}
+
 impl PoolShares {
     /// The shares of a window; `None` when the pool is not held across calls or nothing queued for it.
-    /// `pressure` is each callee's subtree utilisation from its reports; `saturation` the level that counts.
-    pub fn of(stats: &WindowStats, scope: PoolScope, pressure: &HashMap<String, f64>, saturation: f64) -> Option<Self> {
+    /// `pool` is the pool's scope and its workers per replica when declared; `pressure` each callee's subtree
+    /// utilisation from its reports; `saturation` the level that counts.
+    pub fn of(
+        stats: &WindowStats,
+        pool: (PoolScope, Option<f64>),
+        window_ms: u64,
+        pressure: &HashMap<String, f64>,
+        saturation: f64,
+    ) -> Option<Self> {
+        let (scope, size) = pool;
         if scope != PoolScope::Request || stats.pool_wait.sum_us() == 0 {
             return None;
         }
@@ -48,10 +81,29 @@ impl PoolShares {
             let in_callee = edge.client_total.sum_us() as f64 * scale;
             let on_link = (edge.net_wait.sum_us() as f64 * scale).min(in_callee);
             let under_pressure = pressure.get(&**callee).is_some_and(|load| *load >= saturation);
-            let in_subtree = if under_pressure { in_callee - on_link } else { 0.0 };
+            let in_subtree = if under_pressure {
+                in_callee - on_link
+            } else {
+                // Calls whose largest wait was a link deeper in the subtree held their workers waiting on it.
+                (deeper_links_us(edge) * scale).min(in_callee - on_link)
+            };
             let (link, subtree) = (on_link / worker_us, in_subtree / worker_us);
             attributed += link + subtree;
             callees.insert(callee.clone(), (link, subtree));
+        }
+        // Workers busy on average without the attributed time: below saturation, the queue is all theirs. The
+        // pool is full (something queued), so the workers busy on average are as many as it really has: fewer
+        // than declared when a fault shrank it, and then the declared size would flatter it.
+        let seconds = (window_ms as f64 / 1000.0).max(0.001);
+        let in_flight = worker_us / 1e6 / seconds;
+        let rest_in_flight = in_flight * (1.0 - attributed).max(0.0);
+        let would_not_queue = size.is_some_and(|size| size > 0.0 && rest_in_flight < saturation * size.min(in_flight));
+        if would_not_queue && attributed > 0.0 {
+            for (link, subtree) in callees.values_mut() {
+                *link /= attributed;
+                *subtree /= attributed;
+            }
+            return Some(Self { own: 0.0, callees });
         }
         Some(Self { own: (1.0 - attributed).clamp(0.0, 1.0), callees })
     }
@@ -109,7 +161,7 @@ mod tests {
     #[test]
     fn a_callee_under_pressure_holds_its_share_of_the_workers() {
         let pressure: HashMap<String, f64> = [("c".to_string(), 1.4)].into();
-        let shares = PoolShares::of(&starved(), PoolScope::Request, &pressure, 0.9).unwrap();
+        let shares = PoolShares::of(&starved(), (PoolScope::Request, None), 1000, &pressure, 0.9).unwrap();
         // Worker time 50 ms: 39 ms in c's subtree, 1 ms on the link, 10 ms own.
         assert!((shares.own - 0.2).abs() < 0.02, "{shares:?}");
         let (link, subtree) = shares.callee_us("c", 50_000);
@@ -118,16 +170,57 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_that_would_not_queue_without_the_callee_under_pressure_is_wholly_its_doing() {
+        let pressure: HashMap<String, f64> = [("c".to_string(), 1.4)].into();
+        // Worker time 5 s in a 1 s window, 1 s of it outside c (its own 10 ms per request): one worker busy on
+        // average without c. A pool of 4 would not have queued (1 < 0.9 × 4); a pool of 1 would have.
+        let whole = PoolShares::of(&starved(), (PoolScope::Request, Some(4.0)), 1000, &pressure, 0.9).unwrap();
+        assert_eq!(whole.own, 0.0);
+        let (link, subtree) = whole.callee_us("c", 50_000);
+        assert!(link + subtree >= 49_900 && link + subtree <= 50_000, "{link} {subtree}");
+        assert!((1_100..=1_400).contains(&link), "the link keeps its share of the attributed time: {link}");
+        let shared = PoolShares::of(&starved(), (PoolScope::Request, Some(1.0)), 1000, &pressure, 0.9).unwrap();
+        assert!((shared.own - 0.2).abs() < 0.02, "{shared:?}");
+        // A calm callee is still the service's own cost, whatever the pool's size; and a pool shrunk below its
+        // declared 100 workers (5 busy on average) is full by its own doing: the link's 2 % moves nothing more.
+        let calm: HashMap<String, f64> = [("c".to_string(), 0.3)].into();
+        for size in [4.0, 100.0] {
+            let own = PoolShares::of(&starved(), (PoolScope::Request, Some(size)), 1000, &calm, 0.9).unwrap();
+            assert!((own.own - 0.98).abs() < 0.01, "{own:?}");
+        }
+    }
+
+    #[test]
+    fn workers_waiting_on_a_slow_link_deeper_in_a_calm_subtree_are_the_links() {
+        // c's subtree is calm, but 30 of each call's 40 ms were its largest wait: the link from c to d.
+        let mut stats = starved();
+        let edge = stats.outbound.get_mut("c").unwrap();
+        edge.remote_wait = histogram(30_000, 100);
+        let link = WaitPoint::Net { from: "c".into(), to: "d".into() };
+        edge.remote_wait_at = vec![(link, 100, 30_000)];
+        let calm: HashMap<String, f64> = [("c".to_string(), 0.3)].into();
+        let shares = PoolShares::of(&stats, (PoolScope::Request, None), 1000, &calm, 0.9).unwrap();
+        // Of 50 ms of worker time: 1 on the link to c, 30 on the link below it, 19 the service's own.
+        assert!((shares.own - 0.38).abs() < 0.02, "{shares:?}");
+        assert_eq!(shares.holders(), vec![Arc::from("c")]);
+        // Calls whose largest wait was a service's own work hold nothing of a link's.
+        let edge = stats.outbound.get_mut("c").unwrap();
+        edge.remote_wait_at = vec![(WaitPoint::Local { service: "d".into() }, 100, 30_000)];
+        let shares = PoolShares::of(&stats, (PoolScope::Request, None), 1000, &calm, 0.9).unwrap();
+        assert!((shares.own - 0.98).abs() < 0.01, "{shares:?}");
+    }
+
+    #[test]
     fn a_callee_slow_by_design_is_the_service_s_own_cost() {
         let calm: HashMap<String, f64> = [("c".to_string(), 0.3)].into();
-        let shares = PoolShares::of(&starved(), PoolScope::Request, &calm, 0.9).unwrap();
+        let shares = PoolShares::of(&starved(), (PoolScope::Request, None), 1000, &calm, 0.9).unwrap();
         // Only the link's 1 ms of 50 leaves the service.
         assert!((shares.own - 0.98).abs() < 0.01, "{shares:?}");
         assert!(shares.holders().is_empty());
         // An async service's workers hold nothing across calls; nothing to share without a queue.
-        assert_eq!(PoolShares::of(&starved(), PoolScope::Own, &calm, 0.9), None);
+        assert_eq!(PoolShares::of(&starved(), (PoolScope::Own, None), 1000, &calm, 0.9), None);
         let mut no_queue = starved();
         no_queue.pool_wait = Histogram::new();
-        assert_eq!(PoolShares::of(&no_queue, PoolScope::Request, &calm, 0.9), None);
+        assert_eq!(PoolShares::of(&no_queue, (PoolScope::Request, None), 1000, &calm, 0.9), None);
     }
 }

@@ -118,15 +118,25 @@ impl Neighbors {
             return Heard::UnknownAgent;
         };
         agent.failed = false;
-        neighbor.last_window = Some(neighbor.last_window.map_or(report.window_id, |w| w.max(report.window_id)));
-        if report.decision.is_some() {
-            neighbor.last_decision = report.decision.clone();
-        }
-        if report.utilization.is_some() {
-            neighbor.cpu_utilization = report.utilization;
+        // Reports travel concurrently and may arrive out of order: an older window's never replaces a newer's.
+        let newest = neighbor.last_window.is_none_or(|last| report.window_id >= last);
+        if newest {
+            neighbor.last_window = Some(report.window_id);
+            if report.decision.is_some() {
+                neighbor.last_decision = report.decision.clone();
+            }
+            if report.utilization.is_some() {
+                neighbor.cpu_utilization = report.utilization;
+            }
         }
         if let Some(load) = report.subtree_utilization {
-            agent.subtree_utilization = Some((report.window_id, load));
+            agent.subtree_utilization = match agent.subtree_utilization {
+                Some((known, _)) if known > report.window_id => agent.subtree_utilization,
+                // Within a window the pressure an agent reports only rises (news of a callee's, §1.7), so the
+                // window's first report arriving after its news must not lower it.
+                Some((known, earlier)) if known == report.window_id => Some((known, earlier.max(load))),
+                _ => Some((report.window_id, load)),
+            };
         }
         Heard::Known
     }
@@ -207,6 +217,24 @@ mod tests {
         // A known name from an agent no edge named: not heard, nothing noted.
         assert_eq!(neighbors.heard_from(&report("a", "127.0.9.9:9797", 1, Some(5.0))), Heard::UnknownAgent);
         assert_eq!(neighbors.get("a").unwrap().cpu_utilization, None);
+    }
+
+    #[test]
+    fn reports_arriving_out_of_order_never_lower_what_is_known() {
+        let mut neighbors = Neighbors::new(4);
+        neighbors.learn("b", "127.0.0.2:9797", 1);
+        let b = |neighbors: &Neighbors| neighbors.get("b").unwrap().subtree_utilization(0);
+        // Window 7's report, then its news (a callee's pressure), then window 7's first report arriving late.
+        neighbors.heard_from(&report("b", "127.0.0.2:9797", 7, Some(0.6)));
+        neighbors.heard_from(&report("b", "127.0.0.2:9797", 7, Some(2.8)));
+        neighbors.heard_from(&report("b", "127.0.0.2:9797", 7, Some(0.6)));
+        assert_eq!(b(&neighbors), Some(2.8));
+        // An older window's report arriving after a newer one changes nothing.
+        neighbors.heard_from(&report("b", "127.0.0.2:9797", 8, Some(0.4)));
+        neighbors.heard_from(&report("b", "127.0.0.2:9797", 6, Some(3.0)));
+        assert_eq!(b(&neighbors), Some(0.4));
+        assert_eq!(neighbors.get("b").unwrap().cpu_utilization, Some(0.4));
+        assert_eq!(neighbors.get("b").unwrap().last_window, Some(8));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! What an agent sends after deciding a window: one report to each agent of each neighbour on an edge with
-//! traffic, and with the reports to the callees its decision names, the delegation — passed on with the path it
+//! traffic (and to the callers beyond the edge cap, a report without an edge), and with the reports to the callees its decision names, the delegation — passed on with the path it
 //! came down.
 
 use std::sync::Arc;
@@ -106,6 +106,59 @@ pub fn reports(
                 });
             }
         }
+        for (caller, agents) in &stats.callers_beyond_cap {
+            let report = head.to_caller_beyond_cap();
+            for agent in agents {
+                outbox.push(Outgoing { service: caller.to_string(), agent: agent.to_string(), report: report.clone() });
+            }
+        }
     }
     outbox
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::stats::InboundStats;
+
+    #[test]
+    fn callers_beyond_the_edge_cap_are_told_without_an_edge() {
+        let mut stats = WindowStats::new(9);
+        stats.inbound.insert(
+            "kept".into(),
+            InboundStats { caller_agents: vec!["127.0.0.2:9797".into()], requests: 40, ..InboundStats::default() },
+        );
+        stats.callers_beyond_cap.insert("beyond".into(), vec!["127.0.0.3:9797".into(), "127.0.0.4:9797".into()]);
+        let from = Sender {
+            service: "shared",
+            agent: "127.0.0.1:9797",
+            window_ms: 1000,
+            load: Utilization { pool: 2.5, ..Utilization::default() },
+            callees_utilization: 0.0,
+        };
+        let decision = Decision::no_data("test");
+        let sent = |to| -> Vec<(String, String, bool, f64)> {
+            let mut sent: Vec<_> = reports(&from, &stats, &decision, None, to)
+                .into_iter()
+                .map(|out| {
+                    let pressure = out.report.summary.map_or(0.0, |summary| summary.subtree_utilization);
+                    (out.service, out.agent, out.report.edge.is_some(), pressure)
+                })
+                .collect();
+            sent.sort_by(|a, b| a.1.cmp(&b.1));
+            sent
+        };
+        let expected = vec![
+            ("kept".to_string(), "127.0.0.2:9797".to_string(), true, 2.5),
+            ("beyond".to_string(), "127.0.0.3:9797".to_string(), false, 2.5),
+            ("beyond".to_string(), "127.0.0.4:9797".to_string(), false, 2.5),
+        ];
+        assert_eq!(sent(Recipients::All), expected);
+        assert_eq!(sent(Recipients::Callers), expected);
+        assert!(sent(Recipients::Callees(&[])).is_empty());
+        // An edge-less report is valid.
+        let report = reports(&from, &stats, &decision, None, Recipients::Callers).pop().unwrap().report;
+        assert!(report.edge.is_none());
+        assert!(crate::exchange::report::validate(&report, 1000).is_ok());
+    }
 }

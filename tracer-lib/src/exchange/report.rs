@@ -72,14 +72,14 @@ pub struct ReportHead<'a> {
 }
 
 impl ReportHead<'_> {
-    fn report(&self, edge: proto::EdgeView, delegation: Option<proto::Delegation>) -> proto::NeighborReport {
+    fn report(&self, edge: Option<proto::EdgeView>, delegation: Option<proto::Delegation>) -> proto::NeighborReport {
         proto::NeighborReport {
             version: REPORT_VERSION,
             from_service: self.service.to_string(),
             from_agent: self.agent.to_string(),
             window_id: self.window_id,
             window_ms: u32::try_from(self.window_ms).unwrap_or(u32::MAX),
-            edge: Some(edge),
+            edge,
             summary: Some(*self.summary),
             decision: Some(self.decision.clone()),
             delegation,
@@ -98,7 +98,13 @@ impl ReportHead<'_> {
                 total: Some(edge.total.to_proto()),
             }),
         };
-        self.report(edge, None)
+        self.report(Some(edge), None)
+    }
+
+    /// The report to a caller beyond the sender's edge cap: no edge (none was measured), the summary and the
+    /// decision only — what a caller needs to know of its callee's pressure.
+    pub fn to_caller_beyond_cap(&self) -> proto::NeighborReport {
+        self.report(None, None)
     }
 
     /// The report to a callee: the caller's side of the edge, and a delegation if the caller suspects the
@@ -125,7 +131,7 @@ impl ReportHead<'_> {
             }),
             as_callee: None,
         };
-        self.report(edge, delegation)
+        self.report(Some(edge), delegation)
     }
 }
 
