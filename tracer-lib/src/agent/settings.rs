@@ -27,9 +27,8 @@ use std::{
 
 /// How long a report to a neighbour may take, by default.
 pub const DEFAULT_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Neighbour services tracked at most, by default: every caller and callee a window with the default edge cap
-/// names (its measured edges each way, and the callers beyond the cap it still reports to).
-pub const DEFAULT_MAX_NEIGHBORS: usize = 2 * crate::DEFAULT_EDGE_CAP + crate::aggregate::MAX_CALLERS_BEYOND_CAP;
+/// Neighbour services tracked at most, by default.
+pub const DEFAULT_MAX_NEIGHBORS: usize = 256;
 
 use crate::{
     Error, Observer,

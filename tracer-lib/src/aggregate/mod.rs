@@ -8,7 +8,9 @@
 //!
 //! Memory is bounded: each shard holds at most [`MAX_OPEN_WINDOWS`] windows (older ones are dropped and counted
 //! when nobody closes windows) and each window at most 4 × `edge_cap` edges each way, however many distinct caller
-//! names arrive. A closed window keeps the `edge_cap` busiest edges each way; the rest are counted as overflow.
+//! names arrive, plus the agent addresses of at most [`MAX_CALLERS_BEYOND_CAP`] callers beyond the cap (8 each).
+//! A closed window keeps the `edge_cap` busiest edges each way; the rest are counted as overflow, and the callers
+//! among them keep their agents so the window's reports still reach them.
 
 pub mod histogram;
 pub mod stats;
@@ -289,6 +291,35 @@ mod tests {
         assert_eq!(closed.inbound_overflow, callers.len() as u64);
         assert_eq!(closed.callers_beyond_cap.len(), MAX_CALLERS_BEYOND_CAP);
         assert!(closed.callers_beyond_cap.keys().all(|caller| caller.starts_with("caller-")));
+    }
+
+    #[test]
+    fn callers_whose_edges_were_trimmed_come_before_names_only_heard_of() {
+        let mut stats = WindowStats::new(3);
+        for (caller, requests) in [("busy", 10), ("steady", 5), ("rare", 2), ("rarer", 1)] {
+            let edge = stats.inbound.entry(caller.into()).or_default();
+            edge.requests = requests;
+            edge.caller_agents = vec!["127.0.0.2:9797".into()];
+        }
+        // The list of callers beyond the cap is full: names only heard of (spoofed, say), and "steady".
+        for i in 0..MAX_CALLERS_BEYOND_CAP - 1 {
+            stats.callers_beyond_cap.insert(format!("heard-{i:04}").into(), vec!["127.0.0.3:9797".into()]);
+        }
+        stats.callers_beyond_cap.insert("steady".into(), vec!["127.0.0.3:9797".into()]);
+        stats.keep_busiest(2);
+        assert_eq!(
+            stats.inbound.keys().map(|c| &**c).collect::<std::collections::BTreeSet<_>>(),
+            ["busy", "steady"].into()
+        );
+        assert_eq!(stats.inbound_overflow, 3);
+        // "steady" kept its edge, so it leaves the list; "rare" and "rarer" were measured, so they take places
+        // before any name only heard of; the last of those (by name) makes room.
+        assert_eq!(stats.callers_beyond_cap.len(), MAX_CALLERS_BEYOND_CAP);
+        assert!(!stats.callers_beyond_cap.contains_key("steady"));
+        assert_eq!(stats.callers_beyond_cap["rare"], vec![Box::<str>::from("127.0.0.2:9797")]);
+        assert!(stats.callers_beyond_cap.contains_key("rarer"));
+        assert!(stats.callers_beyond_cap.contains_key("heard-0000"));
+        assert!(!stats.callers_beyond_cap.contains_key(format!("heard-{:04}", MAX_CALLERS_BEYOND_CAP - 2).as_str()));
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub const AGENTS_PER_EDGE: usize = 8;
 /// that its reports reach every caller: a caller whose workers wait on this service must hear its pressure
 /// (docs/DESIGN.md §1.7), however many callers a shared service has.
 pub const MAX_CALLERS_BEYOND_CAP: usize = 1024;
-/// Wait points kept per outbound edge; rarer ones are dropped from the list (their waits still count in
-/// `remote_wait`).
+/// Wait points kept per outbound edge: the first this many seen in a window; later ones are left out of the list
+/// (their waits still count in `remote_wait`).
 pub const WAIT_POINTS_PER_EDGE: usize = 4;
 
 /// Adds `agent` to a bounded list of agent addresses.
@@ -114,8 +114,9 @@ pub struct WindowStats {
     pub outbound: HashMap<Arc<str>, OutboundStats>,
     pub inbound_overflow: u64,
     pub outbound_overflow: u64,
-    /// Callers whose edges were not kept (beyond the cap): their agents only, at most [`MAX_CALLERS_BEYOND_CAP`],
-    /// first come first kept. Their requests count in `inbound_overflow`.
+    /// Callers whose edges were not kept (beyond the cap): their agents only, at most [`MAX_CALLERS_BEYOND_CAP`];
+    /// while a shard records, first come first kept; on closing, the callers whose edges were trimmed first. Their
+    /// requests count in `inbound_overflow`.
     pub callers_beyond_cap: HashMap<Box<str>, Vec<Box<str>>>,
     /// Calls made for a request that could not be named (a sidecar's application that does not pass the trace
     /// context on): their time is in the requests' `local_wait`, not in `downstream`.
@@ -270,22 +271,29 @@ impl WindowStats {
     }
 
     /// Keeps the `cap` busiest edges each way and counts the rest as overflow, so names that arrive first (a
-    /// flood of spoofed callers early in a window) cannot crowd out real neighbours.
-    /// The callers trimmed keep their agents among the callers beyond the cap.
+    /// flood of spoofed callers early in a window) cannot crowd out real neighbours. The callers trimmed keep their
+    /// agents among the callers beyond the cap, busiest first and ahead of names only heard of there.
     pub(crate) fn keep_busiest(&mut self, cap: usize) {
-        for (caller, edge) in trim(&mut self.inbound, cap, |edge| edge.requests) {
+        let trimmed = trim(&mut self.inbound, cap, |edge| edge.requests);
+        // A caller whose edge is kept after all (busier in another shard) is told through it.
+        let inbound = &self.inbound;
+        self.callers_beyond_cap.retain(|caller, _| !inbound.contains_key(caller));
+        let heard_of = std::mem::take(&mut self.callers_beyond_cap);
+        for (caller, edge) in trimmed {
             self.inbound_overflow += edge.requests;
             for agent in &edge.caller_agents {
                 self.note_caller_beyond_cap(&caller, agent);
             }
         }
+        let mut heard_of: Vec<_> = heard_of.into_iter().collect();
+        heard_of.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (caller, agents) in heard_of {
+            for agent in &agents {
+                self.note_caller_beyond_cap(&caller, agent);
+            }
+        }
         self.outbound_overflow +=
             trim(&mut self.outbound, cap, |edge| edge.calls).iter().map(|(_, edge)| edge.calls).sum::<u64>();
-        // A caller whose edge is kept after all (busier in another shard) is told through it.
-        if !self.callers_beyond_cap.is_empty() {
-            let inbound = &self.inbound;
-            self.callers_beyond_cap.retain(|caller, _| !inbound.contains_key(caller));
-        }
     }
 
     /// Keeps `agent` of `caller`, a caller beyond the edge cap, while there is room.
@@ -337,7 +345,8 @@ impl WindowStats {
     }
 }
 
-/// Removes all but the `cap` entries with the largest `count` (ties by name); returns the removed entries.
+/// Removes all but the `cap` entries with the largest `count` (ties by name); returns the removed entries, busiest
+/// first.
 fn trim<K: Ord + Clone + std::hash::Hash + Eq, V>(
     map: &mut HashMap<K, V>,
     cap: usize,

@@ -156,11 +156,6 @@ impl Decider {
                 self.neighbors.learn(callee, agent, stats.window_id);
             }
         }
-        for (caller, agents) in &stats.callers_beyond_cap {
-            for agent in agents {
-                self.neighbors.learn(caller, agent, stats.window_id);
-            }
-        }
         self.neighbors.expire(stats.window_id.saturating_sub(EXPIRE_AFTER));
         let received = self.inbox.window_closed(&self.config.service, &mut self.neighbors, stats.window_id);
         if let Some(previous) = &self.window {

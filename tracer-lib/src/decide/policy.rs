@@ -345,9 +345,9 @@ fn ms(us: u64) -> String {
     format!("{:.1}ms", us as f64 / 1000.0)
 }
 
-/// The waits a triggered service compares, largest first. A pool held across calls has its queue shared out:
-/// the part held by links and by callees under pressure moves from the service's own wait to theirs. Calls not
-/// tied to their requests have the window's share of their time taken out of the service's own wait.
+/// The waits a triggered service compares, largest first. A pool held across calls has its queue shared out
+/// (`decide/pool.rs`): the part held by links and by callees' subtrees moves from the service's own wait to theirs.
+/// Calls not tied to their requests have the window's share of their time taken out of the service's own wait.
 fn candidates(
     input: &PolicyInput<'_>,
     config: &PolicyConfig,

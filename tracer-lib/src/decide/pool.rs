@@ -6,9 +6,10 @@
 //! the service's `local_wait`) is shared out in proportion to that worker time, so that a caller starved by a slow
 //! callee delegates to it instead of naming itself.
 //!
-//! When the pool's size is known and the workers' time outside those subtrees and links would not have filled it
-//! (below the saturation level of the workers it really has), the queue is wholly theirs: without them nothing
-//! would have queued, however much of the workers' time the service's own work and its calm callees take.
+//! When a callee's subtree under pressure holds workers, the pool's size is known, and the workers' other time, at
+//! the rate requests arrive, would not have filled it (below the saturation level of the workers it really has),
+//! the queue is wholly the pressured subtrees' and the links': without them nothing would have queued, however
+//! much of the workers' time the service's own work and its calm callees take.
 //!
 //! Worker time in a callee's subtree counts as the callee's only when that subtree is under pressure — the
 //! callee's reports say some service in it is at or above the saturation level — or when it was spent waiting on a
@@ -28,16 +29,23 @@ use crate::{
 /// How one window's pool wait divides.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PoolShares {
-    /// Fraction of worker time that was the service's own (its work, its other waits, calls to callees not under
-    /// pressure).
+    /// Fraction of pool wait that is the service's own: its share of worker time (its work, its other waits, its
+    /// calls to calm callees), or none when the queue is wholly the pressured subtrees' (above).
     pub own: f64,
-    /// Per callee: the fraction of worker time on the link to it, and inside its subtree while under pressure.
+    /// Per callee: the fraction on the link to it, and in its subtree (while under pressure, or waiting on a link
+    /// deeper in it).
     pub callees: HashMap<Arc<str>, (f64, f64)>,
 }
 
-/// The time calls to a callee waited on links in its subtree: the largest waits of the calls that named a link
-/// as their largest, estimated as the links' share of the named points times the edge's summed largest waits.
+/// The time calls to a callee waited on links in its subtree, when a link is the subtree's usual largest wait: the
+/// links' share of the named points times the edge's summed largest waits.
 fn deeper_links_us(edge: &OutboundStats) -> f64 {
+    // Only where a link is the subtree's usual largest wait: that is the point the rule compares for this callee
+    // (`policy::candidates`), so the time moved there lands on the link.
+    let usual = edge.remote_wait_at.iter().max_by_key(|(_, count, max_us)| (*count, *max_us));
+    if !usual.is_some_and(|(point, _, _)| matches!(point, WaitPoint::Net { .. })) {
+        return 0.0;
+    }
     let (mut at_links, mut named) = (0_u64, 0_u64);
     for (point, count, _) in &edge.remote_wait_at {
         named = named.saturating_add(*count);
@@ -77,11 +85,14 @@ impl PoolShares {
         let scale = (downstream_us / calls_us).min(1.0);
         let mut callees = HashMap::new();
         let mut attributed = 0.0;
+        // The part held in subtrees under pressure: what can make a pool queue that would not otherwise.
+        let mut pressed = 0.0;
         for (callee, edge) in &stats.outbound {
             let in_callee = edge.client_total.sum_us() as f64 * scale;
             let on_link = (edge.net_wait.sum_us() as f64 * scale).min(in_callee);
             let under_pressure = pressure.get(&**callee).is_some_and(|load| *load >= saturation);
             let in_subtree = if under_pressure {
+                pressed += (in_callee - on_link) / worker_us;
                 in_callee - on_link
             } else {
                 // Calls whose largest wait was a link deeper in the subtree held their workers waiting on it.
@@ -91,13 +102,17 @@ impl PoolShares {
             attributed += link + subtree;
             callees.insert(callee.clone(), (link, subtree));
         }
-        // Workers busy on average without the attributed time: below saturation, the queue is all theirs. The
-        // pool is full (something queued), so the workers busy on average are as many as it really has: fewer
-        // than declared when a fault shrank it, and then the declared size would flatter it.
+        // The workers the requests' other time would keep busy at the rate they arrive (a full pool completes
+        // fewer than arrive): below saturation of the workers it really has, nothing would have queued without the
+        // subtrees under pressure, and the queue is all theirs and the links'. The pool is full (something
+        // queued), so the workers busy on average are as many as it has: fewer than declared when a fault shrank
+        // it, and then the declared size would flatter it.
         let seconds = (window_ms as f64 / 1000.0).max(0.001);
         let in_flight = worker_us / 1e6 / seconds;
-        let rest_in_flight = in_flight * (1.0 - attributed).max(0.0);
-        let would_not_queue = size.is_some_and(|size| size > 0.0 && rest_in_flight < saturation * size.min(in_flight));
+        let demand = stats.arrivals.max(stats.requests) as f64 / stats.requests.max(1) as f64;
+        let rest_in_flight = in_flight * (1.0 - attributed).max(0.0) * demand;
+        let would_not_queue =
+            pressed > 0.0 && size.is_some_and(|size| size > 0.0 && rest_in_flight < saturation * size.min(in_flight));
         if would_not_queue && attributed > 0.0 {
             for (link, subtree) in callees.values_mut() {
                 *link /= attributed;
@@ -114,7 +129,7 @@ impl PoolShares {
         ((link * pool_us as f64) as u64, (subtree * pool_us as f64) as u64)
     }
 
-    /// The fraction of worker time held by callees under pressure (their subtrees and links).
+    /// The fraction held by callees (their links, their subtrees under pressure, the links deeper in them).
     pub fn held_by_callees(&self) -> f64 {
         self.callees.values().map(|(link, subtree)| link + subtree).sum::<f64>().min(1.0)
     }
@@ -180,6 +195,12 @@ mod tests {
         assert!(link + subtree >= 49_900 && link + subtree <= 50_000, "{link} {subtree}");
         assert!((1_100..=1_400).contains(&link), "the link keeps its share of the attributed time: {link}");
         let shared = PoolShares::of(&starved(), (PoolScope::Request, Some(1.0)), 1000, &pressure, 0.9).unwrap();
+        assert!((shared.own - 0.2).abs() < 0.02, "{shared:?}");
+        // Four times as many arrived as completed: at that rate the other time alone keeps 4 workers busy, over
+        // 0.9 × 4, so the pool would have queued anyway and the queue is shared.
+        let mut flooded = starved();
+        flooded.arrivals = 400;
+        let shared = PoolShares::of(&flooded, (PoolScope::Request, Some(4.0)), 1000, &pressure, 0.9).unwrap();
         assert!((shared.own - 0.2).abs() < 0.02, "{shared:?}");
         // A calm callee is still the service's own cost, whatever the pool's size; and a pool shrunk below its
         // declared 100 workers (5 busy on average) is full by its own doing: the link's 2 % moves nothing more.

@@ -229,10 +229,15 @@ mod tests {
         neighbors.heard_from(&report("b", "127.0.0.2:9797", 7, Some(2.8)));
         neighbors.heard_from(&report("b", "127.0.0.2:9797", 7, Some(0.6)));
         assert_eq!(b(&neighbors), Some(2.8));
-        // An older window's report arriving after a newer one changes nothing.
-        neighbors.heard_from(&report("b", "127.0.0.2:9797", 8, Some(0.4)));
-        neighbors.heard_from(&report("b", "127.0.0.2:9797", 6, Some(3.0)));
+        // An older window's report arriving after a newer one changes nothing: pressure, CPU or decision.
+        let decided = |window_id, utilization, kind: &str| ValidReport {
+            decision: Some(proto::Decision { kind: kind.into(), ..proto::Decision::default() }),
+            ..report("b", "127.0.0.2:9797", window_id, Some(utilization))
+        };
+        neighbors.heard_from(&decided(8, 0.4, "cpu"));
+        neighbors.heard_from(&decided(6, 3.0, "local"));
         assert_eq!(b(&neighbors), Some(0.4));
+        assert_eq!(neighbors.get("b").unwrap().last_decision.as_ref().map(|d| d.kind.as_str()), Some("cpu"));
         assert_eq!(neighbors.get("b").unwrap().cpu_utilization, Some(0.4));
         assert_eq!(neighbors.get("b").unwrap().last_window, Some(8));
     }

@@ -1,6 +1,6 @@
 //! What an agent sends after deciding a window: one report to each agent of each neighbour on an edge with
-//! traffic (and to the callers beyond the edge cap, a report without an edge), and with the reports to the callees its decision names, the delegation — passed on with the path it
-//! came down.
+//! traffic (and a report without an edge to the callers beyond the edge cap), and with the reports to the callees
+//! its decision names, the delegation — passed on with the path it came down.
 
 use std::sync::Arc;
 
@@ -106,10 +106,17 @@ pub fn reports(
                 });
             }
         }
-        for (caller, agents) in &stats.callers_beyond_cap {
+        // Callers beyond the edge cap: one report, without an edge, for all of them.
+        if !stats.callers_beyond_cap.is_empty() {
             let report = head.to_caller_beyond_cap();
-            for agent in agents {
-                outbox.push(Outgoing { service: caller.to_string(), agent: agent.to_string(), report: report.clone() });
+            for (caller, agents) in &stats.callers_beyond_cap {
+                for agent in agents {
+                    outbox.push(Outgoing {
+                        service: caller.to_string(),
+                        agent: agent.to_string(),
+                        report: report.clone(),
+                    });
+                }
             }
         }
     }

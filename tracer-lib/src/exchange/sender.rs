@@ -1,6 +1,8 @@
 //! Sends reports to neighbour agents: concurrently, each bounded by a timeout, over cached gRPC channels, with the
 //! report's proof (a MAC under the mesh key), the shared token and TLS when configured. Runs on the agent's tasks,
-//! never on the request path. It only ever dials agents learned from this service's own edges.
+//! never on the request path. It only ever dials agents this service's own traffic named: its edges' and, without
+//! edges, its callers' beyond the edge cap. A shared service with more callers than the cache holds reconnects to
+//! some of them every window (not measured on a cluster).
 
 use std::{sync::Arc, time::Duration};
 
