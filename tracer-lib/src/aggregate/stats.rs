@@ -65,6 +65,12 @@ pub struct OutboundStats {
 }
 
 impl OutboundStats {
+    /// Where the callee's subtree waited most often this window (the largest `max_us` among equals); `None` when
+    /// its responses named no point.
+    pub fn usual_wait_point(&self) -> Option<&WaitPoint> {
+        self.remote_wait_at.iter().max_by_key(|(_, count, max_us)| (*count, *max_us)).map(|(point, _, _)| point)
+    }
+
     fn note_wait_point(&mut self, point: WaitPointRef<'_>, count: u64, max_us: u64) {
         if let Some(entry) = self.remote_wait_at.iter_mut().find(|(known, _, _)| known.as_ref() == point) {
             entry.1 = entry.1.saturating_add(count);

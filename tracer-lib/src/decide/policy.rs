@@ -375,12 +375,7 @@ fn candidates(
             });
         }
         // Where the callee's subtree waited most often; the callee itself when it did not say.
-        let point = edge
-            .remote_wait_at
-            .iter()
-            .max_by_key(|(_, count, max_us)| (*count, *max_us))
-            .map(|(point, _, _)| point.clone())
-            .unwrap_or_else(|| WaitPoint::Local { service: callee.clone() });
+        let point = edge.usual_wait_point().cloned().unwrap_or_else(|| WaitPoint::Local { service: callee.clone() });
         compared.push(Compared {
             point,
             us: at(&edge.remote_wait, percentile) + in_subtree,

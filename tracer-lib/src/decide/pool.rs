@@ -41,9 +41,8 @@ pub struct PoolShares {
 /// links' share of the named points times the edge's summed largest waits.
 fn deeper_links_us(edge: &OutboundStats) -> f64 {
     // Only where a link is the subtree's usual largest wait: that is the point the rule compares for this callee
-    // (`policy::candidates`), so the time moved there lands on the link.
-    let usual = edge.remote_wait_at.iter().max_by_key(|(_, count, max_us)| (*count, *max_us));
-    if !usual.is_some_and(|(point, _, _)| matches!(point, WaitPoint::Net { .. })) {
+    // (`policy::candidates` reads the same `usual_wait_point`), so the time moved there lands on the link.
+    if !edge.usual_wait_point().is_some_and(|point| matches!(point, WaitPoint::Net { .. })) {
         return 0.0;
     }
     let (mut at_links, mut named) = (0_u64, 0_u64);
