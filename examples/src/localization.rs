@@ -248,9 +248,35 @@ pub fn faulty_link(topology: &Topology, fault: &Fault) -> Result<(String, String
     }
 }
 
+/// How much of the tree above a culprit must have delegated toward it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Every service above it.
+    EveryAncestor,
+    /// From every entry above it, a chain of delegations; an ancestor off that chain may not have decided yet
+    /// (healthy, idle, too little data), but none acts elsewhere. Sampled runs: a branch whose calls end seconds
+    /// after they start (the diamond's second branch behind a cut shared service) can have no measured call end
+    /// in the first windows, so its caller has nothing through it to compare — the entry still reaches the culprit
+    /// through the other branch, and scaling the culprit is the whole decision.
+    EveryEntry,
+}
+
+impl Reach {
+    /// The reach a run with `settings` is held to.
+    pub fn for_settings(settings: &Settings) -> Self {
+        if settings.sample.is_sampling() { Reach::EveryEntry } else { Reach::EveryAncestor }
+    }
+}
+
 /// Whether a window's verdicts localise `fault`: the right service says root-cause (or, for a link, the caller
-/// says network on that link), every service above it delegated toward it, and nobody else says root-cause.
-pub fn localized(topology: &Topology, verdicts: &BTreeMap<String, Seen>, fault: &Fault) -> Result<(), String> {
+/// says network on that link), the services above it delegated toward it (as `reach` asks), and nobody else says
+/// root-cause.
+pub fn localized(
+    topology: &Topology,
+    verdicts: &BTreeMap<String, Seen>,
+    fault: &Fault,
+    reach: Reach,
+) -> Result<(), String> {
     // Every problem of the window, not the first only: a miss reads as the whole picture.
     let mut problems = Vec::new();
     let culprit = match fault.kind {
@@ -282,6 +308,11 @@ pub fn localized(topology: &Topology, verdicts: &BTreeMap<String, Seen>, fault: 
             topology.callees(ancestor).into_iter().filter(|c| *c == culprit || ancestors.contains(c)).collect();
         // Delegated toward the culprit, and only toward it.
         let only_toward = !seen.delegated_to.is_empty() && seen.delegated_to.iter().all(|d| toward.contains(d));
+        let undecided =
+            matches!(seen.verdict, WireVerdict::Healthy | WireVerdict::Idle | WireVerdict::InsufficientData);
+        if reach == Reach::EveryEntry && undecided {
+            continue; // held to the chains from the entries, below
+        }
         if seen.verdict != WireVerdict::Delegated || !only_toward {
             // What its callers compared: why they did, or did not, delegate to it.
             let callers: Vec<String> = verdicts
@@ -298,6 +329,13 @@ pub fn localized(topology: &Topology, verdicts: &BTreeMap<String, Seen>, fault: 
             ));
         }
     }
+    if reach == Reach::EveryEntry {
+        for entry in ancestors.iter().filter(|service| topology.ancestors(service).is_empty()) {
+            if !delegations_reach(verdicts, entry, &culprit) {
+                problems.push(format!("no chain of delegations from {entry} reaches {culprit}"));
+            }
+        }
+    }
     for (service, seen) in verdicts {
         if seen.verdict == WireVerdict::RootCause && matches!(fault.kind, FaultKind::Link(_)) {
             problems.push(format!("{service} says root-cause for a slow link ({})", seen.reason));
@@ -306,6 +344,22 @@ pub fn localized(topology: &Topology, verdicts: &BTreeMap<String, Seen>, fault: 
         }
     }
     if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+}
+
+/// Whether following `from`'s delegations, and theirs, arrives at `culprit`.
+fn delegations_reach(verdicts: &BTreeMap<String, Seen>, from: &str, culprit: &str) -> bool {
+    let mut seen_services = BTreeSet::new();
+    let mut next = vec![from.to_owned()];
+    while let Some(service) = next.pop() {
+        if service == culprit {
+            return true;
+        }
+        let Some(seen) = verdicts.get(&service) else { continue };
+        if seen.verdict == WireVerdict::Delegated && seen_services.insert(service) {
+            next.extend(seen.delegated_to.iter().cloned());
+        }
+    }
+    false
 }
 
 /// The outcome of one scenario.
@@ -336,7 +390,8 @@ pub fn run_scenario(
     }
     let running = Running::start(topology.clone(), settings)?;
     running.wait_for_window(running.window_now());
-    let outcome = running.inject(fault).map(|()| check_windows(&running, fault, max_windows));
+    let outcome =
+        running.inject(fault).map(|()| check_windows(&running, fault, max_windows, Reach::for_settings(settings)));
     let bytes_per_report = {
         let (reports, bytes) = running
             .views()
@@ -352,7 +407,7 @@ pub fn run_scenario(
     Ok(result)
 }
 
-fn check_windows(running: &Running, fault: &Fault, max_windows: u32) -> ScenarioResult {
+fn check_windows(running: &Running, fault: &Fault, max_windows: u32, reach: Reach) -> ScenarioResult {
     let injected = running.window_now();
     let mut result = ScenarioResult {
         detected_in: None,
@@ -369,7 +424,7 @@ fn check_windows(running: &Running, fault: &Fault, max_windows: u32) -> Scenario
             .filter(|(_, seen)| seen.verdict == WireVerdict::RootCause)
             .map(|(name, _)| name.clone())
             .collect();
-        let outcome = localized(&running.topology, &verdicts, fault);
+        let outcome = localized(&running.topology, &verdicts, fault, reach);
         result.last_verdicts = verdicts;
         match outcome {
             Ok(()) => {

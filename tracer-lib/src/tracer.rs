@@ -350,9 +350,10 @@ impl Tracer {
         }
     }
 
-    /// The window a request or call proves its membership for (0 without a mesh key). Kept by the window closer,
-    /// so the request path reads an atomic instead of the clock.
-    pub(crate) fn proof_window(&self) -> u64 {
+    /// The window a request or call proves its membership for, and received proofs are checked against (0
+    /// without a mesh key). Kept by the window closer, so the request path reads an atomic instead of the clock;
+    /// it trails the clock by the closer's grace, and by more when the closer is held up.
+    pub fn proof_window(&self) -> u64 {
         self.shared.membership.as_ref().map_or(0, Membership::current_window)
     }
 

@@ -115,13 +115,14 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let fallback = match (&self.layer.callee, request.uri().authority()) {
+        // Made only for a measured call: a left-out one clones nothing.
+        let fallback = || match (&self.layer.callee, request.uri().authority()) {
             (Callee::Named(name), _) => Fallback::Named(name.clone()),
             (Callee::Learned(_), Some(authority)) => Fallback::Authority(authority.clone()),
             (Callee::Learned(learned), None) => Fallback::Learned(learned.clone()),
         };
         let tracer = &self.layer.tracer;
-        let call = Call::start(tracer.clone(), fallback, self.layer.untied);
+        let call = Call::start(tracer, fallback, self.layer.untied);
         if self.layer.send_caller {
             // A call left out of the sample still names its caller, marked so the callee leaves it out too.
             let window = call.as_ref().map_or_else(|| tracer.proof_window(), |call| call.proof_window);
@@ -178,7 +179,7 @@ pub(crate) struct Call {
 impl Call {
     /// Starts measuring a call, unless it is left out of the sample: made for a request that is, or, outside any
     /// request, by its own draw.
-    fn start(tracer: Tracer, fallback: Fallback, untied: bool) -> Option<Self> {
+    fn start(tracer: &Tracer, fallback: impl FnOnce() -> Fallback, untied: bool) -> Option<Self> {
         // Read once it is known to be measured: a left-out call reads no clock (but one outside any request, whose
         // choice needs the window it starts in).
         let (request, weight, started) = match current() {
@@ -198,10 +199,10 @@ impl Call {
         }
         Some(Self {
             proof_window: tracer.proof_window(),
-            tracer,
+            tracer: tracer.clone(),
             request,
             started,
-            fallback,
+            fallback: fallback(),
             timing: None,
             timing_head_at: None,
             error: false,
@@ -212,8 +213,8 @@ impl Call {
     }
 
     /// A call to a wrapped, non-HTTP dependency (`None`: left out of the sample).
-    pub(crate) fn start_named(tracer: Tracer, name: Arc<str>) -> Option<Self> {
-        Self::start(tracer, Fallback::Named(name), false)
+    pub(crate) fn start_named(tracer: &Tracer, name: &Arc<str>) -> Option<Self> {
+        Self::start(tracer, || Fallback::Named(name.clone()), false)
     }
 
     /// Takes the timing header from a response head or trailers; a later one (trailers) wins. Returns whether one

@@ -8,9 +8,10 @@
 //!
 //! Everything here is per request and lock-free: calls may start and finish on other threads, so their
 //! bookkeeping is a few atomics ([`CallGroups`], [`CriticalWait`]), as is the wake time. Nothing is shared between
-//! requests.
+//! requests: a finished context is reused by a later request on the same thread only once nothing else holds it.
 
 use std::{
+    cell::RefCell,
     future::Future,
     pin::Pin,
     sync::{
@@ -217,11 +218,49 @@ impl CriticalWait {
     }
 }
 
+/// Finished contexts a thread keeps for its next requests, so a busy service allocates none in the steady state.
+const RECYCLED_PER_THREAD: usize = 64;
+
+thread_local! {
+    /// Contexts nothing else holds, reset. A thread's own: taking one is no lock and no shared memory.
+    static RECYCLED: RefCell<Vec<Arc<RequestContext>>> = const { RefCell::new(Vec::new()) };
+}
+
 impl RequestContext {
     /// A request handed over at `start`. It is runnable from that instant, so the time until its first poll (for
     /// example a task spawned per HTTP/2 stream waiting for a thread) counts as cpu_wait.
     pub(crate) fn new(start: Instant, weight: u32) -> Arc<Self> {
-        Arc::new(Self {
+        let recycled = RECYCLED.try_with(|recycled| recycled.try_borrow_mut().ok()?.pop()).ok().flatten();
+        if let Some(mut context) = recycled
+            && let Some(fresh) = Arc::get_mut(&mut context)
+        {
+            // Reset when it was handed back; only the request's own values are new.
+            fresh.start = start;
+            fresh.weight = weight;
+            return context;
+        }
+        Arc::new(Self::fresh(start, weight))
+    }
+
+    /// Hands a finished request's context back for a later request on this thread — when nothing else holds it
+    /// any more (a waker the handler's future kept, a call still in flight); otherwise it is simply dropped.
+    pub(crate) fn recycle(mut context: Arc<Self>) {
+        let Some(finished) = Arc::get_mut(&mut context) else { return };
+        // Reset now, not on reuse: what it holds (the task's waker, a wait's names) is let go of at once.
+        *finished = Self::fresh(finished.start, 1);
+        let _ = RECYCLED.try_with(|recycled| {
+            if let Ok(mut recycled) = recycled.try_borrow_mut()
+                && recycled.len() < RECYCLED_PER_THREAD
+            {
+                // All the room at once, the first time: the steady state never grows it.
+                recycled.reserve_exact(RECYCLED_PER_THREAD);
+                recycled.push(context);
+            }
+        });
+    }
+
+    fn fresh(start: Instant, weight: u32) -> Self {
+        Self {
             start,
             weight,
             woken_at: AtomicU64::new(1),
@@ -232,7 +271,7 @@ impl RequestContext {
             pool_wait_ns: AtomicU64::new(0),
             calls: CallGroups::default(),
             critical_wait: CriticalWait::default(),
-        })
+        }
     }
 
     fn nanos_since_start(&self, now: Instant) -> u64 {
@@ -309,6 +348,11 @@ impl PollClock {
 
     pub(crate) fn context(&self) -> &Arc<RequestContext> {
         &self.context
+    }
+
+    /// The request's context, once its polls are over (the clock's own waker let go of).
+    pub(crate) fn into_context(self) -> Arc<RequestContext> {
+        self.context
     }
 
     /// Polls `poll` with the request installed as the task-local and our recording waker; `started` is now.
@@ -505,6 +549,30 @@ mod tests {
         let end = clock.load(Ordering::Acquire);
         let union = groups.until(end).as_nanos() as u64;
         assert!(union >= closed && union < end, "union {union} ns for {closed} groups within {end}");
+    }
+
+    #[test]
+    fn a_finished_context_is_reused_reset_and_only_when_nothing_else_holds_it() {
+        let start = clock::now();
+        let context = RequestContext::new(start, 16);
+        context.call_started(start);
+        assert!(context.call_finished(start + Duration::from_micros(5), 5, || wait("a", 5)));
+        context.pool_wait_ns.fetch_add(7, Ordering::AcqRel);
+        let kept = Arc::as_ptr(&context);
+        RequestContext::recycle(context);
+        let later = start + Duration::from_millis(1);
+        let reused = RequestContext::new(later, 2);
+        assert_eq!(Arc::as_ptr(&reused), kept, "the thread's finished context is taken again");
+        assert_eq!((reused.start, reused.weight), (later, 2));
+        assert_eq!(reused.downstream_until(later), (Duration::ZERO, None), "no call of the last request is left");
+        assert_eq!(reused.pool_wait(), Duration::ZERO);
+        // Held elsewhere (a waker the handler kept): not handed back, so never shared by two requests.
+        let held = Waker::from(reused.clone());
+        let reused_at = Arc::as_ptr(&reused);
+        RequestContext::recycle(reused);
+        let next = RequestContext::new(later, 1);
+        assert_ne!(Arc::as_ptr(&next), reused_at, "a context something still holds is not reused");
+        drop(held);
     }
 
     #[test]

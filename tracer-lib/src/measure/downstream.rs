@@ -68,7 +68,7 @@ impl<F: Future> Future for DependencyCall<F> {
         let this = self.project();
         if !*this.started {
             *this.started = true;
-            *this.call = Call::start_named(this.dependency.tracer.clone(), this.dependency.name.clone());
+            *this.call = Call::start_named(&this.dependency.tracer, &this.dependency.name);
         }
         let output = ready!(this.inner.poll(cx));
         if let Some(call) = this.call.take() {

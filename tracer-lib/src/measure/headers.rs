@@ -14,7 +14,7 @@
 //! `i` (the window's tag) and `p` (the membership proof, 16 base64url characters; see [`crate::identity::proof`])
 //! end both headers; a header is only believed when its proof verifies.
 
-use std::{cell::RefCell, ops::Range};
+use std::{cell::RefCell, ops::Range, sync::Arc};
 
 use http::{HeaderName, HeaderValue};
 
@@ -525,12 +525,41 @@ pub enum WaitPointRef<'a> {
 }
 
 impl WaitPointRef<'_> {
+    /// The owned point, its names shared with the last ones this thread made (see [`shared_name`]).
     pub fn to_owned(self) -> WaitPoint {
         match self {
-            WaitPointRef::Local(service) => WaitPoint::Local { service: service.into() },
-            WaitPointRef::Net { from, to } => WaitPoint::Net { from: from.into(), to: to.into() },
+            WaitPointRef::Local(service) => WaitPoint::Local { service: shared_name(service) },
+            WaitPointRef::Net { from, to } => WaitPoint::Net { from: shared_name(from), to: shared_name(to) },
         }
     }
+}
+
+/// Names one thread keeps at once (more take turns): a service's own and those of the few callees it calls.
+const SHARED_NAMES_PER_THREAD: usize = 8;
+
+thread_local! {
+    static SHARED_NAMES: RefCell<([Option<Arc<str>>; SHARED_NAMES_PER_THREAD], usize)> =
+        const { RefCell::new(([const { None }; SHARED_NAMES_PER_THREAD], 0)) };
+}
+
+/// `name` as a shared string: the same one this thread made last time, when it is still among the last few, so a
+/// call's wait point costs no allocation in the steady state; a new one otherwise.
+fn shared_name(name: &str) -> Arc<str> {
+    SHARED_NAMES
+        .try_with(|names| {
+            let mut names = names.try_borrow_mut().ok()?;
+            let (kept, next) = &mut *names;
+            if let Some(found) = kept.iter().flatten().find(|kept| ***kept == *name) {
+                return Some(found.clone());
+            }
+            let made: Arc<str> = name.into();
+            kept[*next] = Some(made.clone());
+            *next = (*next + 1) % SHARED_NAMES_PER_THREAD;
+            Some(made)
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| name.into())
 }
 
 impl WaitPoint {
@@ -659,6 +688,20 @@ fn with_header_buffer(longest: usize, write: impl FnOnce(&mut bytes::BytesMut)) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_wait_points_names_are_shared_with_the_last_ones_made() {
+        let first = WaitPointRef::Net { from: "svc-a", to: "svc-b" }.to_owned();
+        let again = WaitPointRef::Local("svc-b").to_owned();
+        let (WaitPoint::Net { to, .. }, WaitPoint::Local { service }) = (&first, &again) else { unreachable!() };
+        assert!(Arc::ptr_eq(to, service), "the same name is not made twice");
+        assert_eq!(&**service, "svc-b");
+        // More names than the thread keeps: still right, just made anew.
+        for n in 0..3 * SHARED_NAMES_PER_THREAD {
+            let name = format!("svc-{n}");
+            assert_eq!(WaitPointRef::Local(&name).to_owned(), WaitPoint::Local { service: name.as_str().into() });
+        }
+    }
+
     use super::*;
 
     fn hv(s: &str) -> HeaderValue {
