@@ -436,3 +436,67 @@ fn check_windows(running: &Running, fault: &Fault, max_windows: u32, reach: Reac
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(verdict: WireVerdict, delegated_to: &[&str]) -> Seen {
+        Seen {
+            window_id: 7,
+            verdict,
+            delegated_to: delegated_to.iter().map(|s| s.to_string()).collect(),
+            link: None,
+            reason: String::new(),
+            compared: Vec::new(),
+        }
+    }
+
+    /// The diamond (A calls B then C, both call D) with D's pool cut, and the four services' verdicts.
+    fn diamond_with(verdicts: [(&str, Seen); 4]) -> (Topology, Fault, BTreeMap<String, Seen>) {
+        let topology = matrix_topology("diamond").expect("the diamond");
+        let fault = topology
+            .demo
+            .faults
+            .iter()
+            .find(|fault| fault.service == "svc-d" && fault.kind_name() == "capacity")
+            .cloned()
+            .expect("a capacity fault on svc-d");
+        (topology, fault, verdicts.into_iter().map(|(name, seen)| (name.to_string(), seen)).collect())
+    }
+
+    #[test]
+    fn a_branch_not_yet_heard_from_is_excused_only_when_every_entry_still_reaches_the_culprit() {
+        use WireVerdict::{Delegated, Idle, RootCause, Saturated};
+        // C has had no measured call end yet: A followed B only.
+        let (topology, fault, verdicts) = diamond_with([
+            ("svc-a", seen(Delegated, &["svc-b"])),
+            ("svc-b", seen(Delegated, &["svc-d"])),
+            ("svc-c", seen(Idle, &[])),
+            ("svc-d", seen(RootCause, &[])),
+        ]);
+        assert!(localized(&topology, &verdicts, &fault, Reach::EveryEntry).is_ok());
+        let strict = localized(&topology, &verdicts, &fault, Reach::EveryAncestor).unwrap_err();
+        assert!(strict.contains("svc-c says Idle"), "{strict}");
+
+        // The entry undecided: nothing reaches D.
+        let (topology, fault, verdicts) = diamond_with([
+            ("svc-a", seen(Idle, &[])),
+            ("svc-b", seen(Delegated, &["svc-d"])),
+            ("svc-c", seen(Delegated, &["svc-d"])),
+            ("svc-d", seen(RootCause, &[])),
+        ]);
+        let why = localized(&topology, &verdicts, &fault, Reach::EveryEntry).unwrap_err();
+        assert!(why.contains("no chain of delegations from svc-a reaches svc-d"), "{why}");
+
+        // A chain that stops short (B acts on its own) is wrong, excused or not.
+        let (topology, fault, verdicts) = diamond_with([
+            ("svc-a", seen(Delegated, &["svc-b"])),
+            ("svc-b", seen(Saturated, &[])),
+            ("svc-c", seen(Idle, &[])),
+            ("svc-d", seen(RootCause, &[])),
+        ]);
+        let why = localized(&topology, &verdicts, &fault, Reach::EveryEntry).unwrap_err();
+        assert!(why.contains("svc-b says Saturated") && why.contains("no chain"), "{why}");
+    }
+}

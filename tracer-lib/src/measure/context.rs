@@ -253,7 +253,9 @@ impl RequestContext {
                 && recycled.len() < RECYCLED_PER_THREAD
             {
                 // All the room at once, the first time: the steady state never grows it.
-                recycled.reserve_exact(RECYCLED_PER_THREAD);
+                if recycled.capacity() == 0 {
+                    recycled.reserve_exact(RECYCLED_PER_THREAD);
+                }
                 recycled.push(context);
             }
         });

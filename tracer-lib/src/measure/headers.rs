@@ -688,20 +688,6 @@ fn with_header_buffer(longest: usize, write: impl FnOnce(&mut bytes::BytesMut)) 
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn a_wait_points_names_are_shared_with_the_last_ones_made() {
-        let first = WaitPointRef::Net { from: "svc-a", to: "svc-b" }.to_owned();
-        let again = WaitPointRef::Local("svc-b").to_owned();
-        let (WaitPoint::Net { to, .. }, WaitPoint::Local { service }) = (&first, &again) else { unreachable!() };
-        assert!(Arc::ptr_eq(to, service), "the same name is not made twice");
-        assert_eq!(&**service, "svc-b");
-        // More names than the thread keeps: still right, just made anew.
-        for n in 0..3 * SHARED_NAMES_PER_THREAD {
-            let name = format!("svc-{n}");
-            assert_eq!(WaitPointRef::Local(&name).to_owned(), WaitPoint::Local { service: name.as_str().into() });
-        }
-    }
-
     use super::*;
 
     fn hv(s: &str) -> HeaderValue {
@@ -897,6 +883,20 @@ mod tests {
                 let _ = Timing::parse(&value);
                 let _ = CallerHeader::parse(&value);
             }
+        }
+    }
+
+    #[test]
+    fn a_wait_points_names_are_shared_with_the_last_ones_made() {
+        let first = WaitPointRef::Net { from: "svc-a", to: "svc-b" }.to_owned();
+        let again = WaitPointRef::Local("svc-b").to_owned();
+        let (WaitPoint::Net { to, .. }, WaitPoint::Local { service }) = (&first, &again) else { unreachable!() };
+        assert!(Arc::ptr_eq(to, service), "the same name is not made twice");
+        assert_eq!(&**service, "svc-b");
+        // More names than the thread keeps: still right, just made anew.
+        for n in 0..3 * SHARED_NAMES_PER_THREAD {
+            let name = format!("svc-{n}");
+            assert_eq!(WaitPointRef::Local(&name).to_owned(), WaitPoint::Local { service: name.as_str().into() });
         }
     }
 }

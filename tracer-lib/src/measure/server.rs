@@ -91,7 +91,8 @@ where
         // Measured with the caller's weight if the caller measured it, left out if the caller did; chosen here if
         // it comes from outside.
         // The clock is read once it is known to be needed: a request its caller left out reads none. A measured
-        // request's `total` so starts after its caller header was read, a few tens of nanoseconds in.
+        // request's `total` so starts after its caller header was read: a few tens of nanoseconds in, or a proof's
+        // check (microseconds) the first time a thread sees a member's header in a window.
         let (weight, start) = match &caller {
             // Without a mesh key nothing proved the weight: at most this service's own rate's.
             Some(caller) if self.tracer.shared.membership.is_none() => {
