@@ -29,7 +29,7 @@ use crate::{
         context::{Current, RequestContext, current},
         headers::{CALLER_HEADER, MAX_SERVICE_NAME, TIMING_HEADER, Timing, WaitPointRef},
         record::{CallRecord, Wait, micros},
-        server::grpc_server_error,
+        server::{GrpcHead, grpc_server_error},
     },
     tracer::Tracer,
 };
@@ -156,6 +156,13 @@ fn authority_name(authority: &Authority) -> String {
     if name.is_empty() { "unknown".to_string() } else { name }
 }
 
+/// Where in a response a header map came from.
+#[derive(Clone, Copy)]
+enum ResponsePart {
+    Head,
+    Trailers,
+}
+
 /// One outbound call in flight.
 pub(crate) struct Call {
     tracer: Tracer,
@@ -219,8 +226,12 @@ impl Call {
 
     /// Takes the timing header from a response head or trailers; a later one (trailers) wins. Returns whether one
     /// was taken.
-    fn read_timing(&mut self, headers: &HeaderMap) -> bool {
-        if grpc_server_error(headers) {
+    fn read_timing(&mut self, headers: &HeaderMap, part: ResponsePart) -> bool {
+        let grpc_error = match part {
+            ResponsePart::Head => GrpcHead::of(headers).server_error(),
+            ResponsePart::Trailers => grpc_server_error(headers),
+        };
+        if grpc_error {
             self.error = true;
         }
         let Some(value) = headers.get(TIMING_HEADER) else {
@@ -257,7 +268,7 @@ impl Call {
     }
 
     /// Ends the call at `at`.
-    pub(crate) fn finish(self, at: Instant, error: bool) {
+    pub(crate) fn finish(&self, at: Instant, error: bool) {
         let error = error || self.error;
         let shared = &self.tracer.shared;
         let client_total_us = micros(at.saturating_duration_since(self.started));
@@ -357,7 +368,7 @@ where
         match result {
             Ok(response) => {
                 // The head's arrival: the end of the link's time, and the instant the proof is checked at.
-                if call.read_timing(response.headers()) {
+                if call.read_timing(response.headers(), ResponsePart::Head) {
                     call.timing_head_at = Some(clock::now());
                 }
                 call.error |= response.status().is_server_error();
@@ -409,21 +420,26 @@ impl<B: Body> Body for CallBody<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        let Some(mut call) = this.call.take() else {
+        // Ended in place, not taken out: a call is a few hundred bytes, and most calls end on their first frame.
+        let Some(call) = this.call.as_mut() else {
             return Poll::Ready(frame);
         };
         let now = clock::now();
-        match &frame {
-            None => call.finish(now, false),
-            Some(Err(_)) => call.finish(now, true),
+        let ended_with_error = match &frame {
+            None => Some(false),
+            Some(Err(_)) => Some(true),
             Some(Ok(frame)) => match frame.trailers_ref() {
                 Some(trailers) => {
-                    call.read_timing(trailers);
-                    call.finish(now, false);
+                    call.read_timing(trailers, ResponsePart::Trailers);
+                    Some(false)
                 }
-                None if this.inner.is_end_stream() => call.finish(now, false),
-                None => *this.call = Some(call),
+                None if this.inner.is_end_stream() => Some(false),
+                None => None,
             },
+        };
+        if let Some(error) = ended_with_error {
+            call.finish(now, error);
+            *this.call = None;
         }
         Poll::Ready(frame)
     }

@@ -26,7 +26,8 @@ use futures_util::task::AtomicWaker;
 
 use crate::measure::{
     clock::{self, Instant},
-    record::Wait,
+    headers::CallerHeader,
+    record::{Wait, nanos},
 };
 
 tokio::task_local! {
@@ -54,6 +55,9 @@ pub(crate) struct RequestContext {
     pub(crate) start: Instant,
     /// How many requests this one stands for (1 unless sampling): its calls are recorded, and passed on, with it.
     pub(crate) weight: u32,
+    /// The instrumented caller that sent the request, if it proved itself one. Kept here, in the context the
+    /// thread reuses, rather than in the response future and body, which are moved several times per request.
+    pub(crate) caller: Option<CallerHeader>,
     /// Nanoseconds after `start` (plus one, so zero means "not woken") of the first wake since the last poll.
     woken_at: AtomicU64,
     /// The waker of the task that polls the handler; our own waker forwards to it.
@@ -141,7 +145,7 @@ impl CallGroups {
 
     /// The union's length up to `at` (an open group counts until then), read consistently: a group's close is
     /// either wholly in the sum or wholly open.
-    fn until(&self, at: u64) -> Duration {
+    fn until(&self, at: u64) -> u64 {
         let mut tries = 0;
         loop {
             let before = self.downstream_ns.load(Ordering::Acquire);
@@ -156,7 +160,7 @@ impl CallGroups {
                 continue;
             }
             let open = if Self::in_flight(word) > 0 { at.saturating_sub(word & START_MASK) } else { 0 };
-            return Duration::from_nanos(after + open);
+            return after + open;
         }
     }
 }
@@ -229,7 +233,7 @@ thread_local! {
 impl RequestContext {
     /// A request handed over at `start`. It is runnable from that instant, so the time until its first poll (for
     /// example a task spawned per HTTP/2 stream waiting for a thread) counts as cpu_wait.
-    pub(crate) fn new(start: Instant, weight: u32) -> Arc<Self> {
+    pub(crate) fn new(start: Instant, weight: u32, caller: Option<CallerHeader>) -> Arc<Self> {
         let recycled = RECYCLED.try_with(|recycled| recycled.try_borrow_mut().ok()?.pop()).ok().flatten();
         if let Some(mut context) = recycled
             && let Some(fresh) = Arc::get_mut(&mut context)
@@ -237,9 +241,10 @@ impl RequestContext {
             // Reset when it was handed back; only the request's own values are new.
             fresh.start = start;
             fresh.weight = weight;
+            fresh.caller = caller;
             return context;
         }
-        Arc::new(Self::fresh(start, weight))
+        Arc::new(Self { caller, ..Self::fresh(start, weight) })
     }
 
     /// Hands a finished request's context back for a later request on this thread — when nothing else holds it
@@ -247,7 +252,7 @@ impl RequestContext {
     pub(crate) fn recycle(mut context: Arc<Self>) {
         let Some(finished) = Arc::get_mut(&mut context) else { return };
         // Reset now, not on reuse: what it holds (the task's waker, a wait's names) is let go of at once.
-        *finished = Self::fresh(finished.start, 1);
+        finished.reset();
         let _ = RECYCLED.try_with(|recycled| {
             if let Ok(mut recycled) = recycled.try_borrow_mut()
                 && recycled.len() < RECYCLED_PER_THREAD
@@ -261,10 +266,26 @@ impl RequestContext {
         });
     }
 
+    /// As [`RequestContext::fresh`] made it, writing only what a request changed: most make no calls, and the call
+    /// bookkeeping is most of the context's size.
+    fn reset(&mut self) {
+        self.caller = None;
+        *self.woken_at.get_mut() = 1;
+        self.task_waker = AtomicWaker::new();
+        *self.offloaded_busy_ns.get_mut() = 0;
+        *self.offloaded_queued_ns.get_mut() = 0;
+        *self.pool_wait_ns.get_mut() = 0;
+        if std::mem::take(self.made_calls.get_mut()) {
+            self.calls = CallGroups::default();
+            self.critical_wait = CriticalWait::default();
+        }
+    }
+
     fn fresh(start: Instant, weight: u32) -> Self {
         Self {
             start,
             weight,
+            caller: None,
             woken_at: AtomicU64::new(1),
             task_waker: AtomicWaker::new(),
             made_calls: AtomicBool::new(false),
@@ -277,7 +298,7 @@ impl RequestContext {
     }
 
     fn nanos_since_start(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX - 1) + 1
+        nanos(now.saturating_duration_since(self.start)).min(u64::MAX - 1) + 1
     }
 
     /// An outbound call starts.
@@ -297,22 +318,19 @@ impl RequestContext {
     }
 
     /// CPU work done elsewhere for this request: (running, queued).
-    pub(crate) fn offloaded(&self) -> (Duration, Duration) {
-        (
-            Duration::from_nanos(self.offloaded_busy_ns.load(Ordering::Acquire)),
-            Duration::from_nanos(self.offloaded_queued_ns.load(Ordering::Acquire)),
-        )
+    pub(crate) fn offloaded_ns(&self) -> (u64, u64) {
+        (self.offloaded_busy_ns.load(Ordering::Acquire), self.offloaded_queued_ns.load(Ordering::Acquire))
     }
 
     /// Time queued for a worker of the service's pool.
-    pub(crate) fn pool_wait(&self) -> Duration {
-        Duration::from_nanos(self.pool_wait_ns.load(Ordering::Acquire))
+    pub(crate) fn pool_wait_ns(&self) -> u64 {
+        self.pool_wait_ns.load(Ordering::Acquire)
     }
 
     /// Downstream time up to `now` (an open group counts until `now`) and the largest critical-path wait.
-    pub(crate) fn downstream_until(&self, now: Instant) -> (Duration, Option<Wait>) {
+    pub(crate) fn downstream_ns_until(&self, now: Instant) -> (u64, Option<Wait>) {
         if !self.made_calls.load(Ordering::Acquire) {
-            return (Duration::ZERO, None);
+            return (0, None);
         }
         (self.calls.until(self.nanos_since_start(now)), self.critical_wait.get())
     }
@@ -336,16 +354,18 @@ impl Wake for RequestContext {
 pub(crate) struct PollClock {
     context: Arc<RequestContext>,
     waker: Waker,
-    pub(crate) busy: Duration,
-    /// The part of `busy` spent while an outbound call was in flight, which `downstream` already covers.
-    pub(crate) busy_in_downstream: Duration,
-    pub(crate) cpu_wait: Duration,
+    /// Nanoseconds, as the rest of the request path keeps time: the Durations' arithmetic costs more, and this
+    /// clock travels inside every response future and body.
+    pub(crate) busy_ns: u64,
+    /// The part of `busy_ns` spent while an outbound call was in flight, which `downstream` already covers.
+    pub(crate) busy_in_downstream_ns: u64,
+    pub(crate) cpu_wait_ns: u64,
 }
 
 impl PollClock {
     pub(crate) fn new(context: Arc<RequestContext>) -> Self {
         let waker = Waker::from(context.clone());
-        Self { context, waker, busy: Duration::ZERO, busy_in_downstream: Duration::ZERO, cpu_wait: Duration::ZERO }
+        Self { context, waker, busy_ns: 0, busy_in_downstream_ns: 0, cpu_wait_ns: 0 }
     }
 
     pub(crate) fn context(&self) -> &Arc<RequestContext> {
@@ -368,17 +388,17 @@ impl PollClock {
         let woken = self.context.woken_at.swap(0, Ordering::AcqRel);
         if woken != 0 {
             let polled = self.context.nanos_since_start(started);
-            self.cpu_wait += Duration::from_nanos(polled.saturating_sub(woken));
+            self.cpu_wait_ns = self.cpu_wait_ns.saturating_add(polled.saturating_sub(woken));
         }
         self.context.task_waker.register(cx.waker());
         let overlapping = self.context.calls.any_in_flight();
         let mut inner_cx = Context::from_waker(&self.waker);
         let result = CURRENT.sync_scope(Current::Measured(self.context.clone()), || poll(&mut inner_cx));
         let ended = clock::now();
-        let busy = ended.saturating_duration_since(started);
-        self.busy += busy;
+        let busy = nanos(ended.saturating_duration_since(started));
+        self.busy_ns = self.busy_ns.saturating_add(busy);
         if overlapping {
-            self.busy_in_downstream += busy;
+            self.busy_in_downstream_ns = self.busy_in_downstream_ns.saturating_add(busy);
         }
         // A wake during the poll is only waiting for CPU from the moment the poll ended.
         let woken = self.context.woken_at.load(Ordering::Acquire);
@@ -436,7 +456,6 @@ impl RequestHandle {
     /// A no-op outside a request.
     pub fn record_offloaded_cpu(&self, running: Duration, queued: Duration) {
         if let Some(context) = self.measured() {
-            let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
             context.offloaded_busy_ns.fetch_add(nanos(running), Ordering::AcqRel);
             context.offloaded_queued_ns.fetch_add(nanos(queued), Ordering::AcqRel);
         }
@@ -449,7 +468,7 @@ impl RequestHandle {
     /// doing, and the decision attributes it so (docs/DESIGN.md §1.7). A no-op outside a request.
     pub fn record_pool_wait(&self, queued: Duration) {
         if let Some(context) = self.measured() {
-            context.pool_wait_ns.fetch_add(u64::try_from(queued.as_nanos()).unwrap_or(u64::MAX), Ordering::AcqRel);
+            context.pool_wait_ns.fetch_add(nanos(queued), Ordering::AcqRel);
         }
     }
 
@@ -504,7 +523,7 @@ mod tests {
         let groups = CallGroups::default();
         // One call, 100 → 150.
         groups.started(100);
-        assert_eq!(groups.until(120), Duration::from_nanos(20), "an open group counts until now");
+        assert_eq!(groups.until(120), 20, "an open group counts until now");
         assert!(groups.finished(150), "the only call closes its group");
         // Two overlapping calls, 200 → 260 and 230 → 300: one group of 100.
         groups.started(200);
@@ -513,18 +532,18 @@ mod tests {
         assert!(groups.any_in_flight());
         assert!(groups.finished(300));
         assert!(!groups.any_in_flight());
-        assert_eq!(groups.until(1_000), Duration::from_nanos(50 + 100));
+        assert_eq!(groups.until(1_000), 50 + 100);
         assert!(!groups.finished(1_000), "a finish without a start closes nothing");
-        assert_eq!(groups.until(1_000), Duration::from_nanos(150));
+        assert_eq!(groups.until(1_000), 150);
         // A call whose clock was read (on another thread) before the last group's end, 280 → 400: only 300 → 400
         // is new.
         groups.started(280);
         assert!(groups.finished(400));
-        assert_eq!(groups.until(1_000), Duration::from_nanos(150 + 100));
+        assert_eq!(groups.until(1_000), 150 + 100);
         // And one that read both its clocks before that end counts nothing.
         groups.started(350);
         assert!(groups.finished(390));
-        assert_eq!(groups.until(1_000), Duration::from_nanos(250));
+        assert_eq!(groups.until(1_000), 250);
     }
 
     #[test]
@@ -549,30 +568,35 @@ mod tests {
         assert!((1..=80_000).contains(&closed), "{closed} groups closed");
         // The union of intervals on one clock is at least one tick per group and at most the clock's span.
         let end = clock.load(Ordering::Acquire);
-        let union = groups.until(end).as_nanos() as u64;
+        let union = groups.until(end);
         assert!(union >= closed && union < end, "union {union} ns for {closed} groups within {end}");
     }
 
     #[test]
     fn a_finished_context_is_reused_reset_and_only_when_nothing_else_holds_it() {
         let start = clock::now();
-        let context = RequestContext::new(start, 16);
+        let context = RequestContext::new(start, 16, None);
         context.call_started(start);
         assert!(context.call_finished(start + Duration::from_micros(5), 5, || wait("a", 5)));
         context.pool_wait_ns.fetch_add(7, Ordering::AcqRel);
+        context.offloaded_busy_ns.fetch_add(3, Ordering::AcqRel);
+        context.woken_at.store(0, Ordering::Release);
         let kept = Arc::as_ptr(&context);
         RequestContext::recycle(context);
         let later = start + Duration::from_millis(1);
-        let reused = RequestContext::new(later, 2);
+        let reused = RequestContext::new(later, 2, None);
         assert_eq!(Arc::as_ptr(&reused), kept, "the thread's finished context is taken again");
         assert_eq!((reused.start, reused.weight), (later, 2));
-        assert_eq!(reused.downstream_until(later), (Duration::ZERO, None), "no call of the last request is left");
-        assert_eq!(reused.pool_wait(), Duration::ZERO);
+        assert_eq!(reused.downstream_ns_until(later), (0, None), "no call of the last request is left");
+        assert_eq!(reused.pool_wait_ns(), 0);
+        assert_eq!(reused.offloaded_ns(), (0, 0));
+        assert!(!reused.made_calls.load(Ordering::Acquire) && !reused.calls.any_in_flight());
+        assert_eq!(reused.woken_at.load(Ordering::Acquire), 1, "runnable from its start, as a new one");
         // Held elsewhere (a waker the handler kept): not handed back, so never shared by two requests.
         let held = Waker::from(reused.clone());
         let reused_at = Arc::as_ptr(&reused);
         RequestContext::recycle(reused);
-        let next = RequestContext::new(later, 1);
+        let next = RequestContext::new(later, 1, None);
         assert_ne!(Arc::as_ptr(&next), reused_at, "a context something still holds is not reused");
         drop(held);
     }

@@ -57,8 +57,20 @@ pub enum HeaderError {
     Trailing,
 }
 
+/// The bytes a service name may hold, as a table: every header read checks several names, byte by byte.
+static NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        table[b] = byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.');
+        b += 1;
+    }
+    table
+};
+
 fn is_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+    NAME_BYTES[usize::from(b)]
 }
 
 fn valid_name_bytes(name: &[u8]) -> bool {

@@ -98,6 +98,11 @@ pub struct CallRecord {
     pub weight: u32,
 }
 
+/// Nanoseconds, saturating (avoids the u128 of `Duration::as_nanos`).
+pub(crate) fn nanos(duration: Duration) -> u64 {
+    duration.as_secs().saturating_mul(1_000_000_000).saturating_add(u64::from(duration.subsec_nanos()))
+}
+
 /// Whole microseconds, saturating (avoids the u128 arithmetic of `Duration::as_micros` on the request path).
 pub(crate) fn micros(duration: Duration) -> u64 {
     duration.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(duration.subsec_micros()))

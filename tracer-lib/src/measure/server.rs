@@ -33,8 +33,8 @@ use crate::{
     measure::{
         clock::{self, Instant},
         context::{Current, PollClock, RequestContext},
-        headers::{CALLER_HEADER, CallerHeader, TIMING_HEADER},
-        record::{RequestRecord, Wait, micros},
+        headers::{CALLER_HEADER, TIMING_HEADER},
+        record::{RequestRecord, Wait, nanos},
     },
     tracer::Tracer,
 };
@@ -114,10 +114,9 @@ where
             inner: self.inner.call(request),
             request: Some(Measurement {
                 tracer: self.tracer.clone(),
-                caller,
-                clock: PollClock::new(RequestContext::new(start, weight)),
+                clock: PollClock::new(RequestContext::new(start, weight, caller)),
                 head_only,
-                transfer: Duration::ZERO,
+                transfer_ns: 0,
                 proof_window,
             }),
         }
@@ -127,12 +126,11 @@ where
 /// What is known about a request while it is served.
 struct Measurement {
     tracer: Tracer,
-    caller: Option<CallerHeader>,
     clock: PollClock,
     /// A HEAD request: its response has no body to wait for.
     head_only: bool,
-    /// Time between handing out one body frame and being asked for the next: the server writing it out.
-    transfer: Duration,
+    /// Nanoseconds between handing out one body frame and being asked for the next: the server writing it out.
+    transfer_ns: u64,
     /// The window the request's membership proofs are for: the caller's checked, the timing's made.
     proof_window: u64,
 }
@@ -169,12 +167,13 @@ impl Measurement {
     fn snapshot(&self, at: Instant) -> Snapshot {
         let clock = &self.clock;
         let context = clock.context();
-        let total = at.saturating_duration_since(context.start).saturating_sub(self.transfer);
-        let (downstream, critical_wait) = context.downstream_until(at);
-        let (offloaded_busy, offloaded_queued) = context.offloaded();
+        // Nanoseconds throughout, each value truncated to microseconds once at the end.
+        let total = nanos(at.saturating_duration_since(context.start)).saturating_sub(self.transfer_ns);
+        let (downstream, critical_wait) = context.downstream_ns_until(at);
+        let (offloaded_busy, offloaded_queued) = context.offloaded_ns();
         // Busy time while calls were in flight is inside `downstream` already; count it once.
-        let own_busy = clock.busy.saturating_sub(clock.busy_in_downstream) + offloaded_busy;
-        let local_wait_us = micros(total.saturating_sub(downstream).saturating_sub(own_busy));
+        let own_busy = clock.busy_ns.saturating_sub(clock.busy_in_downstream_ns).saturating_add(offloaded_busy);
+        let local_wait_us = total.saturating_sub(downstream).saturating_sub(own_busy) / 1_000;
         let (largest, largest_us) = match critical_wait {
             Some(critical) if critical.us > local_wait_us => {
                 let us = critical.us;
@@ -183,12 +182,12 @@ impl Measurement {
             _ => (Largest::Own, local_wait_us),
         };
         Snapshot {
-            total_us: micros(total),
-            busy_us: micros(clock.busy + offloaded_busy),
-            cpu_wait_us: micros(clock.cpu_wait + offloaded_queued),
-            downstream_us: micros(downstream),
+            total_us: total / 1_000,
+            busy_us: clock.busy_ns.saturating_add(offloaded_busy) / 1_000,
+            cpu_wait_us: clock.cpu_wait_ns.saturating_add(offloaded_queued) / 1_000,
+            downstream_us: downstream / 1_000,
             local_wait_us,
-            pool_wait_us: micros(context.pool_wait()).min(local_wait_us),
+            pool_wait_us: (context.pool_wait_ns() / 1_000).min(local_wait_us),
             largest,
             largest_us,
         }
@@ -208,7 +207,7 @@ impl Measurement {
     fn finish(self, at: Instant, outcome: Outcome) {
         let snapshot = self.snapshot(at);
         let shared = &self.tracer.shared;
-        let caller = self.caller.as_ref().map(|c| (c.service(), c.agent()));
+        let caller = self.clock.context().caller.as_ref().map(|c| (c.service(), c.agent()));
         shared.aggregator.record_request(
             shared.aggregator.clock().window_at(at),
             &RequestSample {
@@ -267,20 +266,47 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// A gRPC response (not gRPC-Web, whose trailers travel inside the body).
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|content_type| {
-        let value = content_type.as_bytes();
-        value == b"application/grpc" || value.starts_with(b"application/grpc+")
-    })
+/// What a response head says about gRPC, read with one lookup of the content type: `grpc-status` is looked up only
+/// in a response of the gRPC family, the only ones where it means anything.
+pub(crate) struct GrpcHead {
+    /// gRPC proper (not gRPC-Web, whose trailers travel inside the body): the status comes in trailers.
+    trailers: bool,
+    /// The status in the head (a trailers-only response), if any: whether it means the server failed.
+    status_is_server_error: Option<bool>,
+}
+
+impl GrpcHead {
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let content_type = headers.get(CONTENT_TYPE).map_or(&b""[..], HeaderValue::as_bytes);
+        let (trailers, family) = match content_type.strip_prefix(b"application/grpc") {
+            Some(b"") => (true, true),
+            Some(rest) if rest.starts_with(b"+") => (true, true),
+            Some(rest) if rest.starts_with(b"-web") => (false, true),
+            _ => (false, false),
+        };
+        let status_is_server_error =
+            if family { headers.get(GRPC_STATUS).map(grpc_status_is_server_error) } else { None };
+        Self { trailers, status_is_server_error }
+    }
+
+    /// The status comes after the body, and so must the timing.
+    fn deferred(&self) -> bool {
+        self.trailers && self.status_is_server_error.is_none()
+    }
+
+    pub(crate) fn server_error(&self) -> bool {
+        self.status_is_server_error == Some(true)
+    }
 }
 
 /// A gRPC status that means the server failed (the OpenTelemetry convention): UNKNOWN, DEADLINE_EXCEEDED,
 /// UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS. Client-side statuses (NOT_FOUND, INVALID_ARGUMENT, …) are not.
 pub(crate) fn grpc_server_error(headers: &HeaderMap) -> bool {
-    headers
-        .get(GRPC_STATUS)
-        .is_some_and(|status| matches!(status.as_bytes(), b"2" | b"4" | b"12" | b"13" | b"14" | b"15"))
+    headers.get(GRPC_STATUS).is_some_and(grpc_status_is_server_error)
+}
+
+fn grpc_status_is_server_error(status: &HeaderValue) -> bool {
+    matches!(status.as_bytes(), b"2" | b"4" | b"12" | b"13" | b"14" | b"15")
 }
 
 /// A response that has no body by definition.
@@ -318,10 +344,11 @@ where
             Ok(mut response) => {
                 // Timing goes only to instrumented callers (who named themselves), unless configured otherwise:
                 // an entry service does not tell the outside world its internal service names and timings.
-                let send_timing = request.caller.is_some() || request.tracer.shared.timing_for_everyone;
+                let send_timing = request.clock.context().caller.is_some() || request.tracer.shared.timing_for_everyone;
                 // gRPC sends its status in trailers, after the body: so does the timing. A trailers-only gRPC
                 // response (an error) has its status in the head, and the timing goes there too.
-                let deferred = is_grpc(response.headers()) && !response.headers().contains_key(GRPC_STATUS);
+                let grpc = GrpcHead::of(response.headers());
+                let deferred = grpc.deferred();
                 if send_timing && !deferred {
                     let snapshot = request.snapshot(ended);
                     if let Some(value) = request.timing_header(&snapshot) {
@@ -329,7 +356,7 @@ where
                     }
                 }
                 let state = BodyState {
-                    error: response.status().is_server_error() || grpc_server_error(response.headers()),
+                    error: response.status().is_server_error() || grpc.server_error(),
                     bodiless: request.head_only || bodiless(response.status()),
                     trailers_timing: send_timing && deferred,
                     last_frame_at: None,
@@ -406,7 +433,8 @@ impl<B: Body> Body for ServerBody<B> {
         };
         let started = clock::now();
         if let Some(handed_out) = state.last_frame_at.take() {
-            state.request.transfer += started.saturating_duration_since(handed_out);
+            let transfer = nanos(started.saturating_duration_since(handed_out));
+            state.request.transfer_ns = state.request.transfer_ns.saturating_add(transfer);
         }
         let inner = &mut this.inner;
         let (mut result, ended) = state.request.clock.poll(cx, started, |cx| inner.as_mut().poll_frame(cx));
@@ -457,5 +485,42 @@ impl<B: Body> Body for ServerBody<B> {
 impl<B: Body + std::fmt::Debug> std::fmt::Debug for ServerBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerBody").field("inner", &self.inner).field("measuring", &self.state.is_some()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(content_type: Option<&'static str>, status: Option<&'static str>) -> GrpcHead {
+        let mut headers = HeaderMap::new();
+        if let Some(content_type) = content_type {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        }
+        if let Some(status) = status {
+            headers.insert(GRPC_STATUS, HeaderValue::from_static(status));
+        }
+        GrpcHead::of(&headers)
+    }
+
+    #[test]
+    fn a_grpc_status_counts_only_in_a_response_of_the_grpc_family() {
+        // gRPC proper: the status, and so the timing, come in trailers, unless the head already has it.
+        for content_type in ["application/grpc", "application/grpc+proto"] {
+            let streamed = head(Some(content_type), None);
+            assert!(streamed.deferred() && !streamed.server_error(), "{content_type}");
+            let failed = head(Some(content_type), Some("14"));
+            assert!(!failed.deferred() && failed.server_error(), "{content_type}: trailers-only UNAVAILABLE");
+            let refused = head(Some(content_type), Some("5"));
+            assert!(!refused.deferred() && !refused.server_error(), "{content_type}: NOT_FOUND is the client's");
+        }
+        // gRPC-Web: trailers travel in the body, so nothing is deferred, but a status in the head still counts.
+        let web = head(Some("application/grpc-web+proto"), Some("13"));
+        assert!(!web.deferred() && web.server_error());
+        // Anything else: the header means nothing, and is not looked up.
+        for content_type in [Some("text/plain"), Some("application/grpcx"), None] {
+            let other = head(content_type, Some("13"));
+            assert!(!other.deferred() && !other.server_error(), "{content_type:?}");
+        }
     }
 }
