@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 use common::*;
 use futures_util::{StreamExt, stream};
 use rootscale_tracer::{
-    SAMPLE_RESERVOIR, SampleRate, Tracer,
+    ClosedWindow, SAMPLE_RESERVOIR, SampleRate, Tracer,
     identity::{KeyRing, MeshKeys},
 };
 
@@ -33,8 +33,8 @@ fn sampled(service: &str, keys: Option<&Arc<KeyRing>>) -> (Tracer, Arc<Records>)
 
 /// Sums of the closed windows: (requests, arrivals, external requests, requests from svc-a, calls to svc-b,
 /// windows).
-fn totals(tracer: &Tracer, first: u64) -> (u64, u64, u64, u64, u64, u64) {
-    close_all(tracer, first).iter().fold((0, 0, 0, 0, 0, 0), |sum, window| {
+fn totals(windows: &[Arc<ClosedWindow>]) -> (u64, u64, u64, u64, u64, u64) {
+    windows.iter().fold((0, 0, 0, 0, 0, 0), |sum, window| {
         let stats = &window.stats;
         assert_eq!(stats.sample_every, EVERY, "a closed window says it was a sample");
         (
@@ -63,6 +63,7 @@ async fn one_in_sixteen(keys: Option<Arc<KeyRing>>) {
     let (a, a_records) = sampled("svc-a", keys.as_ref());
     let a_addr = serve_http(&a, Behavior::default().then(vec![Callee::http(&a, b_addr)])).await;
     let first = a.window_clock().window_id(std::time::Instant::now());
+    let (a_windows, b_windows) = (WindowCollector::start(&a, first), WindowCollector::start(&b, first));
     let client = plain_client();
     stream::iter(0..REQUESTS)
         .for_each_concurrent(8, |_| {
@@ -78,7 +79,7 @@ async fn one_in_sixteen(keys: Option<Arc<KeyRing>>) {
     let (a_reserved, a_drawn, a_weighted) = by_weight(a_records.requests().iter().map(|r| r.weight));
     let (a_calls_reserved, a_calls_drawn, a_calls_weighted) = by_weight(a_records.calls().iter().map(|c| c.weight));
     let (b_reserved, b_drawn, b_weighted) = by_weight(b_records.requests().iter().map(|r| r.weight));
-    let (requests, arrivals, external, _, calls, windows) = totals(&a, first);
+    let (requests, arrivals, external, _, calls, windows) = totals(&a_windows.finish());
     let reservoir = u64::from(SAMPLE_RESERVOIR);
     // The first of each sixteenth of a window the run touched, never more.
     assert!(
@@ -99,10 +100,17 @@ async fn one_in_sixteen(keys: Option<Arc<KeyRing>>) {
     assert!(b_records.requests().iter().all(|r| r.caller.as_deref() == Some("svc-a")));
 
     assert_eq!(arrivals, REQUESTS, "every arrival is counted, sampled or not");
-    assert_eq!(requests, a_weighted, "svc-a's windows count each measured request as its weight");
+    let losses = a.losses();
+    assert_eq!(
+        requests,
+        a_weighted,
+        "svc-a's windows count each measured request as its weight (records lost: {} late, {} in unclosed windows)",
+        losses.late.load(std::sync::atomic::Ordering::Relaxed),
+        losses.unclosed.load(std::sync::atomic::Ordering::Relaxed)
+    );
     assert_eq!(external, requests);
     assert_eq!(calls, a_calls_weighted);
-    let (requests, arrivals, external, from_a, _, _) = totals(&b, first);
+    let (requests, arrivals, external, from_a, _, _) = totals(&b_windows.finish());
     assert_eq!(arrivals, REQUESTS);
     assert_eq!(requests, b_weighted);
     assert_eq!((external, from_a), (0, requests), "svc-b's requests all came from svc-a, none chosen from outside");

@@ -12,7 +12,7 @@ use crate::measure::clock;
 pub struct WindowClock {
     window_ms: u64,
     anchor: Instant,
-    /// The request path's clock at `anchor` (read just after it).
+    /// The request path's clock at `anchor` (see [`paired_now`]).
     counter_anchor: clock::Instant,
     anchor_unix_ms: u64,
 }
@@ -22,6 +22,34 @@ fn millis(since: Duration) -> u64 {
     since.as_secs().saturating_mul(1000).saturating_add(u64::from(since.subsec_millis()))
 }
 
+/// Reads of the two clocks this far apart are taken as one instant.
+const PAIRED_READ_GAP: Duration = Duration::from_micros(20);
+/// Tries at a pair of reads within [`PAIRED_READ_GAP`] before the closest one is kept.
+const PAIRED_READ_TRIES: usize = 16;
+
+/// The monotonic clock and the request path's counter read at one instant: the counter read on both sides of the
+/// monotonic read, its midpoint kept. A thread preempted between two plain reads (milliseconds, on a loaded
+/// machine) would shift every request's window against the closer's by that much, so the closest of a few tries
+/// is kept.
+fn paired_now() -> (Instant, clock::Instant) {
+    let mut best: Option<(Duration, Instant, clock::Instant)> = None;
+    for _ in 0..PAIRED_READ_TRIES {
+        let before = clock::now();
+        let anchor = Instant::now();
+        let after = clock::now();
+        let gap = after.saturating_duration_since(before);
+        let midpoint = before + gap / 2;
+        if best.as_ref().is_none_or(|(closest, _, _)| gap < *closest) {
+            best = Some((gap, anchor, midpoint));
+        }
+        if gap <= PAIRED_READ_GAP {
+            break;
+        }
+    }
+    let (_, anchor, counter_anchor) = best.unwrap_or_else(|| (Duration::ZERO, Instant::now(), clock::now()));
+    (anchor, counter_anchor)
+}
+
 impl WindowClock {
     pub fn new(window: Duration) -> Self {
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -29,7 +57,8 @@ impl WindowClock {
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
-        Self { window_ms, anchor: Instant::now(), counter_anchor: clock::now(), anchor_unix_ms }
+        let (anchor, counter_anchor) = paired_now();
+        Self { window_ms, anchor, counter_anchor, anchor_unix_ms }
     }
 
     pub fn window_ms(&self) -> u64 {

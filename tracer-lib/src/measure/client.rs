@@ -268,7 +268,7 @@ impl Call {
     }
 
     /// Ends the call at `at`.
-    pub(crate) fn finish(&self, at: Instant, error: bool) {
+    pub(crate) fn finish(self, at: Instant, error: bool) {
         let error = error || self.error;
         let shared = &self.tracer.shared;
         let client_total_us = micros(at.saturating_duration_since(self.started));
@@ -420,7 +420,7 @@ impl<B: Body> Body for CallBody<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        // Ended in place, not taken out: a call is a few hundred bytes, and most calls end on their first frame.
+        // Looked at in place: a call is a few hundred bytes, and a streamed body has many frames.
         let Some(call) = this.call.as_mut() else {
             return Poll::Ready(frame);
         };
@@ -437,9 +437,11 @@ impl<B: Body> Body for CallBody<B> {
                 None => None,
             },
         };
-        if let Some(error) = ended_with_error {
+        // Taken out before it is finished, so that an observer's panic cannot leave it to be finished again on drop.
+        if let Some(error) = ended_with_error
+            && let Some(call) = this.call.take()
+        {
             call.finish(now, error);
-            *this.call = None;
         }
         Poll::Ready(frame)
     }

@@ -277,12 +277,19 @@ pub(crate) struct GrpcHead {
 
 impl GrpcHead {
     pub(crate) fn of(headers: &HeaderMap) -> Self {
-        let content_type = headers.get(CONTENT_TYPE).map_or(&b""[..], HeaderValue::as_bytes);
-        let (trailers, family) = match content_type.strip_prefix(b"application/grpc") {
-            Some(b"") => (true, true),
-            Some(rest) if rest.starts_with(b"+") => (true, true),
-            Some(rest) if rest.starts_with(b"-web") => (false, true),
-            _ => (false, false),
+        const GRPC: &[u8] = b"application/grpc";
+        // A media type's name is case-insensitive, and parameters may follow it; a proxy's reply may carry a
+        // status and no content type at all.
+        let (trailers, family) = match headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes) {
+            None => (false, true),
+            Some(content_type) => match content_type.split_at_checked(GRPC.len()) {
+                Some((name, rest)) if name.eq_ignore_ascii_case(GRPC) => match rest.first() {
+                    None | Some(b'+' | b';') => (true, true),
+                    Some(b'-') if rest.len() >= 4 && rest[..4].eq_ignore_ascii_case(b"-web") => (false, true),
+                    _ => (false, false),
+                },
+                _ => (false, false),
+            },
         };
         let status_is_server_error =
             if family { headers.get(GRPC_STATUS).map(grpc_status_is_server_error) } else { None };
@@ -514,11 +521,19 @@ mod tests {
             let refused = head(Some(content_type), Some("5"));
             assert!(!refused.deferred() && !refused.server_error(), "{content_type}: NOT_FOUND is the client's");
         }
+        // Parameters and capitals do not change the type.
+        for content_type in ["application/grpc; charset=utf-8", "Application/GRPC"] {
+            assert!(head(Some(content_type), None).deferred(), "{content_type}");
+            assert!(head(Some(content_type), Some("13")).server_error(), "{content_type}");
+        }
         // gRPC-Web: trailers travel in the body, so nothing is deferred, but a status in the head still counts.
         let web = head(Some("application/grpc-web+proto"), Some("13"));
         assert!(!web.deferred() && web.server_error());
+        // No content type (a proxy's reply): a status counts, and nothing is deferred.
+        let bare = head(None, Some("14"));
+        assert!(!bare.deferred() && bare.server_error());
         // Anything else: the header means nothing, and is not looked up.
-        for content_type in [Some("text/plain"), Some("application/grpcx"), None] {
+        for content_type in [Some("text/plain"), Some("application/grpcx"), Some("application/json")] {
             let other = head(content_type, Some("13"));
             assert!(!other.deferred() && !other.server_error(), "{content_type:?}");
         }

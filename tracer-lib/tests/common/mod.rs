@@ -272,6 +272,57 @@ pub fn close_all(tracer: &Tracer, first: u64) -> Vec<Arc<rootscale_tracer::Close
     (first..=last).filter_map(|id| tracer.close_window(id)).collect()
 }
 
+/// How long after a window ends [`WindowCollector`] closes it: its last requests' records are in by then.
+const COLLECTOR_GRACE: Duration = Duration::from_millis(300);
+
+/// Closes a tracer's windows as they end, as the agent's window closer does, and keeps them. A test that closes its
+/// windows only at the end ([`close_all`]) loses a run that outlasts the few windows a shard keeps open — the
+/// oldest is dropped, its records counted as lost — which a loaded machine makes of a run of a few seconds.
+pub struct WindowCollector {
+    tracer: Tracer,
+    /// The next window to close, and the windows closed so far.
+    state: Arc<Mutex<(u64, Vec<Arc<rootscale_tracer::ClosedWindow>>)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WindowCollector {
+    /// Starts closing `tracer`'s windows from `first` on, each once it has ended.
+    pub fn start(tracer: &Tracer, first: u64) -> Self {
+        let state = Arc::new(Mutex::new((first, Vec::new())));
+        let task = tokio::spawn({
+            let (tracer, state) = (tracer.clone(), state.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let now = Instant::now();
+                    let ended = tracer.window_clock().window_id(now.checked_sub(COLLECTOR_GRACE).unwrap_or(now));
+                    Self::close_before(&tracer, &state, ended);
+                }
+            }
+        });
+        Self { tracer: tracer.clone(), state, task }
+    }
+
+    fn close_before(tracer: &Tracer, state: &Mutex<(u64, Vec<Arc<rootscale_tracer::ClosedWindow>>)>, end: u64) {
+        let mut state = state.lock().unwrap();
+        while state.0 < end {
+            let id = state.0;
+            if let Some(window) = tracer.close_window(id) {
+                state.1.push(window);
+            }
+            state.0 += 1;
+        }
+    }
+
+    /// Stops, closes every window up to the current one, and returns every window closed.
+    pub fn finish(self) -> Vec<Arc<rootscale_tracer::ClosedWindow>> {
+        self.task.abort();
+        let current = self.tracer.window_clock().window_id(Instant::now());
+        Self::close_before(&self.tracer, &self.state, current + 1);
+        std::mem::take(&mut self.state.lock().unwrap().1)
+    }
+}
+
 /// The median of `values`.
 pub fn median(mut values: Vec<Duration>) -> Duration {
     assert!(!values.is_empty(), "no values");
