@@ -32,22 +32,23 @@ const PAIRED_READ_TRIES: usize = 16;
 /// machine) would shift every request's window against the closer's by that much, so the closest of a few tries
 /// is kept.
 fn paired_now() -> (Instant, clock::Instant) {
-    let mut best: Option<(Duration, Instant, clock::Instant)> = None;
-    for _ in 0..PAIRED_READ_TRIES {
+    let read = || {
         let before = clock::now();
         let anchor = Instant::now();
-        let after = clock::now();
-        let gap = after.saturating_duration_since(before);
-        let midpoint = before + gap / 2;
-        if best.as_ref().is_none_or(|(closest, _, _)| gap < *closest) {
-            best = Some((gap, anchor, midpoint));
-        }
-        if gap <= PAIRED_READ_GAP {
+        let gap = clock::now().saturating_duration_since(before);
+        (gap, anchor, before + gap / 2)
+    };
+    let mut closest = read();
+    for _ in 1..PAIRED_READ_TRIES {
+        if closest.0 <= PAIRED_READ_GAP {
             break;
         }
+        let next = read();
+        if next.0 < closest.0 {
+            closest = next;
+        }
     }
-    let (_, anchor, counter_anchor) = best.unwrap_or_else(|| (Duration::ZERO, Instant::now(), clock::now()));
-    (anchor, counter_anchor)
+    (closest.1, closest.2)
 }
 
 impl WindowClock {

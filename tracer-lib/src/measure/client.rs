@@ -27,9 +27,9 @@ use crate::{
     measure::{
         clock::{self, Instant},
         context::{Current, RequestContext, current},
+        grpc::{GrpcHead, grpc_server_error},
         headers::{CALLER_HEADER, MAX_SERVICE_NAME, TIMING_HEADER, Timing, WaitPointRef},
         record::{CallRecord, Wait, micros},
-        server::{GrpcHead, grpc_server_error},
     },
     tracer::Tracer,
 };
@@ -156,13 +156,6 @@ fn authority_name(authority: &Authority) -> String {
     if name.is_empty() { "unknown".to_string() } else { name }
 }
 
-/// Where in a response a header map came from.
-#[derive(Clone, Copy)]
-enum ResponsePart {
-    Head,
-    Trailers,
-}
-
 /// One outbound call in flight.
 pub(crate) struct Call {
     tracer: Tracer,
@@ -226,14 +219,7 @@ impl Call {
 
     /// Takes the timing header from a response head or trailers; a later one (trailers) wins. Returns whether one
     /// was taken.
-    fn read_timing(&mut self, headers: &HeaderMap, part: ResponsePart) -> bool {
-        let grpc_error = match part {
-            ResponsePart::Head => GrpcHead::of(headers).server_error(),
-            ResponsePart::Trailers => grpc_server_error(headers),
-        };
-        if grpc_error {
-            self.error = true;
-        }
+    fn read_timing(&mut self, headers: &HeaderMap) -> bool {
         let Some(value) = headers.get(TIMING_HEADER) else {
             return false;
         };
@@ -368,10 +354,10 @@ where
         match result {
             Ok(response) => {
                 // The head's arrival: the end of the link's time, and the instant the proof is checked at.
-                if call.read_timing(response.headers(), ResponsePart::Head) {
+                if call.read_timing(response.headers()) {
                     call.timing_head_at = Some(clock::now());
                 }
-                call.error |= response.status().is_server_error();
+                call.error |= response.status().is_server_error() || GrpcHead::of(response.headers()).server_error();
                 Poll::Ready(Ok(response.map(|body| CallBody::new(body, call))))
             }
             Err(error) => {
@@ -430,8 +416,8 @@ impl<B: Body> Body for CallBody<B> {
             Some(Err(_)) => Some(true),
             Some(Ok(frame)) => match frame.trailers_ref() {
                 Some(trailers) => {
-                    call.read_timing(trailers, ResponsePart::Trailers);
-                    Some(false)
+                    call.read_timing(trailers);
+                    Some(grpc_server_error(trailers))
                 }
                 None if this.inner.is_end_stream() => Some(false),
                 None => None,

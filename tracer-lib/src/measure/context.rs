@@ -244,7 +244,7 @@ impl RequestContext {
             fresh.caller = caller;
             return context;
         }
-        Arc::new(Self { caller, ..Self::fresh(start, weight) })
+        Arc::new(Self::fresh(start, weight, caller))
     }
 
     /// Hands a finished request's context back for a later request on this thread — when nothing else holds it
@@ -281,11 +281,11 @@ impl RequestContext {
         }
     }
 
-    fn fresh(start: Instant, weight: u32) -> Self {
+    fn fresh(start: Instant, weight: u32, caller: Option<CallerHeader>) -> Self {
         Self {
             start,
             weight,
-            caller: None,
+            caller,
             woken_at: AtomicU64::new(1),
             task_waker: AtomicWaker::new(),
             made_calls: AtomicBool::new(false),

@@ -6,6 +6,7 @@
 //! - [`client`]: the layer on its outbound HTTP/gRPC clients.
 //! - [`downstream`]: the same for any other future (a database call).
 //! - [`context`]: the per-request state they share, found through a task-local.
+//! - [`grpc`]: what a response's gRPC headers say (status in trailers, a server error).
 //! - [`headers`]: the strict wire format of `rootscale-caller` and `rootscale-timing`.
 //! - [`record`]: the values measured.
 //! - [`sample`]: which requests are measured, with `ROOTSCALE_SAMPLE`.
@@ -14,6 +15,7 @@ pub mod client;
 pub mod clock;
 pub mod context;
 pub mod downstream;
+pub mod grpc;
 pub mod headers;
 pub mod record;
 pub mod sample;
