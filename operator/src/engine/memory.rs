@@ -63,6 +63,11 @@ impl Engine {
     /// An engine that remembers `memory`, read at `now` (the engine's clock) and `now_unix` (the wall clock).
     /// Entries from the future (another clock ahead of this one) count as now; entries too old to matter, or
     /// beyond what this clock can go back to, are dropped; values are bounded.
+    ///
+    /// Both stamps are whole seconds, so an entry's true age is anywhere in `(n - s - 1, n - s + 1)`. It is read
+    /// as the youngest of those, `n - s - 1`: a successor then holds a rate limit or a stabilisation window up to
+    /// a second longer than its predecessor would have, never shorter (read as `n - s`, a scale-up 14.1 s old
+    /// could look 15 s old and leave the period early, letting the successor double the replicas a second time).
     pub fn restored(memory: &Memory, now: Instant, now_unix: u64) -> Self {
         let restore = |entries: &[Remembered], keep: Duration| -> Vec<Stamped> {
             let mut restored: Vec<Stamped> = entries
@@ -70,7 +75,7 @@ impl Engine {
                 .rev()
                 .take(MAX_REMEMBERED)
                 .filter_map(|entry| {
-                    let age = Duration::from_secs(now_unix.saturating_sub(entry.unix));
+                    let age = Duration::from_secs(now_unix.saturating_sub(entry.unix).saturating_sub(1));
                     (age <= keep).then_some(())?;
                     let at = now.checked_sub(age)?;
                     Some(Stamped { at, unix: entry.unix.min(now_unix), value: entry.value.min(MAX_REMEMBERED_VALUE) })
@@ -124,6 +129,29 @@ mod tests {
         assert_eq!(successor.decide(later, &config(), 6, Pods { ready: &hot, unready: 0 }).desired, 6);
         // Forgetting, it would have doubled again at once.
         assert_eq!(Engine::new().decide(later, &config(), 6, Pods { ready: &hot, unready: 0 }).desired, 12);
+    }
+
+    /// The stamps are whole seconds. A scale-up made just before a second ticked over and read just after the
+    /// period's last whole second has ticked shows 15 s between its stamps, though only a little over 14 s
+    /// passed: the successor must still count it.
+    #[test]
+    fn a_successor_counts_a_scale_up_whose_stamps_round_up_to_the_period() {
+        let now = Instant::now();
+        let now_unix = unix_now();
+        let period = Duration::from_secs(15);
+        // Made 14.1 s ago, stamped 15 whole seconds before now's stamp.
+        let memory = Memory {
+            recommendations: vec![],
+            scale_ups: vec![Remembered { unix: now_unix - period.as_secs(), value: 4 }],
+            scale_downs: vec![],
+        };
+        let hot = all(Verdict::RootCause, 10.0, 5);
+        let mut successor = Engine::restored(&memory, now, now_unix);
+        // From 1 (5 now, 4 added in the period): max(1 + 4, 1 × 2) = 5, so no more.
+        assert_eq!(successor.decide(now, &config(), 5, Pods { ready: &hot, unready: 0 }).desired, 5);
+        // A second later the scale-up has certainly left the period: from 5, +100 % → 10.
+        let later = now + Duration::from_secs(1);
+        assert_eq!(successor.decide(later, &config(), 5, Pods { ready: &hot, unready: 0 }).desired, 10);
     }
 
     #[test]
