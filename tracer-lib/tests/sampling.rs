@@ -138,7 +138,9 @@ async fn without_a_key_a_received_weight_is_capped_at_the_services_own_rate() {
     let records = Arc::new(Records::default());
     let tracer = Tracer::builder("svc-b")
         .agent_addr("127.0.0.1:9011")
-        .window(Duration::from_secs(1))
+        // Long, so the run spans at most two windows however slow the machine: closed only at the end, a run
+        // longer than the windows a shard keeps open would lose records.
+        .window(Duration::from_secs(60))
         .observer(records.clone())
         .build()
         .unwrap();
