@@ -72,6 +72,7 @@ impl Cluster {
     /// Starts each service's initial replicas.
     pub fn start(topology: Topology, config: &ClusterConfig) -> Result<Arc<Self>, Error> {
         let ClusterConfig { window, mode, seed, cpu_model, ref mesh_keys, sample } = *config;
+        super::open_files::raise_limit();
         let registries: BTreeMap<String, (watch::Sender<Replicas>, watch::Receiver<Replicas>)> = topology
             .services
             .iter()

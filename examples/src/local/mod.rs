@@ -6,7 +6,8 @@
 //!    exchange and decide happen there, in `rootscale-tracer`), its work modelled by a worker pool and virtual
 //!    cores; or, for a service with `runtime: external`, [`external`]: the user's program behind rootscale-proxy;
 //! 3. [`balance`]: callers reach a service's replicas through a p2c balancer fed by a discovery stream;
-//! 4. [`cluster`]: every service's replicas, faults, and the local `ScaleTarget` that starts and drains them;
+//! 4. [`cluster`]: every service's replicas, faults, and the local `ScaleTarget` that starts and drains them
+//!    (first raising the process's limit on open files, [`open_files`]);
 //! 5. [`load`] and [`scenario`]: Poisson load on a rate schedule, faults on a schedule;
 //! 6. [`policy`]: who decides — rootscale's agents, or an HPA baseline — through the operator's engine; [`push`]:
 //!    rootscale's policy also decides as soon as an agent says its service needs replicas;
@@ -18,6 +19,7 @@ pub mod cluster;
 pub mod external;
 pub mod live;
 pub mod load;
+pub mod open_files;
 pub mod policy;
 pub mod push;
 pub mod replica;
