@@ -1,11 +1,22 @@
-//! Local mode raises its soft limit on open files to the hard limit. In a test binary of its own: it changes the
-//! whole process's limit.
+//! Local mode and this machine's limit on open files. In a test binary of its own: the tests change the whole
+//! process's limit, one at a time.
+
+use std::{sync::Mutex, time::Duration};
 
 use rlimit::Resource;
-use rootscale_examples::local::open_files::raise_limit;
+use rootscale_examples::local::{
+    SHIPPED,
+    cluster::{Cluster, ClusterConfig, LocalTarget},
+    open_files::raise_limit,
+    topology::Topology,
+};
+use rootscale_operator::engine::ScaleTarget;
+
+static SERIAL: Mutex<()> = Mutex::new(());
 
 #[test]
 fn a_low_soft_limit_is_raised_to_the_hard_one() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (_, hard) = Resource::NOFILE.get().unwrap();
     // As a shell's default leaves it (1,024 is common), lower still so the raise is seen whatever the hard limit.
     let low = hard.min(256);
@@ -20,4 +31,38 @@ fn a_low_soft_limit_is_raised_to_the_hard_one() {
     if cfg!(target_os = "linux") {
         assert_eq!(soft, hard);
     }
+}
+
+/// A scaling the machine cannot carry out is counted, with its error, so a benchmark run that had one is not
+/// mistaken for a measure of the policy.
+#[test]
+fn a_scaling_this_machine_cannot_carry_out_is_counted() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let config = ClusterConfig {
+        window: Duration::from_secs(1),
+        mode: Default::default(),
+        seed: 5,
+        cpu_model: Default::default(),
+        mesh_keys: std::sync::Arc::new(rootscale_tracer::identity::KeyRing::fixed(
+            rootscale_tracer::identity::MeshKeys::generate().unwrap(),
+        )),
+        sample: Default::default(),
+    };
+    let cluster = Cluster::start(Topology::parse(SHIPPED[0].1, "shop.yaml").unwrap(), &config).unwrap();
+    let target = LocalTarget { cluster: cluster.clone(), service: "catalog".into() };
+    runtime.block_on(target.set_replicas(2)).expect("a replica starts with files to spare");
+    assert_eq!(cluster.failed_scalings(), (0, None));
+    // Leave no file to open: the next replica cannot bind its listener.
+    let (soft, hard) = Resource::NOFILE.get().unwrap();
+    let open = std::fs::read_dir("/proc/self/fd").map(|entries| entries.count() as u64).unwrap_or(0);
+    Resource::NOFILE.set(open.min(soft), hard).unwrap();
+    let refused = runtime.block_on(target.set_replicas(6));
+    Resource::NOFILE.set(soft, hard).unwrap();
+    assert!(refused.is_err(), "scaled with no file to open");
+    let (failed, first) = cluster.failed_scalings();
+    assert_eq!(failed, 1);
+    let first = first.expect("the error is kept");
+    assert!(first.starts_with("catalog to 6: ") && first.contains("open files"), "{first}");
+    cluster.stop();
 }

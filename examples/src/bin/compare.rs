@@ -297,6 +297,29 @@ fn compare(args: Args) -> Result<(), String> {
         let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
+    // A run whose scalings this machine could not carry out measured the machine: say so, and fail.
+    let invalid: Vec<String> = rows
+        .iter()
+        .filter(|row| row.summary.failed_scalings > 0)
+        .map(|row| {
+            format!(
+                "{} / {} / {} / seed {}: {} scalings could not be carried out (first: {})",
+                row.topology,
+                row.scenario,
+                row.policy,
+                row.seed,
+                row.summary.failed_scalings,
+                row.summary.first_failed_scaling.as_deref().unwrap_or("?")
+            )
+        })
+        .collect();
+    if !invalid.is_empty() {
+        return Err(format!(
+            "{} runs are not valid, their rows measure this machine:\n{}",
+            invalid.len(),
+            invalid.join("\n")
+        ));
+    }
     Ok(())
 }
 

@@ -52,6 +52,9 @@ pub struct Cluster {
     draining: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The mesh key its replicas prove membership with; the policy asks them as the operator with it.
     pub mesh_keys: Arc<KeyRing>,
+    /// Scalings this machine could not carry out (a replica that could not start: out of open files, ports…),
+    /// and the first one's error. A run with any measured the machine, not the policy.
+    failed_scalings: Mutex<(u64, Option<String>)>,
 }
 
 /// How every replica of a cluster runs, beyond its service's spec.
@@ -110,7 +113,13 @@ impl Cluster {
             );
         }
         let mesh_keys = mesh_keys.clone();
-        let cluster = Arc::new(Self { topology, services, draining: Mutex::new(Vec::new()), mesh_keys });
+        let cluster = Arc::new(Self {
+            topology,
+            services,
+            draining: Mutex::new(Vec::new()),
+            mesh_keys,
+            failed_scalings: Mutex::new((0, None)),
+        });
         for spec in &cluster.topology.services {
             cluster.scale(&spec.name, spec.replicas)?;
         }
@@ -226,6 +235,19 @@ impl Cluster {
 }
 
 /// The operator's [`ScaleTarget`](rootscale_operator::engine::ScaleTarget) for one local service.
+impl Cluster {
+    fn note_failed_scaling(&self, error: &str) {
+        let mut failed = self.failed_scalings.lock().unwrap_or_else(|p| p.into_inner());
+        failed.0 += 1;
+        failed.1.get_or_insert_with(|| error.to_string());
+    }
+
+    /// How many scalings this machine could not carry out, and the first one's error.
+    pub fn failed_scalings(&self) -> (u64, Option<String>) {
+        self.failed_scalings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 pub struct LocalTarget {
     pub cluster: Arc<Cluster>,
     pub service: String,
@@ -238,9 +260,13 @@ impl rootscale_operator::engine::ScaleTarget for LocalTarget {
 
     async fn set_replicas(&self, replicas: u32) -> Result<(), rootscale_operator::Error> {
         let (cluster, service) = (self.cluster.clone(), self.service.clone());
-        tokio::task::spawn_blocking(move || cluster.scale(&service, replicas))
+        let scaled = tokio::task::spawn_blocking(move || cluster.scale(&service, replicas))
             .await
-            .map_err(|e| rootscale_operator::Error::Target(e.to_string()))?
-            .map_err(|e| rootscale_operator::Error::Target(e.to_string()))
+            .map_err(|e| e.to_string())
+            .and_then(|scaled| scaled.map_err(|e| e.to_string()));
+        scaled.map_err(|error| {
+            self.cluster.note_failed_scaling(&format!("{} to {replicas}: {error}", self.service));
+            rootscale_operator::Error::Target(error)
+        })
     }
 }

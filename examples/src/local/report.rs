@@ -164,5 +164,13 @@ pub fn summary(timeline: &Timeline) -> String {
     let finals: Vec<String> = s.final_replicas.iter().map(|(name, n)| format!("{name}={n}")).collect();
     let _ = writeln!(out, "  replicas at the end: {}", finals.join(" "));
     let _ = writeln!(out, "  requests: {} sent, {} ok, {} failed", s.sent, s.ok, s.failed);
+    if s.failed_scalings > 0 {
+        let _ = writeln!(
+            out,
+            "  NOT VALID: {} scalings could not be carried out on this machine (first: {}); the run measured the machine",
+            s.failed_scalings,
+            s.first_failed_scaling.as_deref().unwrap_or("?")
+        );
+    }
     out
 }

@@ -208,6 +208,11 @@ pub struct Summary {
     /// never did.
     pub recovered_after_s: Option<u64>,
     pub final_replicas: BTreeMap<String, u32>,
+    /// Scalings the policy asked for that this machine could not carry out, and the first one's error: a run
+    /// with any measured the machine, not the policy.
+    pub failed_scalings: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_failed_scaling: Option<String>,
 }
 
 /// Seconds in a row under the SLO that count as recovered.
@@ -497,6 +502,7 @@ fn summarize(
     let topology = &config.topology;
     let seconds = config.duration.as_secs() as usize;
     let at = topology.slo_percentile;
+    let (failed_scalings, first_failed_scaling) = cluster.failed_scalings();
     let latency = |range: std::ops::Range<usize>| -> Option<f64> {
         let mut merged = crate::local::load::Second::default();
         for second in by_start.get(range.start.min(by_start.len())..range.end.min(by_start.len()))? {
@@ -552,5 +558,7 @@ fn summarize(
                 .map(|start| start as u64)
         }),
         final_replicas: topology.services.iter().map(|s| (s.name.clone(), cluster.replicas(&s.name))).collect(),
+        failed_scalings,
+        first_failed_scaling,
     }
 }
