@@ -7,12 +7,16 @@ use rlimit::Resource;
 use rootscale_examples::local::{
     SHIPPED,
     cluster::{Cluster, ClusterConfig, LocalTarget},
-    open_files::raise_limit,
+    open_files::raise_soft_to_hard,
     topology::Topology,
 };
 use rootscale_operator::engine::ScaleTarget;
 
 static SERIAL: Mutex<()> = Mutex::new(());
+/// Linux's "too many open files".
+const EMFILE: i32 = 24;
+/// The soft limit the second test lowers to before it uses up the files.
+const LOW_LIMIT: u64 = 4096;
 
 #[test]
 fn a_low_soft_limit_is_raised_to_the_hard_one() {
@@ -22,7 +26,8 @@ fn a_low_soft_limit_is_raised_to_the_hard_one() {
     let low = hard.min(256);
     Resource::NOFILE.set(low, hard).unwrap();
     assert_eq!(Resource::NOFILE.get().unwrap().0, low);
-    let limit = raise_limit().expect("the limit could be read");
+    // The uncached raise: `Cluster::start` in the other test may have used the once-per-process one already.
+    let limit = raise_soft_to_hard().expect("the limit could be raised");
     let (soft, hard_after) = Resource::NOFILE.get().unwrap();
     assert_eq!(hard_after, hard, "the hard limit is not touched");
     assert_eq!(soft, limit, "the limit returned is the one in force");
@@ -53,12 +58,23 @@ fn a_scaling_this_machine_cannot_carry_out_is_counted() {
     let target = LocalTarget { cluster: cluster.clone(), service: "catalog".into() };
     runtime.block_on(target.set_replicas(2)).expect("a replica starts with files to spare");
     assert_eq!(cluster.failed_scalings(), (0, None));
-    // Leave no file to open: the next replica cannot bind its listener.
+    // Leave no file to open: hold every descriptor the soft limit still allows, so the next replica cannot open
+    // what it needs (its runtime's, its listener's).
+    // Under a low limit, so that takes a few thousand files whatever the machine's hard limit.
     let (soft, hard) = Resource::NOFILE.get().unwrap();
-    let open = std::fs::read_dir("/proc/self/fd").map(|entries| entries.count() as u64).unwrap_or(0);
-    Resource::NOFILE.set(open.min(soft), hard).unwrap();
+    Resource::NOFILE.set(soft.min(LOW_LIMIT), hard).unwrap();
+    let mut held = Vec::new();
+    let exhausted = loop {
+        match std::fs::File::open("/dev/null") {
+            Ok(file) if held.len() < LOW_LIMIT as usize => held.push(file),
+            Ok(_) => break false,
+            Err(error) => break error.raw_os_error() == Some(EMFILE),
+        }
+    };
     let refused = runtime.block_on(target.set_replicas(6));
+    drop(held);
     Resource::NOFILE.set(soft, hard).unwrap();
+    assert!(exhausted, "could not use up the open files");
     assert!(refused.is_err(), "scaled with no file to open");
     let (failed, first) = cluster.failed_scalings();
     assert_eq!(failed, 1);

@@ -9,8 +9,8 @@
 //! seeds.
 //!
 //! `cargo run --release -p rootscale-examples --bin compare -- [--suite] [--jobs 2] [--topology shop]...
-//!  [--scenario payments]... [--policy rootscale]... [--duration 60s] [--seed 1] [--seeds 1] [--json FILE]` — the
-//! filters pick a subset, so one row can be reproduced in a minute.
+//!  [--scenario payments]... [--kind cpu]... [--policy rootscale]... [--duration 60s] [--seed 1] [--seeds 1]
+//!  [--window 1s] [--json FILE]` — the filters pick a subset, so one row can be reproduced in a minute.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -127,6 +127,8 @@ struct Row {
     kind: Kind,
     policy: String,
     seed: u64,
+    /// The agents' window (`--window`).
+    window_ms: u64,
     detected_after_s: Option<f64>,
     /// Seconds from the fault (or the surge) to the first scaling action.
     first_step_after_s: Option<f64>,
@@ -227,6 +229,7 @@ fn run_one(job: &Job) -> Result<Row, String> {
         kind: scenario.kind,
         policy: job.policy.to_string(),
         seed: job.seed,
+        window_ms: job.window.as_millis() as u64,
         detected_after_s: detected,
         first_step_after_s: first_step,
         back_to_start,

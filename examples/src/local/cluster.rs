@@ -186,6 +186,17 @@ impl Cluster {
         Ok(())
     }
 
+    fn note_failed_scaling(&self, error: &str) {
+        let mut failed = self.failed_scalings.lock().unwrap_or_else(|p| p.into_inner());
+        failed.0 += 1;
+        failed.1.get_or_insert_with(|| error.to_string());
+    }
+
+    /// How many scalings this machine could not carry out, and the first one's error.
+    pub fn failed_scalings(&self) -> (u64, Option<String>) {
+        self.failed_scalings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Crashes every replica of `name` at once: no drain, and they stay in the registry, so callers go on dialing
     /// addresses nobody listens on, as when pods die before their endpoints are updated.
     pub fn crash(&self, name: &str) -> Result<(), Error> {
@@ -235,19 +246,6 @@ impl Cluster {
 }
 
 /// The operator's [`ScaleTarget`](rootscale_operator::engine::ScaleTarget) for one local service.
-impl Cluster {
-    fn note_failed_scaling(&self, error: &str) {
-        let mut failed = self.failed_scalings.lock().unwrap_or_else(|p| p.into_inner());
-        failed.0 += 1;
-        failed.1.get_or_insert_with(|| error.to_string());
-    }
-
-    /// How many scalings this machine could not carry out, and the first one's error.
-    pub fn failed_scalings(&self) -> (u64, Option<String>) {
-        self.failed_scalings.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
 pub struct LocalTarget {
     pub cluster: Arc<Cluster>,
     pub service: String,

@@ -66,7 +66,7 @@ impl Engine {
     ///
     /// Both stamps are whole seconds, so an entry's true age is anywhere in `(n - s - 1, n - s + 1)`. It is read
     /// as the youngest of those, `n - s - 1`: a successor then holds a rate limit or a stabilisation window up to
-    /// a second longer than its predecessor would have, never shorter (read as `n - s`, a scale-up 14.1 s old
+    /// two seconds longer than its predecessor would have, never shorter (read as `n - s`, a scale-up 14.1 s old
     /// could look 15 s old and leave the period early, letting the successor double the replicas a second time).
     pub fn restored(memory: &Memory, now: Instant, now_unix: u64) -> Self {
         let restore = |entries: &[Remembered], keep: Duration| -> Vec<Stamped> {
@@ -81,7 +81,8 @@ impl Engine {
                     Some(Stamped { at, unix: entry.unix.min(now_unix), value: entry.value.min(MAX_REMEMBERED_VALUE) })
                 })
                 .collect();
-            restored.sort_by_key(|entry| entry.at);
+            // Stamps a second apart can both restore as now: the stamp keeps them oldest first.
+            restored.sort_by_key(|entry| (entry.at, entry.unix));
             restored
         };
         Engine {
