@@ -1,13 +1,15 @@
 //! Local mode and this machine's limit on open files. In a test binary of its own: the tests change the whole
 //! process's limit, one at a time.
 
-use std::{sync::Mutex, time::Duration};
+use std::sync::Mutex;
 
 use rlimit::Resource;
 use rootscale_examples::local::{
     SHIPPED,
-    cluster::{Cluster, ClusterConfig, LocalTarget},
+    cluster::{Cluster, LocalTarget},
     open_files::raise_soft_to_hard,
+    policy::Policy,
+    run::RunConfig,
     topology::Topology,
 };
 use rootscale_operator::engine::ScaleTarget;
@@ -44,17 +46,10 @@ fn a_low_soft_limit_is_raised_to_the_hard_one() {
 fn a_scaling_this_machine_cannot_carry_out_is_counted() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let config = ClusterConfig {
-        window: Duration::from_secs(1),
-        mode: Default::default(),
-        seed: 5,
-        cpu_model: Default::default(),
-        mesh_keys: std::sync::Arc::new(rootscale_tracer::identity::KeyRing::fixed(
-            rootscale_tracer::identity::MeshKeys::generate().unwrap(),
-        )),
-        sample: Default::default(),
-    };
-    let cluster = Cluster::start(Topology::parse(SHIPPED[0].1, "shop.yaml").unwrap(), &config).unwrap();
+    let shop = Topology::parse(SHIPPED[0].1, "shop.yaml").unwrap();
+    // A run's replicas as the demo starts them (its window, seed and a mesh key of its own).
+    let config = RunConfig::new(shop.clone(), Policy::Rootscale).unwrap().cluster();
+    let cluster = Cluster::start(shop, &config).unwrap();
     let target = LocalTarget { cluster: cluster.clone(), service: "catalog".into() };
     runtime.block_on(target.set_replicas(2)).expect("a replica starts with files to spare");
     assert_eq!(cluster.failed_scalings(), (0, None));
