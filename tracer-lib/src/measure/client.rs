@@ -2,11 +2,12 @@
 //! `rootscale-timing` (head or gRPC trailers) and attributes the call to the request that made it.
 //!
 //! [`TraceClient`] starts the call's clock and registers it with the current request (found through the
-//! task-local); [`CallFuture`] waits for the response head; [`CallBody`] ends the call when the response body ends
+//! thread's current-request slot); [`CallFuture`] waits for the response head; [`CallBody`] ends the call when the response body ends
 //! or is dropped, so `client_total` covers the whole response, as the callee's timing does.
 
 use std::{
     borrow::Cow,
+    cell::RefCell,
     future::Future,
     pin::Pin,
     sync::{
@@ -14,6 +15,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, ready},
+    thread::LocalKey,
     time::Duration,
 };
 
@@ -30,6 +32,7 @@ use crate::{
         grpc::{GrpcHead, grpc_server_error},
         headers::{CALLER_HEADER, MAX_SERVICE_NAME, TIMING_HEADER, Timing, WaitPointRef},
         record::{CallRecord, Wait, micros},
+        reuse::{Reused, Spares, Travelling},
     },
     tracer::Tracer,
 };
@@ -130,7 +133,25 @@ where
                 .headers_mut()
                 .insert(CALLER_HEADER, tracer.caller_header(window, call.as_ref().map(|call| call.weight)));
         }
-        CallFuture { inner: self.inner.call(request), call }
+        CallFuture { inner: self.inner.call(request), call: call.map(Reused::new) }
+    }
+}
+
+thread_local! {
+    static SPARE_CALLS: Spares<Call> = const { RefCell::new(Vec::new()) };
+}
+
+/// A call travels boxed in its response future and body (see [`crate::measure::reuse`]).
+impl Travelling for Call {
+    fn spares() -> &'static LocalKey<Spares<Self>> {
+        &SPARE_CALLS
+    }
+}
+
+/// Ends a travelling call at `at`, if it is still in its box.
+fn finish(call: Reused<Call>, at: Instant, error: bool) {
+    if let Some(call) = call.take() {
+        call.finish(at, error);
     }
 }
 
@@ -326,14 +347,14 @@ pin_project_lite::pin_project! {
     pub struct CallFuture<F> {
         #[pin]
         inner: F,
-        call: Option<Call>,
+        call: Option<Reused<Call>>,
     }
 
     impl<F> PinnedDrop for CallFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             // Cancelled before the response head arrived.
             if let Some(call) = this.project().call.take() {
-                call.finish(clock::now(), true);
+                finish(call, clock::now(), true);
             }
         }
     }
@@ -348,20 +369,23 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        let Some(mut call) = this.call.take() else {
+        let Some(mut boxed) = this.call.take() else {
             return Poll::Ready(result.map(|response| response.map(CallBody::passthrough)));
         };
         match result {
             Ok(response) => {
-                // The head's arrival: the end of the link's time, and the instant the proof is checked at.
-                if call.read_timing(response.headers()) {
-                    call.timing_head_at = Some(clock::now());
+                if let Some(call) = boxed.get_mut() {
+                    // The head's arrival: the end of the link's time, and the instant the proof is checked at.
+                    if call.read_timing(response.headers()) {
+                        call.timing_head_at = Some(clock::now());
+                    }
+                    call.error |=
+                        response.status().is_server_error() || GrpcHead::of(response.headers()).server_error();
                 }
-                call.error |= response.status().is_server_error() || GrpcHead::of(response.headers()).server_error();
-                Poll::Ready(Ok(response.map(|body| CallBody::new(body, call))))
+                Poll::Ready(Ok(response.map(|body| CallBody::new(body, boxed))))
             }
             Err(error) => {
-                call.finish(clock::now(), true);
+                finish(boxed, clock::now(), true);
                 Poll::Ready(Err(error))
             }
         }
@@ -373,7 +397,7 @@ pin_project_lite::pin_project! {
     pub struct CallBody<B> {
         #[pin]
         inner: B,
-        call: Option<Call>,
+        call: Option<Reused<Call>>,
         end_reported: AtomicBool,
     }
 
@@ -383,7 +407,7 @@ pin_project_lite::pin_project! {
             // Dropped before its end (or never read, which is the caller's choice): the call is over. Not the
             // callee's error.
             if let Some(call) = this.call.take() {
-                call.finish(clock::now(), false);
+                finish(call, clock::now(), false);
             }
         }
     }
@@ -394,7 +418,7 @@ impl<B> CallBody<B> {
         Self { inner, call: None, end_reported: AtomicBool::new(false) }
     }
 
-    fn new(inner: B, call: Call) -> Self {
+    fn new(inner: B, call: Reused<Call>) -> Self {
         Self { inner, call: Some(call), end_reported: AtomicBool::new(false) }
     }
 }
@@ -406,8 +430,7 @@ impl<B: Body> Body for CallBody<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        // Looked at in place: a call is a few hundred bytes, and a streamed body has many frames.
-        let Some(call) = this.call.as_mut() else {
+        let Some(call) = this.call.as_mut().and_then(Reused::get_mut) else {
             return Poll::Ready(frame);
         };
         let now = clock::now();
@@ -427,7 +450,7 @@ impl<B: Body> Body for CallBody<B> {
         if let Some(error) = ended_with_error
             && let Some(call) = this.call.take()
         {
-            call.finish(now, error);
+            finish(call, now, error);
         }
         Poll::Ready(frame)
     }

@@ -1,9 +1,9 @@
 //! The per-request context: the clock that splits a request's time into busy, cpu_wait and the rest, and the
 //! bookkeeping of its outbound calls (the union of their in-flight intervals and the critical path).
 //!
-//! The server layer creates one context per request and installs it as a task-local while it polls the handler
-//! (and the response body), so outbound calls made by the handler find their request without any argument
-//! passing. Work spawned onto other tasks carries it explicitly with [`RequestHandle::scope`] or
+//! The server layer creates one context per request and sets it as the thread's current request for the length of
+//! each poll of the handler (and of the response body), so outbound calls made by the handler find their request
+//! without any argument passing. Work spawned onto other tasks carries it explicitly with [`RequestHandle::scope`] or
 //! [`InRequestExt::in_current_request`].
 //!
 //! Everything here is per request and lock-free: calls may start and finish on other threads, so their
@@ -11,7 +11,7 @@
 //! requests: a finished context is reused by a later request on the same thread only once nothing else holds it.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     future::Future,
     pin::Pin,
     sync::{
@@ -30,8 +30,41 @@ use crate::measure::{
     record::{Wait, nanos},
 };
 
-tokio::task_local! {
-    static CURRENT: Current;
+/// What the thread's current-request slot holds. A measured request is held by address only, so that setting the
+/// slot for a poll costs no reference count; [`current`] takes a counted reference when it needs one.
+#[derive(Clone, Copy)]
+enum Slot {
+    Outside,
+    Unsampled,
+    Measured(*const RequestContext),
+}
+
+thread_local! {
+    /// The request the code running on this thread serves, set for the length of one poll of its handler, its
+    /// response body or work scoped to it. A plain thread-local of a `Copy` value rather than tokio's task-local:
+    /// a poll sets and restores it in place, twice per request, with no borrow flag, guard or destructor to pay for.
+    static CURRENT: Cell<Slot> = const { Cell::new(Slot::Outside) };
+}
+
+/// Puts back what the slot held before a scope when the scope ends, by return or by unwinding.
+struct Restore(Slot);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        CURRENT.set(self.0);
+    }
+}
+
+/// Runs `f` with `slot` in the current-request slot. Private: every `Slot::Measured` it is given is the address of
+/// an `Arc` its caller borrows for the whole call (see [`current`]).
+fn in_slot<R>(slot: Slot, f: impl FnOnce() -> R) -> R {
+    let _restore = Restore(CURRENT.replace(slot));
+    f()
+}
+
+/// Runs `f` with `context` as the current request.
+fn in_request<R>(context: &Arc<RequestContext>, f: impl FnOnce() -> R) -> R {
+    in_slot(Slot::Measured(Arc::as_ptr(context)), f)
 }
 
 /// The request the current task serves: one being measured, or one left out of the sample (whose calls are left
@@ -44,8 +77,11 @@ pub(crate) enum Current {
 
 impl Current {
     /// Runs `f` with this as the current request.
-    pub(crate) fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
-        CURRENT.sync_scope(self, f)
+    pub(crate) fn sync_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        match self {
+            Current::Measured(context) => in_request(context, f),
+            Current::Unsampled => in_slot(Slot::Unsampled, f),
+        }
     }
 }
 
@@ -377,7 +413,7 @@ impl PollClock {
         self.context
     }
 
-    /// Polls `poll` with the request installed as the task-local and our recording waker; `started` is now.
+    /// Polls `poll` with the request as the thread's current one and our recording waker; `started` is now.
     /// Returns the result and the instant the poll ended.
     pub(crate) fn poll<T>(
         &mut self,
@@ -393,7 +429,7 @@ impl PollClock {
         self.context.task_waker.register(cx.waker());
         let overlapping = self.context.calls.any_in_flight();
         let mut inner_cx = Context::from_waker(&self.waker);
-        let result = CURRENT.sync_scope(Current::Measured(self.context.clone()), || poll(&mut inner_cx));
+        let result = in_request(&self.context, || poll(&mut inner_cx));
         let ended = clock::now();
         let busy = nanos(ended.saturating_duration_since(started));
         self.busy_ns = self.busy_ns.saturating_add(busy);
@@ -415,7 +451,22 @@ impl PollClock {
 /// The current request, if this code runs inside one (directly or via [`RequestHandle::scope`]); `None` outside
 /// any request.
 pub(crate) fn current() -> Option<Current> {
-    CURRENT.try_with(Current::clone).ok()
+    match CURRENT.get() {
+        Slot::Outside => None,
+        Slot::Unsampled => Some(Current::Unsampled),
+        Slot::Measured(context) => {
+            // SAFETY: `Arc::increment_strong_count` needs a pointer from an `Arc` whose strong count is at least
+            // one for the length of the call. The slot holds `Measured(p)` only inside `in_request(a, f)`, with
+            // `p = Arc::as_ptr(a)` and `a` borrowed until `in_request` returns; before it returns, or while it
+            // unwinds, `Restore` puts back the slot's previous value, which an enclosing `in_request` on this
+            // thread's stack set the same way (scopes on one thread nest). So whenever the slot is read as
+            // `Measured(p)`, the `Arc` `p` came from is alive. `Arc::from_raw` then owns the count just added.
+            unsafe {
+                Arc::increment_strong_count(context);
+                Some(Current::Measured(Arc::from_raw(context)))
+            }
+        }
+    }
 }
 
 /// A handle on the request the current task is serving, for carrying it into spawned tasks.
@@ -493,7 +544,7 @@ impl<F: Future> Future for InRequest<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         match this.context {
-            Some(context) => CURRENT.sync_scope(context.clone(), || this.future.poll(cx)),
+            Some(context) => context.sync_scope(|| this.future.poll(cx)),
             None => this.future.poll(cx),
         }
     }
@@ -516,6 +567,39 @@ mod tests {
 
     fn wait(service: &str, us: u64) -> Wait {
         Wait { point: WaitPoint::Local { service: service.into() }, us }
+    }
+
+    #[test]
+    fn a_scope_sets_the_current_request_and_puts_back_the_one_before_even_when_it_unwinds() {
+        let is = |current: Option<Current>, expected: Option<&Arc<RequestContext>>| match (current, expected) {
+            (None, None) | (Some(Current::Unsampled), None) => true,
+            (Some(Current::Measured(got)), Some(expected)) => Arc::ptr_eq(&got, expected),
+            _ => false,
+        };
+        let outer = RequestContext::new(clock::now(), 1, None);
+        let inner = RequestContext::new(clock::now(), 1, None);
+        assert!(current().is_none());
+        let kept = in_request(&outer, || {
+            assert!(is(current(), Some(&outer)));
+            in_request(&inner, || assert!(is(current(), Some(&inner))));
+            assert!(is(current(), Some(&outer)), "the outer request is back after the inner scope");
+            let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Current::Unsampled.sync_scope(|| {
+                    assert!(matches!(current(), Some(Current::Unsampled)));
+                    panic!("a handler panics");
+                })
+            }));
+            assert!(unwound.is_err());
+            assert!(is(current(), Some(&outer)), "the outer request is back after an unwinding scope");
+            current()
+        });
+        assert!(current().is_none(), "nothing is current after the outermost scope");
+        // What `current` handed out is a counted reference of its own: it outlives the scope.
+        let Some(Current::Measured(kept)) = kept else { panic!("the outer request was current") };
+        assert!(Arc::ptr_eq(&kept, &outer));
+        assert_eq!(Arc::strong_count(&outer), 2, "the test's own and the one current() handed out");
+        drop(kept);
+        assert_eq!(Arc::strong_count(&outer), 1);
     }
 
     #[test]

@@ -258,9 +258,16 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// The text of a field range already checked against a visible-ASCII character class.
+/// The text of a field range already checked against a visible-ASCII character class. Read on every request (the
+/// caller's name and agent go into the window), so it checks for ASCII, a few word-wide compares, rather than
+/// decoding UTF-8 byte by byte.
 fn field_str<'h>(raw: &'h HeaderValue, range: &Range<usize>) -> &'h str {
-    std::str::from_utf8(&raw.as_bytes()[range.clone()]).unwrap_or_default()
+    let bytes = &raw.as_bytes()[range.clone()];
+    if !bytes.is_ascii() {
+        return ""; // never: every field was checked against an ASCII class
+    }
+    // SAFETY: `bytes` was just checked to be ASCII, and every ASCII byte sequence is valid UTF-8.
+    unsafe { std::str::from_utf8_unchecked(bytes) }
 }
 
 /// Where the fields that end a header lie — the agent address and the membership proof (the window's tag, and the
@@ -596,8 +603,9 @@ pub struct TimingEncoder {
 }
 
 impl TimingEncoder {
-    /// `service` and `agent` must already be valid (the tracer checks them).
-    pub fn new(service: &str, agent: Option<&str>) -> Self {
+    /// `service` and `agent` must already be valid (the tracer checks them): the headers are made without `http`'s
+    /// check (see `with_header_buffer`), so only the tracer makes an encoder.
+    pub(crate) fn new(service: &str, agent: Option<&str>) -> Self {
         Self {
             prefix: format!("v=1;s={service};t=").into_bytes(),
             own_local: format!(";k=l;at={service}").into_bytes(),
@@ -609,7 +617,7 @@ impl TimingEncoder {
     /// (`None`: this service's own local wait), ended by `proof_fields` (`;i=…;p=…`, or empty). Writes only what
     /// [`Timing::parse`] accepts: the wait is capped at the total, and a point with a name that is not a valid
     /// service name is replaced by this service.
-    pub fn encode(
+    pub(crate) fn encode(
         &self,
         total_us: u64,
         wait_us: u64,
@@ -695,7 +703,18 @@ fn with_header_buffer(longest: usize, write: impl FnOnce(&mut bytes::BytesMut)) 
         (write.take()?)(&mut own);
         Some(own.freeze())
     })?;
-    HeaderValue::from_maybe_shared(value).ok()
+    if cfg!(debug_assertions) {
+        // Tests run in debug: there every header is checked, and one with a byte a header may not hold is refused.
+        return HeaderValue::from_maybe_shared(value).ok();
+    }
+    // SAFETY: not a memory-safety contract (a `HeaderValue` holds any bytes soundly); the caller promises bytes a
+    // header may hold, which `http` would otherwise check byte by byte on every response. Every writer of these
+    // bytes, `TimingEncoder::write`, writes only visible ASCII: its prefix, own-local part and suffix are built from
+    // a service name and an agent address the tracer checked when it was built; the numbers are decimal digits;
+    // a wait point's names pass `valid_service_name` in `TimingEncoder::encode` first; the proof fields are
+    // `;i=<digits>;p=<hex>` (`identity::proof::proof_fields`). The test
+    // `every_timing_header_shape_is_a_valid_header_value` checks each shape against `http`'s own check.
+    Some(unsafe { HeaderValue::from_maybe_shared_unchecked(value) })
 }
 
 #[cfg(test)]
@@ -777,6 +796,37 @@ mod tests {
         assert_eq!((parsed.wait_point(), parsed.agent()), (WaitPointRef::Local("web"), None));
         let other = TimingEncoder::new("web", None).encode(5, 4, Some(WaitPointRef::Local("db")), b"").unwrap();
         assert_eq!(other, "v=1;s=web;t=5;w=4;k=l;at=db");
+    }
+
+    #[test]
+    fn every_timing_header_shape_is_a_valid_header_value() {
+        // Release builds make timing headers without `http`'s check: each shape the encoder writes must pass it.
+        let proof = crate::identity::proof::proof_fields(
+            &crate::identity::keys::MeshKeys::parse("0123456789abcdefghijklmnopqrstuvwxyzABCD").unwrap(),
+            crate::identity::proof::HeaderRole::Timing,
+            &crate::identity::proof::Claim { service: b"cart", agent: b"127.0.0.1:9000", window_id: 1_234_567 },
+        );
+        let name = "a".repeat(MAX_SERVICE_NAME);
+        let points = [
+            None,
+            Some(WaitPointRef::Local("db")),
+            Some(WaitPointRef::Local(&name)),
+            Some(WaitPointRef::Net { from: "cart", to: "redis.v2_x-1" }),
+            // Names a header may not hold are replaced by the service's own.
+            Some(WaitPointRef::Local("bad name\r\n")),
+            Some(WaitPointRef::Net { from: "c\u{7f}", to: "é" }),
+        ];
+        for encoder in [TimingEncoder::new(&name, Some("[::1]:65535")), TimingEncoder::new("web", None)] {
+            for point in points {
+                for proof in [&b""[..], proof.as_bytes()] {
+                    for (total, wait) in [(0, 0), (5, 4), (u64::MAX, u64::MAX)] {
+                        let header = encoder.encode(total, wait, point, proof).unwrap();
+                        assert_eq!(HeaderValue::from_bytes(header.as_bytes()).ok().as_ref(), Some(&header));
+                        assert!(Timing::parse(&header).is_ok(), "{header:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,11 +5,12 @@
 //! - [`server`]: the layer on a service's inbound side.
 //! - [`client`]: the layer on its outbound HTTP/gRPC clients.
 //! - [`downstream`]: the same for any other future (a database call).
-//! - [`context`]: the per-request state they share, found through a task-local.
+//! - [`context`]: the per-request state they share, found through a thread-local slot set for each poll.
 //! - [`grpc`]: what a response's gRPC headers say (status in trailers, a server error).
 //! - [`headers`]: the strict wire format of `rootscale-caller` and `rootscale-timing`.
 //! - [`record`]: the values measured.
 //! - [`sample`]: which requests are measured, with `ROOTSCALE_SAMPLE`.
+//! - [`reuse`]: the boxes, reused per thread, in which a call's state travels with its response.
 
 pub mod client;
 pub mod clock;
@@ -18,5 +19,6 @@ pub mod downstream;
 pub mod grpc;
 pub mod headers;
 pub mod record;
+pub(crate) mod reuse;
 pub mod sample;
 pub mod server;

@@ -12,7 +12,7 @@
 //! sample. The reservoir keeps a window from holding nothing when completions collapse — a slow service downstream
 //! that lets a few requests a window finish — and measures a cold service in full. It is spread over the window
 //! because what ends in a window arrived at any time before it. A left-out request costs a
-//! random draw and a task-local; its calls carry the short caller header, never a timing header back.
+//! random draw and a marker in the current-request slot; its calls carry the short caller header, never a timing header back.
 
 use std::{
     fmt,

@@ -3,7 +3,7 @@
 //!
 //! Shape (after linkerd's `http/prom` layers): [`TraceServer`] starts the request's clock and reads the caller
 //! header in `call`; [`ServerFuture`] polls the handler through a [`PollClock`] (busy, cpu_wait) with the request
-//! installed as a task-local, and when the response head is ready wraps its body in [`ServerBody`], which polls the
+//! set as the thread's current one, and when the response head is ready wraps its body in [`ServerBody`], which polls the
 //! body through the same clock and records the request when the body ends or is dropped. For gRPC the timing goes
 //! into the trailers, written when the body ends; for plain HTTP it goes into the response head.
 //!
