@@ -148,11 +148,9 @@ impl Travelling for Call {
     }
 }
 
-/// Ends a travelling call at `at`, if it is still in its box.
+/// Ends a travelling call at `at`, where it lies in its box.
 fn finish(call: Reused<Call>, at: Instant, error: bool) {
-    if let Some(call) = call.take() {
-        call.finish(at, error);
-    }
+    call.end(|call| call.finish(at, error));
 }
 
 /// What to call the callee when its response does not say.
@@ -275,7 +273,7 @@ impl Call {
     }
 
     /// Ends the call at `at`.
-    pub(crate) fn finish(self, at: Instant, error: bool) {
+    pub(crate) fn finish(&self, at: Instant, error: bool) {
         let error = error || self.error;
         let shared = &self.tracer.shared;
         let client_total_us = micros(at.saturating_duration_since(self.started));

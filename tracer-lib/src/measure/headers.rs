@@ -182,16 +182,20 @@ impl<'a> Fields<'a> {
     }
 
     /// The end of a header: the optional agent address and the optional `i=<window tag>;p=<proof>` pair, which
-    /// must end the value. Positions in the result are relative to where the end begins.
-    fn claim_end(&mut self) -> Result<ClaimEnd, HeaderError> {
-        let origin = self.position;
+    /// must end the value. Positions in the result are relative to `origin`, where the part a reader remembers
+    /// begins (here, or earlier for a timing header, whose wait point is remembered with its end).
+    fn claim_end(&mut self, origin: usize) -> Result<ClaimEnd, HeaderError> {
         let agent = if self.peek_is(b"a") { Some(self.agent("a")?) } else { None };
         let proof = self.proof()?;
         if !self.at_end() {
             return Err(HeaderError::Trailing);
         }
-        let relative = |range: Range<usize>| range.start - origin..range.end - origin;
-        Ok(ClaimEnd { agent: agent.map(relative), proof: proof.map(|(tag, range)| (tag, relative(range))) })
+        Ok(ClaimEnd {
+            agent: agent.map(|range| Span::from(&range, origin)),
+            // The tag was checked below its modulus, 256.
+            proof: proof.map(|(tag, range)| (u16::try_from(tag).unwrap_or(u16::MAX), Span::from(&range, origin))),
+            point: None,
+        })
     }
 
     /// The end of a header as [`Fields::claim_end`] reads it, unless `recognize` knows these exact bytes (with the
@@ -207,7 +211,7 @@ impl<'a> Fields<'a> {
             self.position = self.bytes.len();
             return Ok((known, true));
         }
-        Ok((self.claim_end()?, false))
+        Ok((self.claim_end(self.position)?, false))
     }
 
     /// The optional `i=<window tag>;p=<proof>` pair that ends a header: the window's tag and the proof's text.
@@ -241,6 +245,28 @@ impl<'a> Fields<'a> {
         Ok(Some((window_id, proof)))
     }
 
+    /// A timing header's wait point, `k=l;at=<service>` or `k=n;at=<from>><to>`: where the name is, and for a link
+    /// where the callee's is.
+    fn wait_point(&mut self) -> Result<(Range<usize>, Option<Range<usize>>), HeaderError> {
+        let kind = self.expect("k")?;
+        let at_range = self.expect("at")?;
+        let at_value = self.value(&at_range);
+        match self.value(&kind) {
+            b"l" if valid_name_bytes(at_value) => Ok((at_range, None)),
+            b"n" => {
+                let split = at_value.iter().position(|&b| b == b'>').ok_or(HeaderError::BadField("at"))?;
+                let (from, to) = (&at_value[..split], &at_value[split + 1..]);
+                if !valid_name_bytes(from) || !valid_name_bytes(to) {
+                    return Err(HeaderError::BadField("at"));
+                }
+                let split = at_range.start + split;
+                Ok((at_range.start..split, Some(split + 1..at_range.end)))
+            }
+            b"l" => Err(HeaderError::BadField("at")),
+            _ => Err(HeaderError::BadField("k")),
+        }
+    }
+
     /// The next field as a whole number (a duration in microseconds, a window id): 1–12 decimal digits.
     fn micros(&mut self, key: &'static str) -> Result<u64, HeaderError> {
         let range = self.expect(key)?;
@@ -262,7 +288,7 @@ impl<'a> Fields<'a> {
 /// caller's name and agent go into the window), so it checks for ASCII, a few word-wide compares, rather than
 /// decoding UTF-8 byte by byte.
 fn field_str<'h>(raw: &'h HeaderValue, range: &Range<usize>) -> &'h str {
-    let bytes = &raw.as_bytes()[range.clone()];
+    let bytes = raw.as_bytes().get(range.clone()).unwrap_or_default();
     if !bytes.is_ascii() {
         return ""; // never: every field was checked against an ASCII class
     }
@@ -270,47 +296,79 @@ fn field_str<'h>(raw: &'h HeaderValue, range: &Range<usize>) -> &'h str {
     unsafe { std::str::from_utf8_unchecked(bytes) }
 }
 
+/// Where a field lies in a header, in bytes. A header is at most [`MAX_HEADER_LEN`] long, so 16 bits hold any place
+/// in it, and the parsed headers that travel with every request and call stay a quarter the size of `usize` ranges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Span {
+    start: u16,
+    end: u16,
+}
+
+impl Span {
+    /// `range` less `origin`. Ranges come from [`Fields`], within a header of at most [`MAX_HEADER_LEN`] bytes.
+    fn from(range: &Range<usize>, origin: usize) -> Self {
+        let place = |at: usize| u16::try_from(at.saturating_sub(origin)).unwrap_or(u16::MAX);
+        Self { start: place(range.start), end: place(range.end) }
+    }
+
+    /// The byte range, `origin` on.
+    fn at(self, origin: usize) -> Range<usize> {
+        origin + usize::from(self.start)..origin + usize::from(self.end)
+    }
+}
+
+const _: () = assert!(MAX_HEADER_LEN <= u16::MAX as usize);
+
 /// Where the fields that end a header lie — the agent address and the membership proof (the window's tag, and the
-/// proof's text) — relative to the start of that end. The same bytes always make the same claim, so a reader who
-/// has checked them once can recognise them by comparison ([`crate::identity::believed`]).
+/// proof's text), and in a timing header the wait point before them — relative to the start of that end. The same
+/// bytes always make the same claim, so a reader who has checked them once can recognise them by comparison
+/// ([`crate::identity::believed`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClaimEnd {
-    agent: Option<Range<usize>>,
-    proof: Option<(u64, Range<usize>)>,
+    agent: Option<Span>,
+    /// The window's tag (below `WINDOW_TAG_MODULUS`, 256) and where the proof's text is.
+    proof: Option<(u16, Span)>,
+    /// A timing header's wait point: where its name is, and for a link the callee's.
+    point: Option<(Span, Option<Span>)>,
 }
 
 /// A header's claim, with the end's fields placed in it: `end_at` is where the end begins.
 #[derive(Clone, Debug)]
 struct Claimed {
-    service: Range<usize>,
-    end_at: usize,
+    service: Span,
+    end_at: u16,
     end: ClaimEnd,
 }
 
 impl Claimed {
-    fn shift(&self, range: &Range<usize>) -> Range<usize> {
-        self.end_at + range.start..self.end_at + range.end
+    fn new(service: &Range<usize>, end_at: usize, end: ClaimEnd) -> Self {
+        Self { service: Span::from(service, 0), end_at: u16::try_from(end_at).unwrap_or(u16::MAX), end }
+    }
+
+    /// A span of the end, placed in the header.
+    fn shift(&self, span: Span) -> Range<usize> {
+        span.at(usize::from(self.end_at))
     }
 
     fn service<'h>(&self, raw: &'h HeaderValue) -> &'h str {
-        field_str(raw, &self.service)
+        field_str(raw, &self.service.at(0))
     }
 
     fn agent<'h>(&self, raw: &'h HeaderValue) -> Option<&'h str> {
-        self.end.agent.as_ref().map(|range| field_str(raw, &self.shift(range)))
+        self.end.agent.map(|span| field_str(raw, &self.shift(span)))
     }
 
     fn proof<'h>(&self, raw: &'h HeaderValue) -> Option<(u64, &'h [u8])> {
-        self.end.proof.as_ref().map(|(tag, range)| (*tag, &raw.as_bytes()[self.shift(range)]))
+        self.end.proof.map(|(tag, span)| (u64::from(tag), raw.as_bytes().get(self.shift(span)).unwrap_or_default()))
     }
 
     fn claimed<'h>(&self, raw: &'h HeaderValue) -> (&'h [u8], &'h [u8]) {
         let bytes = raw.as_bytes();
-        (&bytes[self.service.clone()], self.agent(raw).map_or(&[][..], str::as_bytes))
+        (bytes.get(self.service.at(0)).unwrap_or_default(), self.agent(raw).map_or(&[][..], str::as_bytes))
     }
 
     fn end_bytes<'h>(&self, raw: &'h HeaderValue) -> &'h [u8] {
-        &raw.as_bytes()[self.end_at..]
+        raw.as_bytes().get(usize::from(self.end_at)..).unwrap_or_default()
     }
 }
 
@@ -361,7 +419,7 @@ impl CallerHeader {
         };
         let end_at = fields.position;
         let (end, recognized) = fields.claim_end_recognizing(&service, recognize)?;
-        Ok((Self { raw: raw.clone(), claim: Claimed { service, end_at, end }, weight }, recognized))
+        Ok((Self { raw: raw.clone(), claim: Claimed::new(&service, end_at, end), weight }, recognized))
     }
 
     /// Whether the caller left this request out of its sample.
@@ -439,12 +497,8 @@ pub struct Timing {
     claim: Claimed,
     /// The responder's `total`, µs.
     pub total_us: u64,
-    /// The largest wait in the responder's subtree, µs.
+    /// The largest wait in the responder's subtree, µs. Where it was is in the claim's end.
     pub wait_us: u64,
-    /// Where that wait was: the service (local) or the caller of the link (net).
-    at: Range<usize>,
-    /// For a net wait, the callee of the link.
-    at_to: Option<Range<usize>>,
 }
 
 impl Timing {
@@ -470,27 +524,22 @@ impl Timing {
         if wait_us > total_us {
             return Err(HeaderError::BadField("w"));
         }
-        let kind = fields.expect("k")?;
-        let at_range = fields.expect("at")?;
-        let at_value = fields.value(&at_range);
-        let (at, at_to) = match fields.value(&kind) {
-            b"l" if valid_name_bytes(at_value) => (at_range, None),
-            b"n" => {
-                let split = at_value.iter().position(|&b| b == b'>').ok_or(HeaderError::BadField("at"))?;
-                let (from, to) = (&at_value[..split], &at_value[split + 1..]);
-                if !valid_name_bytes(from) || !valid_name_bytes(to) {
-                    return Err(HeaderError::BadField("at"));
-                }
-                let split = at_range.start + split;
-                (at_range.start..split, Some(split + 1..at_range.end))
-            }
-            b"l" => return Err(HeaderError::BadField("at")),
-            _ => return Err(HeaderError::BadField("k")),
-        };
+        // The wait point and the claim's end are remembered together: from one response to the next a callee's
+        // timing header differs in its two numbers only, so a known rest is recognised by one comparison.
         let end_at = fields.position;
-        let (end, recognized) = fields.claim_end_recognizing(&service, recognize)?;
-        let claim = Claimed { service, end_at, end };
-        Ok((Self { raw: raw.clone(), claim, total_us, wait_us, at, at_to }, recognized))
+        let bytes = raw.as_bytes();
+        let known = recognize(fields.value(&service), &bytes[end_at..]).filter(|known| known.point.is_some());
+        let (end, recognized) = match known {
+            Some(end) => (end, true),
+            None => {
+                let (at, at_to) = fields.wait_point()?;
+                let mut end = fields.claim_end(end_at)?;
+                end.point = Some((Span::from(&at, end_at), at_to.map(|to| Span::from(&to, end_at))));
+                (end, false)
+            }
+        };
+        let claim = Claimed::new(&service, end_at, end);
+        Ok((Self { raw: raw.clone(), claim, total_us, wait_us }, recognized))
     }
 
     /// The window's tag (its id modulo `WINDOW_TAG_MODULUS`) and the proof text the header ends with, if any.
@@ -503,13 +552,15 @@ impl Timing {
         self.claim.claimed(&self.raw)
     }
 
-    /// The header's end (agent and proof) as bytes, and its fields: what a reader remembers to recognise it.
+    /// The header's end (wait point, agent and proof) as bytes, and its fields: what a reader remembers to
+    /// recognise it.
     pub fn end(&self) -> (&[u8], &ClaimEnd) {
         (self.claim.end_bytes(&self.raw), &self.claim.end)
     }
 
-    fn slice(&self, range: &Range<usize>) -> &str {
-        field_str(&self.raw, range)
+    /// A name in the end, from where the end says it is.
+    fn name_in_end(&self, span: Span) -> &str {
+        field_str(&self.raw, &self.claim.shift(span))
     }
 
     /// The responding service.
@@ -524,9 +575,11 @@ impl Timing {
 
     /// Where the largest wait in the responder's subtree was.
     pub fn wait_point(&self) -> WaitPointRef<'_> {
-        match &self.at_to {
-            None => WaitPointRef::Local(self.slice(&self.at)),
-            Some(to) => WaitPointRef::Net { from: self.slice(&self.at), to: self.slice(to) },
+        match self.claim.end.point {
+            Some((at, None)) => WaitPointRef::Local(self.name_in_end(at)),
+            Some((from, Some(to))) => WaitPointRef::Net { from: self.name_in_end(from), to: self.name_in_end(to) },
+            // Never: a timing header's end always has its wait point (parsed, or recognised only with one).
+            None => WaitPointRef::Local(self.service()),
         }
     }
 
@@ -796,6 +849,43 @@ mod tests {
         assert_eq!((parsed.wait_point(), parsed.agent()), (WaitPointRef::Local("web"), None));
         let other = TimingEncoder::new("web", None).encode(5, 4, Some(WaitPointRef::Local("db")), b"").unwrap();
         assert_eq!(other, "v=1;s=web;t=5;w=4;k=l;at=db");
+    }
+
+    #[test]
+    fn a_recognised_timing_end_reads_the_same_as_a_parsed_one() {
+        // What a reader remembers of a parsed header (its end's bytes and fields) lets it read the next header with
+        // the same end without parsing that end: both readings must agree, whatever the numbers before it.
+        let encoder = TimingEncoder::new("cart", Some("127.0.0.1:9000"));
+        let proof = format!(";i=7;p={}", "A".repeat(crate::identity::proof::PROOF_TEXT));
+        let proof = proof.as_bytes();
+        for point in [None, Some(WaitPointRef::Local("db")), Some(WaitPointRef::Net { from: "cart", to: "redis" })] {
+            let first = encoder.encode(900, 400, point, proof).unwrap();
+            let (parsed, recognized) = Timing::parse_recognizing(&first, |_, _| None).unwrap();
+            assert!(!recognized);
+            let (end, fields) = parsed.end();
+            let (end, fields) = (end.to_vec(), fields.clone());
+            let next = encoder.encode(12_345, 6_789, point, proof).unwrap();
+            let (known, recognized) = Timing::parse_recognizing(&next, |service, bytes| {
+                (service == b"cart" && bytes == end.as_slice()).then(|| fields.clone())
+            })
+            .unwrap();
+            assert!(recognized, "{next:?}");
+            let fresh = Timing::parse(&next).unwrap();
+            assert_eq!((known.total_us, known.wait_us), (12_345, 6_789));
+            assert_eq!((known.total_us, known.wait_us), (fresh.total_us, fresh.wait_us));
+            assert_eq!(known.wait_point(), fresh.wait_point());
+            assert_eq!(known.wait_point(), point.unwrap_or(WaitPointRef::Local("cart")));
+            assert_eq!((known.service(), known.agent()), (fresh.service(), fresh.agent()));
+            assert_eq!((known.proof(), known.claimed()), (fresh.proof(), fresh.claimed()));
+            // Another wait point is another end: not recognised from this one.
+            let other = encoder.encode(5, 4, Some(WaitPointRef::Local("search")), proof).unwrap();
+            let (read, recognized) = Timing::parse_recognizing(&other, |service, bytes| {
+                (service == b"cart" && bytes == end.as_slice()).then(|| fields.clone())
+            })
+            .unwrap();
+            assert!(!recognized);
+            assert_eq!(read.wait_point(), WaitPointRef::Local("search"));
+        }
     }
 
     #[test]

@@ -40,10 +40,19 @@ impl<T: Travelling> Reused<T> {
         Option::as_mut(&mut self.0)
     }
 
-    /// Takes the state out, and keeps the box for this thread's next one.
-    pub(crate) fn take(self) -> Option<T> {
-        let mut boxed = self.0;
-        let state = boxed.take();
+    /// Runs `f` on the state where it lies (no copy of it out of the box), then empties the box and keeps it for
+    /// this thread's next one.
+    pub(crate) fn end(mut self, f: impl FnOnce(&mut T)) {
+        if let Some(state) = self.get_mut() {
+            f(state);
+        }
+        *self.0 = None;
+        self.keep();
+    }
+
+    /// Keeps the emptied box for this thread's next state, up to the bound.
+    fn keep(self) {
+        let boxed = self.0;
         let _ = T::spares().try_with(|spares| {
             if let Ok(mut spares) = spares.try_borrow_mut()
                 && spares.len() < SPARE_BOXES_PER_THREAD
@@ -55,7 +64,6 @@ impl<T: Travelling> Reused<T> {
                 spares.push(boxed);
             }
         });
-        state
     }
 }
 
@@ -75,20 +83,26 @@ mod tests {
         }
     }
 
+    /// The state's value, read as the box is ended.
+    fn end(boxed: Reused<State>) -> Option<u32> {
+        let mut seen = None;
+        boxed.end(|state| seen = Some(state.0));
+        seen
+    }
+
     #[test]
-    fn a_taken_box_is_kept_emptied_and_used_again_up_to_a_bound() {
+    fn an_ended_box_is_kept_emptied_and_used_again_up_to_a_bound() {
         let mut first = Reused::new(State(1));
         let address = std::ptr::from_ref(&*first.0);
         first.get_mut().unwrap().0 += 1;
-        assert_eq!(first.take().map(|state| state.0), Some(2));
+        assert_eq!(end(first), Some(2));
         assert!(SPARE_STATES.with(|spares| spares.borrow().iter().all(|boxed| boxed.is_none())));
         let second = Reused::new(State(3));
         assert_eq!(std::ptr::from_ref(&*second.0), address, "the spare box is used again");
         // More boxes than the bound come back: the rest are let go of.
         let many: Vec<_> = (0..SPARE_BOXES_PER_THREAD as u32 + 10).map(|n| Reused::new(State(n))).collect();
-        let taken = many.into_iter().filter_map(Reused::take).count();
-        assert_eq!(taken, SPARE_BOXES_PER_THREAD + 10);
-        assert_eq!(second.take().map(|state| state.0), Some(3));
+        assert_eq!(many.into_iter().filter_map(end).count(), SPARE_BOXES_PER_THREAD + 10);
+        assert_eq!(end(second), Some(3));
         assert_eq!(SPARE_STATES.with(|spares| spares.borrow().len()), SPARE_BOXES_PER_THREAD);
     }
 }
