@@ -1,7 +1,7 @@
 //! Header ends this thread has lately read and believed.
 //!
-//! A member's caller header is the same bytes all window long, and so, response after response, is the end of its
-//! timing header (the wait point, the agent address and the proof, after the two numbers). So each thread reads and checks an end once — the address parsed, the
+//! A member's caller header is the same bytes all window long, and so is the end of its timing header (the agent
+//! address and the proof, after the numbers and the wait point). So each thread reads and checks an end once — the address parsed, the
 //! proof looked up or computed — and afterwards knows the same bytes again by comparing them: no parse, no proof
 //! check, no shared memory. Only believed ends are kept, and only for the windows their proof is good in; a refused
 //! header goes the long way every time, so every refusal is counted.
@@ -16,9 +16,8 @@ use crate::{
     measure::headers::ClaimEnd,
 };
 
-/// Ends one thread keeps at once (more take turns): a thread usually reads one caller and a few callees, and a
-/// callee's timing header ends one way per wait point it names.
-const PER_THREAD: usize = 8;
+/// Ends one thread keeps at once (more take turns): a thread usually reads one caller and a few callees.
+const PER_THREAD: usize = 4;
 
 struct Believed {
     reader: Reader,

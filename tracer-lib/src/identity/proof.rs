@@ -269,7 +269,7 @@ impl RejectionCounts {
 /// The `;i=<window>;p=<proof>` field pair for `claim`, signed with the keys in force.
 pub(crate) fn proof_fields(keys: &MeshKeys, role: HeaderRole, claim: &Claim<'_>) -> String {
     let proof = claim.sign(keys, role);
-    // The proof is ASCII hex by construction.
+    // The proof is base64url (`A-Z a-z 0-9 - _`) by construction: ASCII a header may hold.
     format!(";i={};p={}", claim.window_id % WINDOW_TAG_MODULUS, std::str::from_utf8(&proof).unwrap_or_default())
 }
 

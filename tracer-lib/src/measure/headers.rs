@@ -182,9 +182,9 @@ impl<'a> Fields<'a> {
     }
 
     /// The end of a header: the optional agent address and the optional `i=<window tag>;p=<proof>` pair, which
-    /// must end the value. Positions in the result are relative to `origin`, where the part a reader remembers
-    /// begins (here, or earlier for a timing header, whose wait point is remembered with its end).
-    fn claim_end(&mut self, origin: usize) -> Result<ClaimEnd, HeaderError> {
+    /// must end the value. Positions in the result are relative to where the end begins.
+    fn claim_end(&mut self) -> Result<ClaimEnd, HeaderError> {
+        let origin = self.position;
         let agent = if self.peek_is(b"a") { Some(self.agent("a")?) } else { None };
         let proof = self.proof()?;
         if !self.at_end() {
@@ -194,7 +194,6 @@ impl<'a> Fields<'a> {
             agent: agent.map(|range| Span::from(&range, origin)),
             // The tag was checked below its modulus, 256.
             proof: proof.map(|(tag, range)| (u16::try_from(tag).unwrap_or(u16::MAX), Span::from(&range, origin))),
-            point: None,
         })
     }
 
@@ -211,7 +210,7 @@ impl<'a> Fields<'a> {
             self.position = self.bytes.len();
             return Ok((known, true));
         }
-        Ok((self.claim_end(self.position)?, false))
+        Ok((self.claim_end()?, false))
     }
 
     /// The optional `i=<window tag>;p=<proof>` pair that ends a header: the window's tag and the proof's text.
@@ -320,16 +319,15 @@ impl Span {
 const _: () = assert!(MAX_HEADER_LEN <= u16::MAX as usize);
 
 /// Where the fields that end a header lie — the agent address and the membership proof (the window's tag, and the
-/// proof's text), and in a timing header the wait point before them — relative to the start of that end. The same
-/// bytes always make the same claim, so a reader who has checked them once can recognise them by comparison
-/// ([`crate::identity::believed`]).
+/// proof's text) — relative to the start of that end. The same bytes always make the same claim, so a reader who
+/// has checked them once can recognise them by comparison ([`crate::identity::believed`]). A timing header's wait
+/// point, just before its end, is not part of it: a service in the middle of the graph names its own wait in one
+/// response and a callee's in the next, and remembering each would crowd out the ends that do repeat.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClaimEnd {
     agent: Option<Span>,
     /// The window's tag (below `WINDOW_TAG_MODULUS`, 256) and where the proof's text is.
     proof: Option<(u16, Span)>,
-    /// A timing header's wait point: where its name is, and for a link the callee's.
-    point: Option<(Span, Option<Span>)>,
 }
 
 /// A header's claim, with the end's fields placed in it: `end_at` is where the end begins.
@@ -497,8 +495,12 @@ pub struct Timing {
     claim: Claimed,
     /// The responder's `total`, µs.
     pub total_us: u64,
-    /// The largest wait in the responder's subtree, µs. Where it was is in the claim's end.
+    /// The largest wait in the responder's subtree, µs.
     pub wait_us: u64,
+    /// Where that wait was: the service (local) or the caller of the link (net).
+    at: Span,
+    /// For a net wait, the callee of the link.
+    at_to: Option<Span>,
 }
 
 impl Timing {
@@ -524,22 +526,12 @@ impl Timing {
         if wait_us > total_us {
             return Err(HeaderError::BadField("w"));
         }
-        // The wait point and the claim's end are remembered together: from one response to the next a callee's
-        // timing header differs in its two numbers only, so a known rest is recognised by one comparison.
+        let (at, at_to) = fields.wait_point()?;
         let end_at = fields.position;
-        let bytes = raw.as_bytes();
-        let known = recognize(fields.value(&service), &bytes[end_at..]).filter(|known| known.point.is_some());
-        let (end, recognized) = match known {
-            Some(end) => (end, true),
-            None => {
-                let (at, at_to) = fields.wait_point()?;
-                let mut end = fields.claim_end(end_at)?;
-                end.point = Some((Span::from(&at, end_at), at_to.map(|to| Span::from(&to, end_at))));
-                (end, false)
-            }
-        };
+        let (end, recognized) = fields.claim_end_recognizing(&service, recognize)?;
         let claim = Claimed::new(&service, end_at, end);
-        Ok((Self { raw: raw.clone(), claim, total_us, wait_us }, recognized))
+        let (at, at_to) = (Span::from(&at, 0), at_to.map(|to| Span::from(&to, 0)));
+        Ok((Self { raw: raw.clone(), claim, total_us, wait_us, at, at_to }, recognized))
     }
 
     /// The window's tag (its id modulo `WINDOW_TAG_MODULUS`) and the proof text the header ends with, if any.
@@ -552,15 +544,13 @@ impl Timing {
         self.claim.claimed(&self.raw)
     }
 
-    /// The header's end (wait point, agent and proof) as bytes, and its fields: what a reader remembers to
-    /// recognise it.
+    /// The header's end (agent and proof) as bytes, and its fields: what a reader remembers to recognise it.
     pub fn end(&self) -> (&[u8], &ClaimEnd) {
         (self.claim.end_bytes(&self.raw), &self.claim.end)
     }
 
-    /// A name in the end, from where the end says it is.
-    fn name_in_end(&self, span: Span) -> &str {
-        field_str(&self.raw, &self.claim.shift(span))
+    fn slice(&self, span: Span) -> &str {
+        field_str(&self.raw, &span.at(0))
     }
 
     /// The responding service.
@@ -575,11 +565,9 @@ impl Timing {
 
     /// Where the largest wait in the responder's subtree was.
     pub fn wait_point(&self) -> WaitPointRef<'_> {
-        match self.claim.end.point {
-            Some((at, None)) => WaitPointRef::Local(self.name_in_end(at)),
-            Some((from, Some(to))) => WaitPointRef::Net { from: self.name_in_end(from), to: self.name_in_end(to) },
-            // Never: a timing header's end always has its wait point (parsed, or recognised only with one).
-            None => WaitPointRef::Local(self.service()),
+        match self.at_to {
+            None => WaitPointRef::Local(self.slice(self.at)),
+            Some(to) => WaitPointRef::Net { from: self.slice(self.at), to: self.slice(to) },
         }
     }
 
@@ -760,12 +748,13 @@ fn with_header_buffer(longest: usize, write: impl FnOnce(&mut bytes::BytesMut)) 
         // Tests run in debug: there every header is checked, and one with a byte a header may not hold is refused.
         return HeaderValue::from_maybe_shared(value).ok();
     }
-    // SAFETY: not a memory-safety contract (a `HeaderValue` holds any bytes soundly); the caller promises bytes a
-    // header may hold, which `http` would otherwise check byte by byte on every response. Every writer of these
-    // bytes, `TimingEncoder::write`, writes only visible ASCII: its prefix, own-local part and suffix are built from
-    // a service name and an agent address the tracer checked when it was built; the numbers are decimal digits;
-    // a wait point's names pass `valid_service_name` in `TimingEncoder::encode` first; the proof fields are
-    // `;i=<digits>;p=<hex>` (`identity::proof::proof_fields`). The test
+    // SAFETY: not a memory-safety contract (a `HeaderValue` holds any bytes soundly), but broken it would let a
+    // CR or LF into a response head (header injection over HTTP/1, a protocol error over HTTP/2). The caller
+    // promises bytes a header may hold, which `http` would otherwise check byte by byte on every response. The only
+    // writer of these bytes, `TimingEncoder::write`, writes only visible ASCII: its prefix, own-local part and
+    // suffix are built from a service name and an agent address the tracer checked when it was built; the numbers
+    // are decimal digits; a wait point's names pass `valid_service_name` in `TimingEncoder::encode` first; the
+    // proof fields are `;i=<digits>;p=<base64url>` (`identity::proof::proof_fields`). The test
     // `every_timing_header_shape_is_a_valid_header_value` checks each shape against `http`'s own check.
     Some(unsafe { HeaderValue::from_maybe_shared_unchecked(value) })
 }
@@ -854,7 +843,7 @@ mod tests {
     #[test]
     fn a_recognised_timing_end_reads_the_same_as_a_parsed_one() {
         // What a reader remembers of a parsed header (its end's bytes and fields) lets it read the next header with
-        // the same end without parsing that end: both readings must agree, whatever the numbers before it.
+        // the same end without parsing that end: both readings must agree, whatever comes before the end.
         let encoder = TimingEncoder::new("cart", Some("127.0.0.1:9000"));
         let proof = format!(";i=7;p={}", "A".repeat(crate::identity::proof::PROOF_TEXT));
         let proof = proof.as_bytes();
@@ -877,14 +866,16 @@ mod tests {
             assert_eq!(known.wait_point(), point.unwrap_or(WaitPointRef::Local("cart")));
             assert_eq!((known.service(), known.agent()), (fresh.service(), fresh.agent()));
             assert_eq!((known.proof(), known.claimed()), (fresh.proof(), fresh.claimed()));
-            // Another wait point is another end: not recognised from this one.
-            let other = encoder.encode(5, 4, Some(WaitPointRef::Local("search")), proof).unwrap();
-            let (read, recognized) = Timing::parse_recognizing(&other, |service, bytes| {
-                (service == b"cart" && bytes == end.as_slice()).then(|| fields.clone())
-            })
-            .unwrap();
-            assert!(!recognized);
-            assert_eq!(read.wait_point(), WaitPointRef::Local("search"));
+            // The wait point is read from each header, never taken from the remembered end.
+            for other in [WaitPointRef::Local("search"), WaitPointRef::Net { from: "cart", to: "search" }] {
+                let header = encoder.encode(5, 4, Some(other), proof).unwrap();
+                let (read, recognized) = Timing::parse_recognizing(&header, |service, bytes| {
+                    (service == b"cart" && bytes == end.as_slice()).then(|| fields.clone())
+                })
+                .unwrap();
+                assert!(recognized);
+                assert_eq!(read.wait_point(), other);
+            }
         }
     }
 

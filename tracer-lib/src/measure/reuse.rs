@@ -19,7 +19,7 @@ pub(crate) trait Travelling: Sized + 'static {
     fn spares() -> &'static LocalKey<Spares<Self>>;
 }
 
-/// State in a box its thread reuses. Empty once the state has been taken out to be finished.
+/// State in a box its thread reuses. [`Reused::end`] finishes the state where it lies, then empties the box.
 pub(crate) struct Reused<T: Travelling>(Box<Option<T>>);
 
 impl<T: Travelling> Reused<T> {
