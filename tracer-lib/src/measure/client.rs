@@ -1,9 +1,9 @@
 //! The client layer: measures each outbound call, tags it with `rootscale-caller`, reads the callee's
 //! `rootscale-timing` (head or gRPC trailers) and attributes the call to the request that made it.
 //!
-//! [`TraceClient`] starts the call's clock and registers it with the current request (found through the
-//! thread's current-request slot); [`CallFuture`] waits for the response head; [`CallBody`] ends the call when the response body ends
-//! or is dropped, so `client_total` covers the whole response, as the callee's timing does.
+//! [`TraceClient`] starts the call's clock and registers it with the current request (found through the thread's
+//! current-request slot); [`CallFuture`] waits for the response head; [`CallBody`] ends the call when the response
+//! body ends or is dropped, so `client_total` covers the whole response, as the callee's timing does.
 
 use std::{
     borrow::Cow,

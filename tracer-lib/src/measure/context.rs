@@ -28,6 +28,7 @@ use crate::measure::{
     clock::{self, Instant},
     headers::CallerHeader,
     record::{Wait, nanos},
+    reuse::{keep_spare, take_spare},
 };
 
 /// What the thread's current-request slot holds. A measured request is held by address only, so that setting the
@@ -258,9 +259,6 @@ impl CriticalWait {
     }
 }
 
-/// Finished contexts a thread keeps for its next requests, so a busy service allocates none in the steady state.
-const RECYCLED_PER_THREAD: usize = 64;
-
 thread_local! {
     /// Contexts nothing else holds, reset. A thread's own: taking one is no lock and no shared memory.
     static RECYCLED: RefCell<Vec<Arc<RequestContext>>> = const { RefCell::new(Vec::new()) };
@@ -270,8 +268,7 @@ impl RequestContext {
     /// A request handed over at `start`. It is runnable from that instant, so the time until its first poll (for
     /// example a task spawned per HTTP/2 stream waiting for a thread) counts as cpu_wait.
     pub(crate) fn new(start: Instant, weight: u32, caller: Option<CallerHeader>) -> Arc<Self> {
-        let recycled = RECYCLED.try_with(|recycled| recycled.try_borrow_mut().ok()?.pop()).ok().flatten();
-        if let Some(mut context) = recycled
+        if let Some(mut context) = take_spare(&RECYCLED)
             && let Some(fresh) = Arc::get_mut(&mut context)
         {
             // Reset when it was handed back; only the request's own values are new.
@@ -289,17 +286,7 @@ impl RequestContext {
         let Some(finished) = Arc::get_mut(&mut context) else { return };
         // Reset now, not on reuse: what it holds (the task's waker, a wait's names) is let go of at once.
         finished.reset();
-        let _ = RECYCLED.try_with(|recycled| {
-            if let Ok(mut recycled) = recycled.try_borrow_mut()
-                && recycled.len() < RECYCLED_PER_THREAD
-            {
-                // All the room at once, the first time: the steady state never grows it.
-                if recycled.capacity() == 0 {
-                    recycled.reserve_exact(RECYCLED_PER_THREAD);
-                }
-                recycled.push(context);
-            }
-        });
+        keep_spare(&RECYCLED, context);
     }
 
     /// As [`RequestContext::fresh`] made it, writing only what a request changed: most make no calls, and the call

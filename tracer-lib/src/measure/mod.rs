@@ -10,7 +10,7 @@
 //! - [`headers`]: the strict wire format of `rootscale-caller` and `rootscale-timing`.
 //! - [`record`]: the values measured.
 //! - [`sample`]: which requests are measured, with `ROOTSCALE_SAMPLE`.
-//! - [`reuse`]: the boxes, reused per thread, in which a call's state travels with its response.
+//! - [`reuse`]: what a thread keeps for reuse: finished request contexts, and the boxes a call's state travels in.
 
 pub mod client;
 pub mod clock;

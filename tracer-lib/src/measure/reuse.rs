@@ -1,4 +1,5 @@
-//! Boxes a thread reuses for state that travels with a response.
+//! What a thread keeps for reuse: finished request contexts ([`crate::measure::context`]) and the boxes in which
+//! state travels with a response, each kind in a bounded per-thread list ([`take_spare`], [`keep_spare`]).
 //!
 //! A call's state rides inside the response future and then the response body, and both are moved several times on
 //! their way (out of the layer, into the caller's future, out of the future into the body, through the caller's
@@ -8,11 +9,31 @@
 
 use std::{cell::RefCell, thread::LocalKey};
 
-/// Emptied boxes a thread keeps of each kind; more are let go of.
-pub(crate) const SPARE_BOXES_PER_THREAD: usize = 64;
+/// Spares a thread keeps of each kind (emptied boxes, finished request contexts); more are let go of.
+pub(crate) const SPARES_PER_THREAD: usize = 64;
 
 /// The spare boxes of one kind of state, kept per thread.
 pub(crate) type Spares<T> = RefCell<Vec<Box<Option<T>>>>;
+
+/// One of this thread's spares, if it has one.
+pub(crate) fn take_spare<T: 'static>(spares: &'static LocalKey<RefCell<Vec<T>>>) -> Option<T> {
+    spares.try_with(|spares| spares.try_borrow_mut().ok()?.pop()).ok().flatten()
+}
+
+/// Keeps `spare` among this thread's, up to [`SPARES_PER_THREAD`]; beyond that it is dropped.
+pub(crate) fn keep_spare<T: 'static>(spares: &'static LocalKey<RefCell<Vec<T>>>, spare: T) {
+    let _ = spares.try_with(|spares| {
+        if let Ok(mut spares) = spares.try_borrow_mut()
+            && spares.len() < SPARES_PER_THREAD
+        {
+            // All the room at once, the first time: the steady state never grows it.
+            if spares.capacity() == 0 {
+                spares.reserve_exact(SPARES_PER_THREAD);
+            }
+            spares.push(spare);
+        }
+    });
+}
 
 /// State that travels in a [`Reused`] box: names the thread-local that keeps its spare boxes.
 pub(crate) trait Travelling: Sized + 'static {
@@ -25,8 +46,7 @@ pub(crate) struct Reused<T: Travelling>(Box<Option<T>>);
 impl<T: Travelling> Reused<T> {
     /// Boxes `state`, in a spare box of this thread's when it has one.
     pub(crate) fn new(state: T) -> Self {
-        let spare = T::spares().try_with(|spares| spares.try_borrow_mut().ok()?.pop()).ok().flatten();
-        match spare {
+        match take_spare(T::spares()) {
             Some(mut boxed) => {
                 *boxed = Some(state);
                 Self(boxed)
@@ -47,23 +67,7 @@ impl<T: Travelling> Reused<T> {
             f(state);
         }
         *self.0 = None;
-        self.keep();
-    }
-
-    /// Keeps the emptied box for this thread's next state, up to the bound.
-    fn keep(self) {
-        let boxed = self.0;
-        let _ = T::spares().try_with(|spares| {
-            if let Ok(mut spares) = spares.try_borrow_mut()
-                && spares.len() < SPARE_BOXES_PER_THREAD
-            {
-                // All the room at once, the first time: the steady state never grows it.
-                if spares.capacity() == 0 {
-                    spares.reserve_exact(SPARE_BOXES_PER_THREAD);
-                }
-                spares.push(boxed);
-            }
-        });
+        keep_spare(T::spares(), self.0);
     }
 }
 
@@ -100,9 +104,9 @@ mod tests {
         let second = Reused::new(State(3));
         assert_eq!(std::ptr::from_ref(&*second.0), address, "the spare box is used again");
         // More boxes than the bound come back: the rest are let go of.
-        let many: Vec<_> = (0..SPARE_BOXES_PER_THREAD as u32 + 10).map(|n| Reused::new(State(n))).collect();
-        assert_eq!(many.into_iter().filter_map(end).count(), SPARE_BOXES_PER_THREAD + 10);
+        let many: Vec<_> = (0..SPARES_PER_THREAD as u32 + 10).map(|n| Reused::new(State(n))).collect();
+        assert_eq!(many.into_iter().filter_map(end).count(), SPARES_PER_THREAD + 10);
         assert_eq!(end(second), Some(3));
-        assert_eq!(SPARE_STATES.with(|spares| spares.borrow().len()), SPARE_BOXES_PER_THREAD);
+        assert_eq!(SPARE_STATES.with(|spares| spares.borrow().len()), SPARES_PER_THREAD);
     }
 }
