@@ -13,30 +13,6 @@ use std::time::Duration;
 use common::*;
 use rootscale_tracer::{TIMING_HEADER, WaitPoint};
 
-/// Medians, within [`SLACK_BELOW_MS`] / [`SLACK_ABOVE_MS`].
-fn assert_near(what: &str, value: Duration, expected_ms: f64) {
-    assert_near_with(what, value, expected_ms, SLACK_ABOVE_MS);
-}
-
-const ROUNDS: usize = 5;
-
-/// Sends `ROUNDS` requests from outside to `addr` after one warm-up (connection set-up), then clears the records.
-async fn drive(addr: std::net::SocketAddr, records: &[&Records]) -> Vec<http::Response<bytes::Bytes>> {
-    let client = plain_client();
-    get_from_outside(&client, addr).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    for r in records {
-        r.clear();
-    }
-    let mut responses = Vec::new();
-    for _ in 0..ROUNDS {
-        responses.push(get_from_outside(&client, addr).await);
-    }
-    // Server-side records are made when the response body ends, just after the client has it.
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    responses
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sleeping_handler_shows_local_wait() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -45,7 +21,7 @@ async fn a_sleeping_handler_shows_local_wait() {
     drive(addr, &[&a_records]).await;
     let requests = a_records.requests();
     assert_eq!(requests.len(), ROUNDS);
-    assert_near("local_wait", median(requests.iter().map(|r| r.local_wait).collect()), 40.0);
+    assert_near("local_wait off the CPU", median(requests.iter().map(off_cpu).collect()), 40.0);
     assert_near("total", median(requests.iter().map(|r| r.total).collect()), 40.0);
     assert!(median(requests.iter().map(|r| r.busy).collect()) < Duration::from_millis(2));
     assert!(requests.iter().all(|r| r.downstream.is_zero() && r.caller.is_none() && !r.error));
@@ -71,7 +47,7 @@ async fn a_grpc_callee_time_comes_back_as_remote_total_with_small_net_wait() {
     assert!(c_records.requests().iter().all(|r| r.caller.as_deref() == Some("svc-b")));
     let b_requests = b_records.requests();
     assert_near("B downstream", median(b_requests.iter().map(|r| r.downstream).collect()), 30.0);
-    assert!(median(b_requests.iter().map(|r| r.local_wait).collect()) < Duration::from_millis(3));
+    assert!(median(b_requests.iter().map(off_cpu).collect()) < Duration::from_millis(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +58,7 @@ async fn a_delaying_proxy_between_b_and_c_shows_as_net_wait() {
     let c_addr = serve_grpc(&c, Behavior::sleep(5)).await;
     let proxy = delaying_proxy(c_addr, Duration::from_millis(20)).await;
     let b_addr = serve_http(&b, Behavior::default().then(vec![Callee::grpc(&b, proxy)])).await;
-    let responses = drive(b_addr, &[&b_records]).await;
+    let responses = drive(b_addr, &[&b_records]).await.responses;
 
     let calls = b_records.calls();
     assert_eq!(calls.len(), ROUNDS);
@@ -107,7 +83,7 @@ async fn parallel_calls_count_once_and_only_the_last_to_finish_is_critical() {
 
     let requests = a_records.requests();
     assert_near("downstream", median(requests.iter().map(|r| r.downstream).collect()), 50.0);
-    assert!(median(requests.iter().map(|r| r.local_wait).collect()) < Duration::from_millis(3));
+    assert!(median(requests.iter().map(off_cpu).collect()) < Duration::from_millis(3));
     let calls = a_records.calls();
     assert_eq!(calls.len(), 2 * ROUNDS);
     for call in &calls {
@@ -129,7 +105,7 @@ async fn a_call_off_the_critical_path_does_not_count_even_when_its_wait_is_large
     let c2_addr = serve_http(&c2, Behavior::sleep(20).then(vec![Callee::grpc(&c2, d_addr)])).await;
     let a_addr =
         serve_http(&a, Behavior::default().then(vec![Callee::http(&a, c1_addr), Callee::http(&a, c2_addr)])).await;
-    let responses = drive(a_addr, &[]).await;
+    let responses = drive(a_addr, &[]).await.responses;
     let mut waits = Vec::new();
     for response in &responses {
         let header = response.headers()[TIMING_HEADER].to_str().unwrap();
@@ -148,7 +124,7 @@ async fn a_cpu_bound_handler_shows_busy() {
     let requests = a_records.requests();
     let busy = median(requests.iter().map(|r| r.busy).collect());
     assert_near("busy", busy, 30.0);
-    let local_wait = median(requests.iter().map(|r| r.local_wait).collect());
+    let local_wait = median(requests.iter().map(off_cpu).collect());
     assert!(local_wait < Duration::from_millis(3), "local_wait {local_wait:?} should be small next to busy {busy:?}");
 }
 
@@ -239,7 +215,12 @@ async fn chain_headers(b_sleep: u64, c_sleep: u64, link_delay: Option<u64>) -> V
     };
     let b_addr = serve_http(&b, Behavior::sleep(b_sleep).then(vec![Callee::grpc(&b, c_target)])).await;
     let a_addr = serve_http(&a, Behavior::sleep(1).then(vec![Callee::http(&a, b_addr)])).await;
-    drive(a_addr, &[]).await.iter().map(|r| r.headers()[TIMING_HEADER].to_str().unwrap().to_string()).collect()
+    drive(a_addr, &[])
+        .await
+        .responses
+        .iter()
+        .map(|r| r.headers()[TIMING_HEADER].to_str().unwrap().to_string())
+        .collect()
 }
 
 fn assert_points_at(headers: &[String], at: &str, expected_ms: f64) {

@@ -98,7 +98,7 @@ impl ServiceControl {
 pub struct Usage {
     /// Requests inside the server now, from arrival (before any link delay) to response.
     pub in_flight: AtomicU64,
-    /// Nanoseconds the virtual cores were held.
+    /// Nanoseconds of CPU time the virtual cores ran.
     pub cpu_busy_ns: AtomicU64,
 }
 
@@ -111,6 +111,32 @@ pub enum CpuModel {
     /// Burning it on the replica's own thread (its one real core) while holding a virtual core: for overhead
     /// experiments; replicas then share the machine's real cores.
     Burn,
+}
+
+/// A replica's virtual cores, each a timeline: a request reserves its CPU time on the core that frees first, from
+/// when that core frees (or now) for exactly that time, and waits until it is done.
+///
+/// A core is busy for the CPU time and no longer, however late the replica's thread wakes up: a starved process on
+/// a loaded machine delays its requests (their own latency shows it) but not its modelled cores. Holding a core until
+/// a late timer fired charged the lateness as CPU, and a debug build on two busy cores then looked saturated where
+/// it was not. A reservation outlives a request dropped while it waits, as CPU work already handed over would.
+struct VirtualCores {
+    free_at: Mutex<Vec<Instant>>,
+}
+
+impl VirtualCores {
+    fn new(cores: u32, now: Instant) -> Self {
+        Self { free_at: Mutex::new(vec![now; cores.max(1) as usize]) }
+    }
+
+    /// Reserves `cpu` on the core that frees first; returns when the work starts.
+    fn reserve(&self, now: Instant, cpu: Duration) -> Instant {
+        let mut free_at = self.free_at.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let core = free_at.iter_mut().min().expect("at least one core");
+        let start = (*core).max(now);
+        *core = start + cpu;
+        start
+    }
 }
 
 /// Burns CPU for `duration` without yielding.
@@ -176,7 +202,7 @@ struct Work {
     /// The pool and its size; replaced when a capacity fault changes the size (requests holding the old one finish
     /// on it).
     pool: Mutex<(u32, Arc<Semaphore>)>,
-    cores: Semaphore,
+    cores: VirtualCores,
     cpu_model: CpuModel,
     random: Mutex<StdRng>,
     callees: BTreeMap<String, Callee>,
@@ -232,16 +258,16 @@ impl Work {
             let cpu = self.control.cpu(self.spec.cpu);
             if !cpu.is_zero() {
                 let queued_since = Instant::now();
-                let _core = self.cores.acquire().await.map_err(|_| "cores closed")?;
-                let running_since = Instant::now();
+                let start = self.cores.reserve(queued_since, cpu);
                 match self.cpu_model {
-                    CpuModel::Virtual => tokio::time::sleep(cpu).await,
-                    CpuModel::Burn => spin(cpu),
+                    CpuModel::Virtual => tokio::time::sleep_until((start + cpu).into()).await,
+                    CpuModel::Burn => {
+                        tokio::time::sleep_until(start.into()).await;
+                        spin(cpu);
+                    }
                 }
-                // The core was held for as long as the timer really took (it rounds up to its tick).
-                let running = running_since.elapsed();
-                self.usage.cpu_busy_ns.fetch_add(running.as_nanos() as u64, Ordering::Relaxed);
-                request.record_offloaded_cpu(running, running_since - queued_since);
+                self.usage.cpu_busy_ns.fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
+                request.record_offloaded_cpu(cpu, start - queued_since);
             }
         }
         // A thread-per-request service keeps its worker through the calls; an async one gives it back first.
@@ -389,7 +415,7 @@ async fn serve(config: ReplicaConfig, usage: Arc<Usage>, ready: Ready, stop: one
         control: config.control.clone(),
         usage: usage.clone(),
         pool: Mutex::new((spec.capacity, Arc::new(Semaphore::new(spec.capacity as usize)))),
-        cores: Semaphore::new(spec.cores as usize),
+        cores: VirtualCores::new(spec.cores, Instant::now()),
         cpu_model: config.cpu_model,
         random: Mutex::new(StdRng::seed_from_u64(config.seed)),
         callees,
