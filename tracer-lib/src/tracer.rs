@@ -424,21 +424,26 @@ impl Tracer {
     pub(crate) fn read_caller(&self, value: &HeaderValue, window: u64) -> Option<CallerHeader> {
         let reader = self.reader(HeaderRole::Caller);
         let now = self.recall_window(window);
-        match CallerHeader::parse_recognizing(value, |service, end| reader.recall(now, service, end)) {
-            Ok((caller, true)) => Some(caller),
+        if let Some(reading) = reader.recall_caller(now, value.as_bytes()) {
+            return Some(CallerHeader::read_before(value, &reading));
+        }
+        let caller = match CallerHeader::parse_recognizing(value, |service, end| reader.recall(now, service, end)) {
+            Ok((caller, true)) => caller,
             Ok((caller, false)) => {
                 let claimed = caller.claimed();
                 let made_in = self.believes(HeaderRole::Caller, claimed, caller.proof(), window).ok()?;
                 let (end, fields) = caller.end();
                 reader.remember(made_in, claimed.0, end, fields);
-                Some(caller)
+                caller
             }
             Err(error) => {
                 self.shared.counters.malformed_caller.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%error, "ignoring malformed rootscale-caller header");
-                None
+                return None;
             }
-        }
+        };
+        reader.remember_caller(now, value.as_bytes(), caller.reading());
+        Some(caller)
     }
 
     /// A callee's `rootscale-timing`, received in `window`: `Ok(None)` when it is well formed but not believed

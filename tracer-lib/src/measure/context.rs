@@ -58,6 +58,7 @@ impl Drop for Restore {
 
 /// Runs `f` with `slot` in the current-request slot. Private: every `Slot::Measured` it is given is the address of
 /// an `Arc` its caller borrows for the whole call (see [`current`]).
+#[inline]
 fn in_slot<R>(slot: Slot, f: impl FnOnce() -> R) -> R {
     let _restore = Restore(CURRENT.replace(slot));
     f()
@@ -78,6 +79,7 @@ pub(crate) enum Current {
 
 impl Current {
     /// Runs `f` with this as the current request.
+    #[inline]
     pub(crate) fn sync_scope<R>(&self, f: impl FnOnce() -> R) -> R {
         match self {
             Current::Measured(context) => in_request(context, f),

@@ -381,7 +381,24 @@ pub struct CallerHeader {
     weight: Option<u32>,
 }
 
+/// What a caller header was read as, without its bytes: what a thread keeps to know the same bytes again.
+#[derive(Clone, Debug)]
+pub(crate) struct CallerReading {
+    claim: Claimed,
+    weight: Option<u32>,
+}
+
 impl CallerHeader {
+    /// What this header was read as.
+    pub(crate) fn reading(&self) -> CallerReading {
+        CallerReading { claim: self.claim.clone(), weight: self.weight }
+    }
+
+    /// The header `raw`, read before as `reading`: `raw` must be the very bytes that were read then.
+    pub(crate) fn read_before(raw: &HeaderValue, reading: &CallerReading) -> Self {
+        Self { raw: raw.clone(), claim: reading.claim.clone(), weight: reading.weight }
+    }
+
     pub fn parse(raw: &HeaderValue) -> Result<Self, HeaderError> {
         Self::parse_recognizing(raw, |_, _| None).map(|(header, _)| header)
     }
